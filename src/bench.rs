@@ -1,0 +1,143 @@
+//! `scriptd bench engine`: cold start, warm run latency and throughput of the engine,
+//! printed as a table (numbers, not pass/fail).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::engine::{Engine, EngineConfig, Limits, ScriptRun, ENGINE_NAME};
+
+const TRIVIAL: &str =
+    "export default async function (event, ctx) { return { ok: true, n: event.n }; }";
+
+#[derive(Debug, Args)]
+pub struct EngineBenchArgs {
+    /// Cold runs (each in a new isolate: create from snapshot, load module, run).
+    #[arg(long, default_value_t = 200)]
+    pub cold: usize,
+    /// Warm runs of one script in its kept isolate.
+    #[arg(long, default_value_t = 5000)]
+    pub warm: usize,
+    /// Runs spread over every worker for the throughput figure.
+    #[arg(long, default_value_t = 20000)]
+    pub throughput: usize,
+}
+
+fn run_of(script: &str, version: u64, n: usize) -> ScriptRun {
+    ScriptRun::new(
+        "bench",
+        script,
+        version,
+        Arc::<str>::from(TRIVIAL),
+        &serde_json::json!({ "n": n }),
+        Limits::default(),
+    )
+}
+
+async fn timed(engine: &Engine, run: ScriptRun) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let result = engine.run(run).await;
+    if let Err(f) = result.outcome {
+        anyhow::bail!("benchmark run failed: {f}");
+    }
+    Ok(start.elapsed())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn row(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name:<34} {:>10.3?} {:>10.3?} {:>8}",
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.99),
+        samples.len()
+    );
+}
+
+/// Resident memory of this process, from /proc (Linux); 0 elsewhere.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub async fn engine(config: &EngineConfig, args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
+    let engine = Engine::start(config)?;
+    let workers = engine.workers();
+    println!("engine: {ENGINE_NAME}; workers: {workers}");
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}",
+        "measure", "p50", "p99", "runs"
+    );
+
+    // The first run builds the startup snapshot; it is not part of any figure.
+    timed(&engine, run_of("snapshot", 0, 0)).await?;
+    let rss_before = rss_bytes();
+
+    let mut cold = Vec::with_capacity(args.cold);
+    for i in 0..args.cold {
+        cold.push(timed(&engine, run_of("cold", i as u64 + 1, i)).await?);
+    }
+    let rss_after_cold = rss_bytes();
+    row("cold start (isolate + module + run)", cold);
+
+    timed(&engine, run_of("warm", 1, 0)).await?;
+    let mut warm = Vec::with_capacity(args.warm);
+    for i in 0..args.warm {
+        warm.push(timed(&engine, run_of("warm", 1, i)).await?);
+    }
+    row("warm run (trivial handler)", warm);
+
+    let per_task = args.throughput.div_ceil(workers * 2).max(1);
+    let start = Instant::now();
+    let engine = Arc::new(engine);
+    let mut tasks = Vec::new();
+    for t in 0..workers * 2 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                timed(&engine, run_of(&format!("throughput-{t}"), 1, i)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = start.elapsed();
+    let total = per_task * workers * 2;
+    println!(
+        "throughput, all workers:           {:.0} runs/s ({total} runs in {elapsed:.2?})",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    let stats = engine.stats();
+    println!(
+        "pool: {} cold starts, {} warm hits ({:.1}% hit rate), {} evictions",
+        stats.cold_starts,
+        stats.warm_hits,
+        100.0 * stats.warm_hits as f64 / stats.runs.max(1) as f64,
+        stats.evictions
+    );
+    println!(
+        "RSS: {:.1} MiB after the cold runs ({:+.1} MiB over {} isolates created and kept or dropped)",
+        rss_after_cold as f64 / 1048576.0,
+        (rss_after_cold as f64 - rss_before as f64) / 1048576.0,
+        args.cold
+    );
+    Ok(ExitCode::SUCCESS)
+}

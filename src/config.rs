@@ -1,0 +1,186 @@
+//! Settings: built-in defaults, then an optional TOML file, then `SCRIPTD_*` environment
+//! variables (`__` separates levels: `SCRIPTD_ENGINE__LIMITS__TIMEOUT=2s`). Loaded once at
+//! start into typed structs; nothing reads the environment afterwards.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+
+/// Environment variables with this prefix are settings.
+pub const ENV_PREFIX: &str = "SCRIPTD_";
+/// Variables with the prefix that are not settings (read by the command line parser).
+const NOT_SETTINGS: [&str; 2] = ["SCRIPTD_CONFIG", "SCRIPTD_LOG_FORMAT"];
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub log: LogConfig,
+    pub engine: EngineConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `scriptd=debug,warn`); `RUST_LOG` replaces it when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Settings> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Settings> {
+        let mut merged = toml::Table::try_from(Settings::default())
+            .context("serialising the default settings")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the configuration file {}", path.display()))?;
+            let table: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("parsing the configuration file {}", path.display()))?;
+            Settings::deserialize(toml::Value::Table(table.clone()))
+                .with_context(|| format!("in the configuration file {}", path.display()))?;
+            merge(&mut merged, table);
+        }
+        let mut vars: Vec<_> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !NOT_SETTINGS.contains(&k.as_str()))
+            .collect();
+        vars.sort();
+        for (name, raw) in vars {
+            set_from_env(&mut merged, &name, &raw)?;
+        }
+        Settings::deserialize(toml::Value::Table(merged)).context("in the settings")
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Sets the setting an environment variable names; the setting must exist.
+fn set_from_env(settings: &mut toml::Table, name: &str, raw: &str) -> anyhow::Result<()> {
+    let path: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let dotted = path.join(".");
+    let (last, parents) = path.split_last().context("empty variable name")?;
+    let mut table = &mut *settings;
+    for key in parents {
+        table = match table.get_mut(key) {
+            Some(toml::Value::Table(t)) => t,
+            _ => bail!("{name} names no setting ({dotted} does not exist)"),
+        };
+    }
+    if !table.contains_key(last) {
+        bail!("{name} names no setting ({dotted} does not exist)");
+    }
+    // A value that reads as a TOML scalar (number, boolean) is taken as one; anything else
+    // is a string ("2s", "64MiB", "json").
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table() && !v.is_array())
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    table.insert(last.clone(), value);
+    Settings::deserialize(toml::Value::Table(settings.clone()))
+        .with_context(|| format!("in the environment variable {name}={raw:?}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::units::ByteSize;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.engine.limits.timeout, Duration::from_secs(5));
+        assert_eq!(s.engine.limits.heap, ByteSize::mib(64));
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let dir = std::env::temp_dir().join(format!("scriptd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("scriptd.toml");
+        std::fs::write(
+            &file,
+            "[engine]\nworkers = 3\n[engine.limits]\ntimeout = \"2s\"\nheap = \"32MiB\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("SCRIPTD_ENGINE__LIMITS__HEAP", "16MiB"),
+                ("SCRIPTD_LOG__FORMAT", "json"),
+                ("SCRIPTD_CONFIG", "ignored"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(s.engine.workers, 3);
+        assert_eq!(s.engine.limits.timeout, Duration::from_secs(2));
+        assert_eq!(s.engine.limits.heap, ByteSize::mib(16));
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_or_malformed_settings_are_refused_with_their_name() {
+        let err = Settings::load_from(None, env(&[("SCRIPTD_ENGINE__WROKERS", "2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SCRIPTD_ENGINE__WROKERS"), "{err}");
+        let err = Settings::load_from(None, env(&[("SCRIPTD_ENGINE__LIMITS__HEAP", "lots")]))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("lots"), "{err:#}");
+    }
+}

@@ -1,0 +1,324 @@
+//! One script isolate: created from the snapshot with its heap limit, the script module
+//! loaded and its handler found, then invoked once per run.
+
+use std::sync::Arc;
+
+use deno_core::error::{CoreError, CoreErrorKind};
+use deno_core::{v8, JsRuntime, ModuleSpecifier, PollEventLoopOptions, RuntimeOptions};
+use serde::Deserialize;
+
+use super::failure::{Failure, FailureKind};
+use super::guard::Guard;
+use super::sandbox::{self, LogBuffer, LogLine};
+use super::ScriptRun;
+use crate::units::ByteSize;
+
+/// A live isolate. Created sealed and empty; `load` evaluates one script version's module
+/// in it, after which `invoke` runs its handler once per run.
+pub struct ScriptIsolate {
+    runtime: JsRuntime,
+    guard: Arc<Guard>,
+    host: Host,
+    handler: Option<v8::Global<v8::Function>>,
+    pub heap_limit: ByteSize,
+    pub source: Option<Arc<str>>,
+}
+
+/// The host functions the sealed bootstrap hands over.
+struct Host {
+    invoke: v8::Global<v8::Function>,
+    handler_of: v8::Global<v8::Function>,
+}
+
+#[derive(Deserialize)]
+struct InvokeOutput {
+    json: Option<String>,
+    error: Option<(FailureKind, String)>,
+}
+
+impl ScriptIsolate {
+    /// A fresh, sealed isolate from the snapshot, with its heap limit. Runs no user code.
+    pub fn create(heap_limit: ByteSize) -> Result<ScriptIsolate, Failure> {
+        let heap = heap_limit.as_usize();
+        let guard = Guard::new(heap);
+        let params = v8::CreateParams::default()
+            .heap_limits(0, heap)
+            .array_buffer_allocator(guard.allocator().make_shared());
+        let mut runtime = JsRuntime::try_new(RuntimeOptions {
+            extensions: sandbox::extensions(),
+            startup_snapshot: Some(sandbox::snapshot()),
+            create_params: Some(params),
+            ..Default::default()
+        })
+        .map_err(|e| engine_failure(format!("the isolate could not be created: {e}")))?;
+        guard.attach(runtime.v8_isolate().thread_safe_handle());
+        let g = guard.clone();
+        runtime.add_near_heap_limit_callback(move |current, _initial| {
+            g.on_heap_exhausted();
+            // Headroom so the termination can unwind instead of the process aborting.
+            current.saturating_mul(2)
+        });
+        let host = seal(&mut runtime).map_err(engine_failure)?;
+        Ok(ScriptIsolate {
+            runtime,
+            guard,
+            host,
+            handler: None,
+            heap_limit,
+            source: None,
+        })
+    }
+
+    /// Evaluates the script's module and finds its handler. The caller arms the watchdog
+    /// around this: top-level code counts toward the run's timeout.
+    pub async fn load(&mut self, run: &ScriptRun) -> Result<(), Failure> {
+        let specifier = specifier(run);
+        let runtime = &mut self.runtime;
+        let loaded = async {
+            let id = runtime
+                .load_side_es_module_from_code(&specifier, run.source.to_string())
+                .await
+                .map_err(|e| (FailureKind::Syntax, e))?;
+            let evaluation = runtime.mod_evaluate(id);
+            runtime
+                .run_event_loop(PollEventLoopOptions::default())
+                .await
+                .map_err(|e| (FailureKind::Exception, e))?;
+            evaluation.await.map_err(|e| (FailureKind::Exception, e))?;
+            runtime
+                .get_module_namespace(id)
+                .map_err(|e| (FailureKind::Engine, e))
+        }
+        .await;
+        let namespace = loaded.map_err(|(kind, error)| classify(&self.guard, kind, &error, run))?;
+        self.handler = Some(find_handler(runtime, &self.host, namespace).await?);
+        self.source = Some(run.source.clone());
+        Ok(())
+    }
+
+    pub fn guard(&self) -> &Arc<Guard> {
+        &self.guard
+    }
+
+    /// Starts capturing console output into a fresh buffer.
+    pub fn capture_logs(&mut self, cap: ByteSize) {
+        self.runtime
+            .op_state()
+            .borrow_mut()
+            .put(LogBuffer::new(cap.as_usize()));
+    }
+
+    /// Ends the current capture and returns what was written, and whether it was cut.
+    pub fn take_logs(&mut self) -> (Vec<LogLine>, bool) {
+        self.runtime
+            .op_state()
+            .borrow_mut()
+            .try_take::<LogBuffer>()
+            .map(LogBuffer::finish)
+            .unwrap_or_default()
+    }
+
+    /// Runs the loaded handler once on the run's input.
+    pub async fn invoke(&mut self, run: &ScriptRun) -> Result<serde_json::Value, Failure> {
+        let Some(handler) = &self.handler else {
+            return Err(engine_failure("no script is loaded in this isolate".into()));
+        };
+        let meta = serde_json::json!({
+            "tenant": run.tenant,
+            "script": run.script,
+            "version": run.version,
+            "attempt": run.attempt,
+        })
+        .to_string();
+        let args = {
+            deno_core::scope!(scope, &mut self.runtime);
+            let handler = v8::Local::new(scope, handler);
+            let event = v8::String::new(scope, run.input.get());
+            let meta = v8::String::new(scope, &meta);
+            let limit = v8::Number::new(scope, run.limits.result.0 as f64);
+            let (Some(event), Some(meta)) = (event, meta) else {
+                return Err(engine_failure(
+                    "the input is too large to pass to the engine".into(),
+                ));
+            };
+            [
+                v8::Global::new(scope, v8::Local::<v8::Value>::from(handler)),
+                v8::Global::new(scope, v8::Local::<v8::Value>::from(event)),
+                v8::Global::new(scope, v8::Local::<v8::Value>::from(meta)),
+                v8::Global::new(scope, v8::Local::<v8::Value>::from(limit)),
+            ]
+        };
+        let call = self.runtime.call_with_args(&self.host.invoke, &args);
+        let value = self
+            .runtime
+            .with_event_loop_promise(call, PollEventLoopOptions::default())
+            .await
+            .map_err(|e| classify(&self.guard, FailureKind::Exception, &e, run))?;
+        let output: InvokeOutput = {
+            deno_core::scope!(scope, &mut self.runtime);
+            let local = v8::Local::new(scope, value);
+            serde_v8::from_v8(scope, local)
+                .map_err(|e| engine_failure(format!("unexpected host output: {e}")))?
+        };
+        if let Some((kind, message)) = output.error {
+            return Err(failure(kind, message, None));
+        }
+        let json = output.json.unwrap_or_else(|| "null".to_owned());
+        if json.len() > run.limits.result.as_usize() {
+            return Err(failure(
+                FailureKind::ResultTooLarge,
+                format!(
+                    "the return value is {} bytes as JSON, over the {} limit",
+                    json.len(),
+                    run.limits.result
+                ),
+                None,
+            ));
+        }
+        serde_json::from_str(&json).map_err(|e| {
+            failure(
+                FailureKind::ResultNotSerialisable,
+                format!("the return value is not valid JSON: {e}"),
+                None,
+            )
+        })
+    }
+
+    /// JavaScript heap in use plus ArrayBuffer contents, for the warm pool's budget.
+    pub fn memory_used(&mut self) -> usize {
+        let heap = self
+            .runtime
+            .v8_isolate()
+            .get_heap_statistics()
+            .used_heap_size();
+        heap + self.guard.buffers_used()
+    }
+}
+
+fn seal(runtime: &mut JsRuntime) -> Result<Host, String> {
+    let host = runtime
+        .execute_script("ext:scriptd/seal.js", "globalThis.__scriptd_seal()")
+        .map_err(|e| format!("the sandbox could not be sealed: {e}"))?;
+    deno_core::scope!(scope, runtime);
+    // Scripts may not compile code from strings (`eval`, `new Function`).
+    scope
+        .get_current_context()
+        .set_allow_generation_from_strings(false);
+    let host = v8::Local::new(scope, host);
+    let host = v8::Local::<v8::Object>::try_from(host).map_err(|e| e.to_string())?;
+    let function = |name: &str| -> Result<v8::Global<v8::Function>, String> {
+        let key = v8::String::new(scope, name).ok_or("string allocation failed")?;
+        let value = host
+            .get(scope, key.into())
+            .ok_or_else(|| format!("the sandbox has no {name}"))?;
+        let f = v8::Local::<v8::Function>::try_from(value).map_err(|e| e.to_string())?;
+        Ok(v8::Global::new(scope, f))
+    };
+    Ok(Host {
+        invoke: function("invoke")?,
+        handler_of: function("handlerOf")?,
+    })
+}
+
+async fn find_handler(
+    runtime: &mut JsRuntime,
+    host: &Host,
+    namespace: v8::Global<v8::Object>,
+) -> Result<v8::Global<v8::Function>, Failure> {
+    let arg = {
+        deno_core::scope!(scope, runtime);
+        let ns = v8::Local::new(scope, namespace);
+        v8::Global::new(scope, v8::Local::<v8::Value>::from(ns))
+    };
+    let found = runtime
+        .call_with_args(&host.handler_of, &[arg])
+        .await
+        .map_err(|e| failure(FailureKind::Engine, e.to_string(), None))?;
+    deno_core::scope!(scope, runtime);
+    let found = v8::Local::new(scope, found);
+    match v8::Local::<v8::Function>::try_from(found) {
+        Ok(f) => Ok(v8::Global::new(scope, f)),
+        Err(_) => Err(failure(
+            FailureKind::NoHandler,
+            found.to_rust_string_lossy(scope),
+            None,
+        )),
+    }
+}
+
+/// `scriptd:///<tenant>/<script>@v<version>.js`: what stack traces show.
+fn specifier(run: &ScriptRun) -> ModuleSpecifier {
+    let mut url = ModuleSpecifier::parse("scriptd:///").expect("static URL");
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.clear()
+            .push(&run.tenant)
+            .push(&format!("{}@v{}.js", run.script, run.version));
+    }
+    url
+}
+
+fn engine_failure(message: String) -> Failure {
+    failure(FailureKind::Engine, message, None)
+}
+
+pub fn failure(kind: FailureKind, message: String, stack: Option<String>) -> Failure {
+    Failure {
+        kind,
+        message,
+        stack,
+        // The operator's heap-limit setting is applied by the engine before returning.
+        retryable: kind.retryable(true),
+    }
+}
+
+/// Turns an engine error into a failure. A termination we caused says why by the guard's
+/// flags; otherwise the error's own shape decides, with `default` for JavaScript errors.
+fn classify(guard: &Guard, default: FailureKind, error: &CoreError, run: &ScriptRun) -> Failure {
+    if guard.timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+        return failure(
+            FailureKind::Timeout,
+            format!(
+                "the run exceeded its wall-clock limit of {}",
+                humantime::format_duration(run.limits.timeout)
+            ),
+            None,
+        );
+    }
+    if guard
+        .heap_exceeded
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return failure(
+            FailureKind::HeapLimit,
+            format!("the isolate reached its heap limit of {}", run.limits.heap),
+            None,
+        );
+    }
+    match &*error.0 {
+        // QuickJS refuses a single allocation past the limit with a catchable OOM error
+        // before the near-heap-limit callback runs; uncaught, it is the heap limit.
+        CoreErrorKind::Js(js)
+            if js.name.as_deref() == Some("InternalError")
+                && js.message.as_deref() == Some("out of memory") =>
+        {
+            failure(
+                FailureKind::HeapLimit,
+                format!("the isolate reached its heap limit of {}", run.limits.heap),
+                None,
+            )
+        }
+        CoreErrorKind::Js(js) => failure(default, js.exception_message.clone(), js.stack.clone()),
+        CoreErrorKind::PendingPromiseResolution => failure(
+            FailureKind::Unsettled,
+            "the handler's promise can never settle: nothing is left that could resolve it".into(),
+            None,
+        ),
+        CoreErrorKind::ExecutionTerminated => failure(
+            FailureKind::Engine,
+            "the engine terminated the run".into(),
+            None,
+        ),
+        _ if default == FailureKind::Syntax => failure(default, error.to_string(), None),
+        _ => failure(FailureKind::Engine, error.print_with_cause(), None),
+    }
+}

@@ -1,0 +1,253 @@
+//! The script engine: owns every isolate. The rest of the daemon sees one call,
+//! [`Engine::run`], which runs a script version's handler on an input under its limits.
+
+mod failure;
+mod guard;
+mod isolate;
+mod limits;
+mod pool;
+mod sandbox;
+mod watchdog;
+mod worker;
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+pub use failure::{Failure, FailureKind};
+pub use limits::{LimitOverrides, Limits};
+pub use sandbox::LogLine;
+
+use crate::units::ByteSize;
+use worker::{Task, WorkerHandle};
+
+/// The engine compiled into this binary.
+pub const ENGINE_NAME: &str = if cfg!(feature = "quickjs") {
+    "quickjs (deno_core, offline engine)"
+} else {
+    "v8 (deno_core)"
+};
+
+/// Engine settings (the `[engine]` table of the configuration).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Engine worker threads, each running one isolate at a time. 0 means one per core.
+    pub workers: usize,
+    /// Warm isolates kept per worker.
+    pub warm_isolates_per_worker: usize,
+    /// Memory (JavaScript heap in use plus ArrayBuffers) of the warm isolates of one worker.
+    pub warm_memory_per_worker: ByteSize,
+    /// Whether a run stopped at its heap limit is retried.
+    pub retry_heap_limit: bool,
+    /// Native stack of each worker thread; bounds how deep scripts can recurse.
+    pub thread_stack: ByteSize,
+    /// Global defaults of the per-run limits; scripts may override each.
+    pub limits: Limits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: 0,
+            warm_isolates_per_worker: 64,
+            warm_memory_per_worker: ByteSize::mib(256),
+            retry_heap_limit: true,
+            thread_stack: ByteSize::mib(8),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// One run of one script version.
+#[derive(Clone, Debug)]
+pub struct ScriptRun {
+    pub tenant: String,
+    pub script: String,
+    pub version: u64,
+    pub source: Arc<str>,
+    /// The event given to the handler, as JSON text.
+    pub input: Box<RawValue>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub limits: Limits,
+}
+
+impl ScriptRun {
+    pub fn new(
+        tenant: impl Into<String>,
+        script: impl Into<String>,
+        version: u64,
+        source: impl Into<Arc<str>>,
+        input: &serde_json::Value,
+        limits: Limits,
+    ) -> ScriptRun {
+        ScriptRun {
+            tenant: tenant.into(),
+            script: script.into(),
+            version,
+            source: source.into(),
+            input: serde_json::value::to_raw_value(input).expect("a JSON value serialises"),
+            attempt: 1,
+            limits,
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// The handler's return value as JSON, or why there is none.
+    pub outcome: Result<serde_json::Value, Failure>,
+    /// `console.*` and `ctx.log` output, capped by the log limit.
+    pub logs: Vec<LogLine>,
+    pub logs_truncated: bool,
+    pub duration: Duration,
+    /// Whether a new isolate was created for this run.
+    pub cold_start: bool,
+}
+
+/// The JSON shape of a run's result: `{"status": "ok", "result": ...}` or
+/// `{"status": "failed", "failure": {...}}`, with logs and timing.
+impl Serialize for RunResult {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shape<'a> {
+            status: &'static str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            result: Option<&'a serde_json::Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            failure: Option<&'a Failure>,
+            logs: &'a [LogLine],
+            logs_truncated: bool,
+            duration_ms: f64,
+            cold_start: bool,
+        }
+        Shape {
+            status: if self.outcome.is_ok() { "ok" } else { "failed" },
+            result: self.outcome.as_ref().ok(),
+            failure: self.outcome.as_ref().err(),
+            logs: &self.logs,
+            logs_truncated: self.logs_truncated,
+            duration_ms: self.duration.as_secs_f64() * 1000.0,
+            cold_start: self.cold_start,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl RunResult {
+    fn failed(failure: Failure, start: Instant, cold_start: bool) -> RunResult {
+        RunResult {
+            outcome: Err(failure),
+            logs: Vec::new(),
+            logs_truncated: false,
+            duration: start.elapsed(),
+            cold_start,
+        }
+    }
+}
+
+/// Counters of the engine since start.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub runs: AtomicU64,
+    pub cold_starts: AtomicU64,
+    pub warm_hits: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Isolates dropped after a run that left them unfit for reuse (timeout, heap limit, ...).
+    pub discarded: AtomicU64,
+}
+
+/// A point-in-time copy of [`EngineStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    pub runs: u64,
+    pub cold_starts: u64,
+    pub warm_hits: u64,
+    pub evictions: u64,
+    pub discarded: u64,
+}
+
+/// The engine: a fixed set of worker threads, each with its own warm isolates.
+pub struct Engine {
+    workers: Vec<WorkerHandle>,
+    stats: Arc<EngineStats>,
+}
+
+impl Engine {
+    /// Starts the worker threads. The startup snapshot is built on first use.
+    pub fn start(config: &EngineConfig) -> std::io::Result<Engine> {
+        let count = if config.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.workers
+        };
+        let stats = Arc::new(EngineStats::default());
+        let workers = (0..count)
+            .map(|i| worker::spawn(i, config, stats.clone()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Engine { workers, stats })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Runs a script. Never panics on script behaviour: every way a script can fail ends in
+    /// a [`Failure`].
+    pub async fn run(&self, run: ScriptRun) -> RunResult {
+        let start = Instant::now();
+        let worker = self.place(&run);
+        let (reply, receive) = oneshot::channel();
+        worker.load.fetch_add(1, Ordering::SeqCst);
+        if worker.tx.send(Task { run, reply }).is_err() {
+            worker.load.fetch_sub(1, Ordering::SeqCst);
+            return RunResult::failed(gone(), start, false);
+        }
+        receive
+            .await
+            .unwrap_or_else(|_| RunResult::failed(gone(), start, false))
+    }
+
+    /// The worker that holds (or would hold) this script's warm isolate when it is idle;
+    /// otherwise the least busy worker, so a runaway script delays only runs placed behind
+    /// it while every worker is busy.
+    fn place(&self, run: &ScriptRun) -> &WorkerHandle {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&run.tenant, &run.script, run.version).hash(&mut hasher);
+        let home = &self.workers[(hasher.finish() % self.workers.len() as u64) as usize];
+        if home.load.load(Ordering::SeqCst) == 0 {
+            return home;
+        }
+        self.workers
+            .iter()
+            .min_by_key(|w| w.load.load(Ordering::SeqCst))
+            .unwrap_or(home)
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        StatsSnapshot {
+            runs: s.runs.load(Ordering::Relaxed),
+            cold_starts: s.cold_starts.load(Ordering::Relaxed),
+            warm_hits: s.warm_hits.load(Ordering::Relaxed),
+            evictions: s.evictions.load(Ordering::Relaxed),
+            discarded: s.discarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn gone() -> Failure {
+    Failure {
+        kind: FailureKind::Engine,
+        message: "the engine worker stopped".into(),
+        stack: None,
+        retryable: true,
+    }
+}

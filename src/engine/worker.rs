@@ -1,0 +1,183 @@
+//! An engine worker: one OS thread with a current-thread runtime, running one isolate at a
+//! time, with its own warm pool and watchdog.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use futures::FutureExt;
+use tokio::sync::oneshot;
+
+use super::failure::{Failure, FailureKind};
+use super::isolate::{failure, ScriptIsolate};
+use super::pool::WarmPool;
+use super::watchdog::Watchdog;
+use super::{EngineConfig, EngineStats, RunResult, ScriptRun};
+
+pub struct Task {
+    pub run: ScriptRun,
+    pub reply: oneshot::Sender<RunResult>,
+}
+
+/// The engine's side of a worker thread.
+pub struct WorkerHandle {
+    pub tx: mpsc::Sender<Task>,
+    /// Runs queued on or running in this worker; used to place new runs.
+    pub load: Arc<AtomicUsize>,
+}
+
+struct Worker {
+    pool: WarmPool,
+    watchdog: Watchdog,
+    stats: Arc<EngineStats>,
+    retry_heap_limit: bool,
+}
+
+pub fn spawn(
+    index: usize,
+    config: &EngineConfig,
+    stats: Arc<EngineStats>,
+) -> std::io::Result<WorkerHandle> {
+    let (tx, rx) = mpsc::channel::<Task>();
+    let load = Arc::new(AtomicUsize::new(0));
+    let watchdog = Watchdog::spawn(format!("scriptd-watchdog-{index}"))?;
+    let (max_warm, max_memory) = (
+        config.warm_isolates_per_worker,
+        config.warm_memory_per_worker.as_usize(),
+    );
+    let retry_heap_limit = config.retry_heap_limit;
+    let their_load = load.clone();
+    std::thread::Builder::new()
+        .name(format!("scriptd-engine-{index}"))
+        .stack_size(config.thread_stack.as_usize())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, worker = index, "Engine worker could not start its runtime.");
+                    return;
+                }
+            };
+            // Isolates are not Send: the pool is made on, and never leaves, this thread.
+            let mut worker = Worker {
+                pool: WarmPool::new(max_warm, max_memory),
+                watchdog,
+                stats,
+                retry_heap_limit,
+            };
+            while let Ok(task) = rx.recv() {
+                let result = runtime.block_on(worker.execute_guarded(&task.run));
+                their_load.fetch_sub(1, Ordering::SeqCst);
+                let _ = task.reply.send(result);
+            }
+        })?;
+    Ok(WorkerHandle { tx, load })
+}
+
+impl Worker {
+    /// Runs one script; a panic inside the engine fails this run and empties the pool
+    /// instead of taking the worker down.
+    async fn execute_guarded(&mut self, run: &ScriptRun) -> RunResult {
+        let start = Instant::now();
+        match AssertUnwindSafe(self.execute(run, start))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(tenant = %run.tenant, script = %run.script, %message, "Engine panicked during a run; warm isolates of this worker dropped.");
+                self.pool.clear();
+                RunResult::failed(
+                    failure(
+                        FailureKind::Engine,
+                        format!("engine panic: {message}"),
+                        None,
+                    ),
+                    start,
+                    false,
+                )
+            }
+        }
+    }
+
+    async fn execute(&mut self, run: &ScriptRun, start: Instant) -> RunResult {
+        self.stats.runs.fetch_add(1, Ordering::Relaxed);
+        if run.source.len() > run.limits.source.as_usize() {
+            let f = failure(
+                FailureKind::SourceTooLarge,
+                format!(
+                    "the source is {} bytes, over the {} limit",
+                    run.source.len(),
+                    run.limits.source
+                ),
+                None,
+            );
+            return RunResult::failed(f, start, false);
+        }
+        let deadline = start + run.limits.timeout;
+        let warm = self.pool.take(run);
+        let cold_start = warm.is_none();
+        let mut isolate = match warm {
+            Some(isolate) => {
+                self.stats.warm_hits.fetch_add(1, Ordering::Relaxed);
+                isolate
+            }
+            None => {
+                self.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
+                match ScriptIsolate::create(run.limits.heap) {
+                    Ok(isolate) => isolate,
+                    Err(f) => return RunResult::failed(self.finish(f), start, true),
+                }
+            }
+        };
+        isolate.capture_logs(run.limits.logs);
+        let outcome = {
+            let _armed = self.watchdog.arm(isolate.guard().clone(), deadline);
+            let loaded = if cold_start {
+                isolate.load(run).await
+            } else {
+                Ok(())
+            };
+            match loaded {
+                Ok(()) => isolate.invoke(run).await,
+                Err(f) => Err(f),
+            }
+        };
+        let (logs, logs_truncated) = isolate.take_logs();
+        let reusable = !isolate.guard().tripped()
+            && match &outcome {
+                Ok(_) => true,
+                Err(f) => f.kind == FailureKind::Exception,
+            };
+        if reusable {
+            let evicted = self.pool.put(run, isolate);
+            self.stats
+                .evictions
+                .fetch_add(evicted as u64, Ordering::Relaxed);
+        } else {
+            self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        RunResult {
+            outcome: outcome.map_err(|f| self.finish(f)),
+            logs,
+            logs_truncated,
+            duration: start.elapsed(),
+            cold_start,
+        }
+    }
+
+    /// Applies the operator's retry setting for heap-limit failures.
+    fn finish(&self, mut f: Failure) -> Failure {
+        f.retryable = f.kind.retryable(self.retry_heap_limit);
+        f
+    }
+}
