@@ -36,13 +36,20 @@ fn run_of(script: &str, version: u64, n: usize) -> ScriptRun {
     )
 }
 
-async fn timed(engine: &Engine, run: ScriptRun) -> anyhow::Result<Duration> {
+/// The round trip seen by the caller and the time spent inside the engine worker.
+async fn timed(engine: &Engine, run: ScriptRun) -> anyhow::Result<(Duration, Duration)> {
     let start = Instant::now();
     let result = engine.run(run).await;
     if let Err(f) = result.outcome {
         anyhow::bail!("benchmark run failed: {f}");
     }
-    Ok(start.elapsed())
+    Ok((start.elapsed(), result.duration))
+}
+
+fn rows(name: &str, samples: Vec<(Duration, Duration)>) {
+    let (round_trip, inside): (Vec<_>, Vec<_>) = samples.into_iter().unzip();
+    row(&format!("{name}, round trip"), round_trip);
+    row(&format!("{name}, in worker"), inside);
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -56,7 +63,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn row(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
     println!(
-        "{name:<34} {:>10.3?} {:>10.3?} {:>8}",
+        "{name:<26} {:>10.3?} {:>10.3?} {:>8}",
         percentile(&samples, 0.50),
         percentile(&samples, 0.99),
         samples.len()
@@ -80,8 +87,9 @@ pub async fn engine(config: &EngineConfig, args: EngineBenchArgs) -> anyhow::Res
     let engine = Engine::start(config)?;
     let workers = engine.workers();
     println!("engine: {ENGINE_NAME}; workers: {workers}");
+    println!("cold start = new isolate from the snapshot + module load + first run");
     println!(
-        "{:<34} {:>10} {:>10} {:>8}",
+        "{:<26} {:>10} {:>10} {:>8}",
         "measure", "p50", "p99", "runs"
     );
 
@@ -94,14 +102,14 @@ pub async fn engine(config: &EngineConfig, args: EngineBenchArgs) -> anyhow::Res
         cold.push(timed(&engine, run_of("cold", i as u64 + 1, i)).await?);
     }
     let rss_after_cold = rss_bytes();
-    row("cold start (isolate + module + run)", cold);
+    rows("cold start", cold);
 
     timed(&engine, run_of("warm", 1, 0)).await?;
     let mut warm = Vec::with_capacity(args.warm);
     for i in 0..args.warm {
         warm.push(timed(&engine, run_of("warm", 1, i)).await?);
     }
-    row("warm run (trivial handler)", warm);
+    rows("warm run", warm);
 
     let per_task = args.throughput.div_ceil(workers * 2).max(1);
     let start = Instant::now();
@@ -122,7 +130,7 @@ pub async fn engine(config: &EngineConfig, args: EngineBenchArgs) -> anyhow::Res
     let elapsed = start.elapsed();
     let total = per_task * workers * 2;
     println!(
-        "throughput, all workers:           {:.0} runs/s ({total} runs in {elapsed:.2?})",
+        "throughput, all workers: {:.0} runs/s ({total} runs in {elapsed:.2?})",
         total as f64 / elapsed.as_secs_f64()
     );
     let stats = engine.stats();

@@ -245,7 +245,8 @@ async fn a_stopped_isolate_is_never_reused() {
     let source =
         "let runs = 0; export default (e) => { runs++; if (e.spin) while (true) {} return runs; }";
     let mut r = run(source, json!({}));
-    r.limits.timeout = Duration::from_millis(200);
+    // Long enough for a cold start on a loaded machine; the spin ends by it.
+    r.limits.timeout = Duration::from_secs(1);
     assert_eq!(value(engine.run(r.clone()).await), json!(1));
     assert_eq!(value(engine.run(r.clone()).await), json!(2));
     let mut spin = r.clone();

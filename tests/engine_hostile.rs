@@ -261,3 +261,17 @@ async fn non_serialisable_results_are_refused() {
     .await;
     assert!(f.message.contains("cycle"), "{}", f.message);
 }
+
+#[tokio::test]
+async fn a_module_that_throws_at_top_level_is_not_kept() {
+    let engine = engine();
+    let source = "if (globalThis.loaded) throw new Error('evaluated twice'); throw new Error('top-level');\nexport default () => 1;";
+    for _ in 0..2 {
+        let result = engine.run(run(source, json!({}))).await;
+        assert!(result.cold_start);
+        let f = result.outcome.unwrap_err();
+        assert_eq!(f.kind, FailureKind::Exception);
+        assert!(f.message.contains("top-level"), "{}", f.message);
+    }
+    still_serves(&engine).await;
+}

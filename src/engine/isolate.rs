@@ -22,7 +22,13 @@ pub struct ScriptIsolate {
     handler: Option<v8::Global<v8::Function>>,
     pub heap_limit: ByteSize,
     pub source: Option<Arc<str>>,
+    /// Runs since creation, and the memory measured at the last refresh.
+    runs: u64,
+    memory: usize,
 }
+
+/// Measuring the heap walks it on some engines: refresh the figure every this many runs.
+const MEMORY_REFRESH_RUNS: u64 = 32;
 
 /// The host functions the sealed bootstrap hands over.
 struct Host {
@@ -66,6 +72,8 @@ impl ScriptIsolate {
             handler: None,
             heap_limit,
             source: None,
+            runs: 0,
+            memory: 0,
         })
     }
 
@@ -96,6 +104,11 @@ impl ScriptIsolate {
         Ok(())
     }
 
+    /// Whether a script's handler was found: only then can the isolate serve runs.
+    pub fn is_loaded(&self) -> bool {
+        self.handler.is_some()
+    }
+
     pub fn guard(&self) -> &Arc<Guard> {
         &self.guard
     }
@@ -120,6 +133,7 @@ impl ScriptIsolate {
 
     /// Runs the loaded handler once on the run's input.
     pub async fn invoke(&mut self, run: &ScriptRun) -> Result<serde_json::Value, Failure> {
+        self.runs += 1;
         let Some(handler) = &self.handler else {
             return Err(engine_failure("no script is loaded in this isolate".into()));
         };
@@ -184,14 +198,17 @@ impl ScriptIsolate {
         })
     }
 
-    /// JavaScript heap in use plus ArrayBuffer contents, for the warm pool's budget.
+    /// JavaScript heap in use plus ArrayBuffer contents, for the warm pool's budget. The
+    /// heap figure is measured after the first run and then every few runs.
     pub fn memory_used(&mut self) -> usize {
-        let heap = self
-            .runtime
-            .v8_isolate()
-            .get_heap_statistics()
-            .used_heap_size();
-        heap + self.guard.buffers_used()
+        if self.runs % MEMORY_REFRESH_RUNS == 1 {
+            self.memory = self
+                .runtime
+                .v8_isolate()
+                .get_heap_statistics()
+                .used_heap_size();
+        }
+        self.memory + self.guard.buffers_used()
     }
 }
 

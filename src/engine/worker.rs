@@ -153,7 +153,8 @@ impl Worker {
             }
         };
         let (logs, logs_truncated) = isolate.take_logs();
-        let reusable = !isolate.guard().tripped()
+        let reusable = isolate.is_loaded()
+            && !isolate.guard().tripped()
             && match &outcome {
                 Ok(_) => true,
                 Err(f) => f.kind == FailureKind::Exception,
