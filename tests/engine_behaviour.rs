@@ -318,3 +318,43 @@ async fn a_runaway_script_does_not_hold_up_other_workers() {
         FailureKind::Timeout
     );
 }
+
+/// Several isolates on one thread, used in turn and evicted out of creation order: each
+/// use must find the engine's per-thread state pointing at its own isolate.
+#[tokio::test]
+async fn interleaved_isolates_on_one_thread_stay_healthy() {
+    let engine = scriptd::engine::Engine::start(&scriptd::engine::EngineConfig {
+        workers: 1,
+        warm_isolates_per_worker: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let throws = "export default async () => { throw new Error('declined'); }";
+    let returns = "export default () => 'fine'";
+    let steps = [
+        ("a", throws),
+        ("b", returns),
+        ("a", throws),
+        ("c", throws),
+        ("b", returns),
+        ("a", throws),
+        ("d", returns),
+        ("a", throws),
+    ];
+    for (i, (name, source)) in steps.into_iter().enumerate() {
+        let mut r = run(source, json!({}));
+        r.script = name.into();
+        // A guard, not a wait: a regression here used to spin the engine thread forever.
+        let result = tokio::time::timeout(Duration::from_secs(30), engine.run(r))
+            .await
+            .unwrap_or_else(|_| panic!("step {i} ({name}) never finished"));
+        match source {
+            s if s == throws => {
+                let f = result.outcome.unwrap_err();
+                assert!(f.message.contains("declined"), "step {i}: {}", f.message);
+            }
+            _ => assert_eq!(value(result), json!("fine"), "step {i}"),
+        }
+    }
+    assert!(engine.stats().evictions > 0);
+}

@@ -30,10 +30,12 @@ pub enum FailureKind {
     ResultNotSerialisable,
     /// The engine itself failed (isolate could not be created, worker gone).
     Engine,
+    /// The trigger's input cannot be handed to a script (an event over the size limit).
+    BadInput,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 10] = [
+    pub const ALL: [FailureKind; 11] = [
         FailureKind::Syntax,
         FailureKind::NoHandler,
         FailureKind::SourceTooLarge,
@@ -44,6 +46,7 @@ impl FailureKind {
         FailureKind::ResultTooLarge,
         FailureKind::ResultNotSerialisable,
         FailureKind::Engine,
+        FailureKind::BadInput,
     ];
 
     /// Whether another attempt could succeed. Faults of the script's code or output are
@@ -59,7 +62,8 @@ impl FailureKind {
             | FailureKind::SourceTooLarge
             | FailureKind::Unsettled
             | FailureKind::ResultTooLarge
-            | FailureKind::ResultNotSerialisable => false,
+            | FailureKind::ResultNotSerialisable
+            | FailureKind::BadInput => false,
         }
     }
 
@@ -75,6 +79,7 @@ impl FailureKind {
             FailureKind::ResultTooLarge => "result_too_large",
             FailureKind::ResultNotSerialisable => "result_not_serialisable",
             FailureKind::Engine => "engine",
+            FailureKind::BadInput => "bad_input",
         }
     }
 }

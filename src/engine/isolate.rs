@@ -16,12 +16,15 @@ use crate::units::ByteSize;
 /// A live isolate. Created sealed and empty; `load` evaluates one script version's module
 /// in it, after which `invoke` runs its handler once per run.
 pub struct ScriptIsolate {
-    runtime: JsRuntime,
-    guard: Arc<Guard>,
+    // Handles into the isolate come first: fields drop in order, and they must go before it.
     host: Host,
     handler: Option<v8::Global<v8::Function>>,
+    runtime: JsRuntime,
+    guard: Arc<Guard>,
+    /// Whether this isolate is the thread's entered isolate (see `enter`).
     pub heap_limit: ByteSize,
     pub source: Option<Arc<str>>,
+    entered: bool,
     /// Runs since creation, and the memory measured at the last refresh.
     runs: u64,
     memory: usize,
@@ -65,16 +68,40 @@ impl ScriptIsolate {
             current.saturating_mul(2)
         });
         let host = seal(&mut runtime).map_err(engine_failure)?;
-        Ok(ScriptIsolate {
-            runtime,
-            guard,
+        let mut isolate = ScriptIsolate {
             host,
             handler: None,
+            runtime,
+            guard,
+            // A new isolate is entered on creation.
+            entered: true,
             heap_limit,
             source: None,
             runs: 0,
             memory: 0,
-        })
+        };
+        isolate.exit();
+        Ok(isolate)
+    }
+
+    /// Makes this the thread's current isolate. Several isolates live on one worker thread;
+    /// the engines keep per-thread "current isolate" state that must name the isolate in
+    /// use (the offline engine corrupts its atom tables otherwise, and V8 requires it to
+    /// dispose an isolate). Every use of an isolate is bracketed by `enter` and `exit`.
+    pub fn enter(&mut self) {
+        if !self.entered {
+            // SAFETY: balanced by `exit`, or by the isolate's own exit when it is dropped.
+            unsafe { self.runtime.v8_isolate().enter() };
+            self.entered = true;
+        }
+    }
+
+    pub fn exit(&mut self) {
+        if self.entered {
+            // SAFETY: this isolate is the innermost entered one (uses do not nest).
+            unsafe { self.runtime.v8_isolate().exit() };
+            self.entered = false;
+        }
     }
 
     /// Evaluates the script's module and finds its handler. The caller arms the watchdog
@@ -209,6 +236,18 @@ impl ScriptIsolate {
                 .used_heap_size();
         }
         self.memory + self.guard.buffers_used()
+    }
+}
+
+impl Drop for ScriptIsolate {
+    fn drop(&mut self) {
+        // Disposing an isolate requires it to be the current one; dropping the runtime
+        // exits it again.
+        if !self.entered {
+            // SAFETY: balanced by the exit in the isolate's own drop.
+            unsafe { self.runtime.v8_isolate().enter() };
+            self.entered = true;
+        }
     }
 }
 

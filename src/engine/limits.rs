@@ -40,7 +40,10 @@ impl Default for Limits {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitOverrides {
-    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "crate::units::opt_duration_str",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heap: Option<ByteSize>,
@@ -61,28 +64,6 @@ impl Limits {
             source: o.source.unwrap_or(self.source),
             result: o.result.unwrap_or(self.result),
             logs: o.logs.unwrap_or(self.logs),
-        }
-    }
-}
-
-mod opt_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => crate::units::duration_str::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            Some(s) => crate::units::parse_duration(&s)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
-            None => Ok(None),
         }
     }
 }

@@ -202,11 +202,26 @@ impl Engine {
     /// Runs a script. Never panics on script behaviour: every way a script can fail ends in
     /// a [`Failure`].
     pub async fn run(&self, run: ScriptRun) -> RunResult {
+        self.submit(run, false).await
+    }
+
+    /// Compiles and evaluates the module in a fresh isolate and checks its default export,
+    /// without calling it. The isolate is not kept.
+    pub async fn validate(&self, run: ScriptRun) -> Result<(), Failure> {
+        self.submit(run, true).await.outcome.map(|_| ())
+    }
+
+    async fn submit(&self, run: ScriptRun, validate_only: bool) -> RunResult {
         let start = Instant::now();
         let worker = self.place(&run);
         let (reply, receive) = oneshot::channel();
         worker.load.fetch_add(1, Ordering::SeqCst);
-        if worker.tx.send(Task { run, reply }).is_err() {
+        let task = Task {
+            run,
+            validate_only,
+            reply,
+        };
+        if worker.tx.send(task).is_err() {
             worker.load.fetch_sub(1, Ordering::SeqCst);
             return RunResult::failed(gone(), start, false);
         }

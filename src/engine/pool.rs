@@ -46,11 +46,10 @@ impl WarmPool {
         (same_source && entry.isolate.heap_limit == run.limits.heap).then_some(entry.isolate)
     }
 
-    /// Keeps an isolate that ended its run cleanly; returns how many were evicted to make
+    /// Keeps an isolate (not entered) that ended its run cleanly, with its memory use; returns how many were evicted to make
     /// room (possibly the new one itself, if it alone is over the memory budget).
-    pub fn put(&mut self, run: &ScriptRun, mut isolate: ScriptIsolate) -> usize {
+    pub fn put(&mut self, run: &ScriptRun, isolate: ScriptIsolate, memory: usize) -> usize {
         self.clock += 1;
-        let memory = isolate.memory_used();
         self.entries.push(Entry {
             tenant: run.tenant.clone(),
             script: run.script.clone(),

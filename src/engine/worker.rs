@@ -17,6 +17,8 @@ use super::{EngineConfig, EngineStats, RunResult, ScriptRun};
 
 pub struct Task {
     pub run: ScriptRun,
+    /// Only compile and evaluate the module and find its handler (a deploy's check).
+    pub validate_only: bool,
     pub reply: oneshot::Sender<RunResult>,
 }
 
@@ -70,7 +72,8 @@ pub fn spawn(
                 retry_heap_limit,
             };
             while let Ok(task) = rx.recv() {
-                let result = runtime.block_on(worker.execute_guarded(&task.run));
+                let result =
+                    runtime.block_on(worker.execute_guarded(&task.run, task.validate_only));
                 their_load.fetch_sub(1, Ordering::SeqCst);
                 let _ = task.reply.send(result);
             }
@@ -81,12 +84,16 @@ pub fn spawn(
 impl Worker {
     /// Runs one script; a panic inside the engine fails this run and empties the pool
     /// instead of taking the worker down.
-    async fn execute_guarded(&mut self, run: &ScriptRun) -> RunResult {
+    async fn execute_guarded(&mut self, run: &ScriptRun, validate_only: bool) -> RunResult {
         let start = Instant::now();
-        match AssertUnwindSafe(self.execute(run, start))
-            .catch_unwind()
-            .await
-        {
+        let work = async {
+            if validate_only {
+                self.validate(run, start).await
+            } else {
+                self.execute(run, start).await
+            }
+        };
+        match AssertUnwindSafe(work).catch_unwind().await {
             Ok(result) => result,
             Err(panic) => {
                 let message = panic
@@ -111,16 +118,7 @@ impl Worker {
 
     async fn execute(&mut self, run: &ScriptRun, start: Instant) -> RunResult {
         self.stats.runs.fetch_add(1, Ordering::Relaxed);
-        if run.source.len() > run.limits.source.as_usize() {
-            let f = failure(
-                FailureKind::SourceTooLarge,
-                format!(
-                    "the source is {} bytes, over the {} limit",
-                    run.source.len(),
-                    run.limits.source
-                ),
-                None,
-            );
+        if let Err(f) = self.check_source(run) {
             return RunResult::failed(f, start, false);
         }
         let deadline = start + run.limits.timeout;
@@ -139,6 +137,7 @@ impl Worker {
                 }
             }
         };
+        isolate.enter();
         isolate.capture_logs(run.limits.logs);
         let outcome = {
             let _armed = self.watchdog.arm(isolate.guard().clone(), deadline);
@@ -160,7 +159,9 @@ impl Worker {
                 Err(f) => f.kind == FailureKind::Exception,
             };
         if reusable {
-            let evicted = self.pool.put(run, isolate);
+            let memory = isolate.memory_used();
+            isolate.exit();
+            let evicted = self.pool.put(run, isolate, memory);
             self.stats
                 .evictions
                 .fetch_add(evicted as u64, Ordering::Relaxed);
@@ -174,6 +175,50 @@ impl Worker {
             duration: start.elapsed(),
             cold_start,
         }
+    }
+
+    /// Loads the script in a fresh isolate that is dropped afterwards.
+    async fn validate(&mut self, run: &ScriptRun, start: Instant) -> RunResult {
+        if let Err(f) = self.check_source(run) {
+            return RunResult::failed(f, start, false);
+        }
+        let mut isolate = match ScriptIsolate::create(run.limits.heap) {
+            Ok(isolate) => isolate,
+            Err(f) => return RunResult::failed(self.finish(f), start, true),
+        };
+        isolate.enter();
+        isolate.capture_logs(run.limits.logs);
+        let loaded = {
+            let _armed = self
+                .watchdog
+                .arm(isolate.guard().clone(), start + run.limits.timeout);
+            isolate.load(run).await
+        };
+        let (logs, logs_truncated) = isolate.take_logs();
+        RunResult {
+            outcome: loaded
+                .map(|()| serde_json::Value::Null)
+                .map_err(|f| self.finish(f)),
+            logs,
+            logs_truncated,
+            duration: start.elapsed(),
+            cold_start: true,
+        }
+    }
+
+    fn check_source(&self, run: &ScriptRun) -> Result<(), Failure> {
+        if run.source.len() <= run.limits.source.as_usize() {
+            return Ok(());
+        }
+        Err(failure(
+            FailureKind::SourceTooLarge,
+            format!(
+                "the source is {} bytes, over the {} limit",
+                run.source.len(),
+                run.limits.source
+            ),
+            None,
+        ))
     }
 
     /// Applies the operator's retry setting for heap-limit failures.
