@@ -7,18 +7,26 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::bus::NatsConfig;
+use crate::daemon::DaemonConfig;
 use crate::engine::EngineConfig;
+use crate::retry::RetryPolicy;
+use crate::store::DatabaseConfig;
 
 /// Environment variables with this prefix are settings.
 pub const ENV_PREFIX: &str = "SCRIPTD_";
 /// Variables with the prefix that are not settings (read by the command line parser).
 const NOT_SETTINGS: [&str; 2] = ["SCRIPTD_CONFIG", "SCRIPTD_LOG_FORMAT"];
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub log: LogConfig,
     pub engine: EngineConfig,
+    pub retry: RetryPolicy,
+    pub database: DatabaseConfig,
+    pub nats: NatsConfig,
+    pub daemon: DaemonConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

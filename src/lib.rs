@@ -2,8 +2,17 @@
 //! binary only parses the command line.
 
 pub mod bench;
+pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod dev;
 pub mod engine;
+pub mod index;
+pub mod manifest;
+pub mod records;
+pub mod retry;
+pub mod store;
+pub mod subject;
 pub mod telemetry;
 pub mod units;

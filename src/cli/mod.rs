@@ -1,16 +1,20 @@
 //! The command line: what each subcommand does, on top of the library.
 
-use std::io::Write;
+mod ops;
+mod scripts;
+
+pub use ops::cancel_on_signal;
+pub use scripts::check_compiles;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{LogFormat, Settings};
-use crate::engine::{Engine, EngineConfig, LimitOverrides, ScriptRun, ENGINE_NAME};
+use crate::engine::LimitOverrides;
 use crate::units::{parse_duration, ByteSize};
 
 const VERSION: &str = if cfg!(feature = "quickjs") {
@@ -34,9 +38,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: consume events and jobs from NATS and run tenant scripts.
+    Run,
+    /// Everything on one machine for trying scriptd: uses NATS and PostgreSQL when they
+    /// answer at the configured URLs, otherwise starts them; migrates, deploys
+    /// scripts-examples/ and runs the daemon.
+    Dev(crate::dev::DevArgs),
+    /// Apply database migrations.
+    Migrate,
     /// Work with tenant scripts.
     #[command(subcommand)]
     Scripts(ScriptsCommand),
+    /// Publish to NATS.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Measure the engine and print the numbers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -48,6 +63,22 @@ pub enum Command {
 pub enum ScriptsCommand {
     /// Run a script file once through the engine and print its result, logs and duration.
     Test(TestArgs),
+    /// Store a new version of a script (checked in an isolate first; refused if it fails).
+    Deploy(scripts::DeployArgs),
+    /// List scripts at their current version.
+    List(scripts::ListArgs),
+    /// Let a script run again.
+    Enable(scripts::NameArgs),
+    /// Stop running a script (queued jobs are skipped and recorded).
+    Disable(scripts::NameArgs),
+    /// Delete a script and all its versions.
+    Delete(scripts::NameArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Publish one event to `<events_prefix>.<tenant>.<type>` and wait for JetStream's ack.
+    Publish(ops::PublishArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,7 +162,24 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", toml::to_string_pretty(&settings)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Scripts(ScriptsCommand::Test(args)) => block_on(scripts_test(&settings, args)),
+        Command::Run => block_on(ops::run_daemon(settings)),
+        Command::Dev(args) => block_on(crate::dev::run(settings, args)),
+        Command::Migrate => block_on(ops::migrate(&settings)),
+        Command::Events(EventsCommand::Publish(args)) => block_on(ops::publish(&settings, args)),
+        Command::Scripts(ScriptsCommand::Test(args)) => block_on(scripts::test(&settings, args)),
+        Command::Scripts(ScriptsCommand::Deploy(args)) => {
+            block_on(scripts::deploy(&settings, args))
+        }
+        Command::Scripts(ScriptsCommand::List(args)) => block_on(scripts::list(&settings, args)),
+        Command::Scripts(ScriptsCommand::Enable(args)) => {
+            block_on(scripts::set_enabled(&settings, args, true))
+        }
+        Command::Scripts(ScriptsCommand::Disable(args)) => {
+            block_on(scripts::set_enabled(&settings, args, false))
+        }
+        Command::Scripts(ScriptsCommand::Delete(args)) => {
+            block_on(scripts::delete(&settings, args))
+        }
         Command::Bench(BenchCommand::Engine(args)) => {
             block_on(crate::bench::engine(&settings.engine, args))
         }
@@ -146,80 +194,4 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
         .build()
         .context("starting the async runtime")?
         .block_on(future)
-}
-
-async fn scripts_test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCode> {
-    let source = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading the script {}", args.file.display()))?;
-    let event_text = match args.event.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the event file {path}"))?,
-        None => args.event.clone(),
-    };
-    let event: serde_json::Value =
-        serde_json::from_str(&event_text).context("--event is not valid JSON")?;
-    let name = args.name.clone().unwrap_or_else(|| {
-        args.file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "script".into())
-    });
-    let engine = Engine::start(&EngineConfig {
-        workers: 1,
-        ..settings.engine.clone()
-    })?;
-    let limits = settings.engine.limits.with(&args.limits.overrides());
-    let mut run = ScriptRun::new(
-        &args.tenant,
-        name,
-        1,
-        Arc::<str>::from(source),
-        &event,
-        limits,
-    );
-    run.attempt = args.attempt;
-    let result = engine.run(run).await;
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &result)?;
-        writeln!(out)?;
-    } else {
-        match &result.outcome {
-            Ok(value) => writeln!(out, "result: {}", serde_json::to_string_pretty(value)?)?,
-            Err(f) => {
-                let retry = if f.retryable {
-                    "retryable"
-                } else {
-                    "not retryable"
-                };
-                writeln!(out, "failed: {} ({retry}): {}", f.kind, f.message)?;
-                if let Some(stack) = &f.stack {
-                    writeln!(out, "stack:\n{stack}")?;
-                }
-            }
-        }
-        if result.logs.is_empty() {
-            writeln!(out, "logs: (none)")?;
-        } else {
-            writeln!(out, "logs:")?;
-            for line in &result.logs {
-                writeln!(out, "  [{}] {}", line.level, line.message)?;
-            }
-        }
-        writeln!(
-            out,
-            "duration: {:.1?} ({}, engine: {ENGINE_NAME})",
-            result.duration,
-            if result.cold_start {
-                "cold start"
-            } else {
-                "warm isolate"
-            }
-        )?;
-    }
-    Ok(if result.outcome.is_ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

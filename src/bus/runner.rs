@@ -1,0 +1,279 @@
+//! The runner: takes jobs, runs the script's current version in the engine, records the
+//! attempt, and turns the retry policy's decision into ack, nak-with-delay, or dead letter
+//! then ack.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::dlq::{self, DeadLetter};
+use super::job::{headers_as_json, Job};
+use super::NatsConfig;
+use crate::engine::{Engine, Failure, Limits, RunResult, ScriptRun};
+use crate::index::ScriptIndex;
+use crate::records::RecordWriter;
+use crate::retry::{Decision, RetryPolicy};
+use crate::store::{RunRecord, RunStatus, Store};
+
+/// Counters of the runner since start.
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    pub succeeded: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub skipped: AtomicU64,
+    /// Jobs handed back unfinished (shutdown, or their record could not be written).
+    pub returned: AtomicU64,
+}
+
+pub struct Runner {
+    pub js: jetstream::Context,
+    pub config: NatsConfig,
+    pub index: Arc<ScriptIndex>,
+    pub engine: Arc<Engine>,
+    pub records: RecordWriter,
+    pub store: Store,
+    pub limits: Limits,
+    pub retry: RetryPolicy,
+    pub ack_wait: Duration,
+    pub stats: Arc<RunnerStats>,
+    /// One permit per engine worker: a job waits here, not in the engine's queue, so that
+    /// on shutdown the jobs not yet started are handed back at once.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// The daemon's shutdown signal.
+    pub stop: CancellationToken,
+    /// Stream sequences of the jobs being handled here. JetStream can hand the same message
+    /// to a consumer again while it is still being handled (seen after a nak during
+    /// another replica's shutdown); the second delivery is left to the first's outcome.
+    pub in_flight: std::sync::Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Removes a job from the in-flight set when its handling ends, however it ends.
+struct InFlight<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<u64>>,
+    sequence: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.sequence);
+    }
+}
+
+/// A message's fate, applied by `settle`.
+enum Settle {
+    Ack,
+    Nak(Option<Duration>),
+    Term,
+}
+
+impl Runner {
+    /// Handles one job message. `hard_stop` cancels a run still going at the end of the
+    /// shutdown grace period: its message is handed back for another replica.
+    pub async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
+        let Some(_in_flight) = self.claim(&msg) else {
+            tracing::debug!(subject = %msg.subject, "A job already being handled here was delivered again; ignored.");
+            return;
+        };
+        let settle = tokio::select! {
+            settle = self.process(&msg) => settle,
+            _ = hard_stop.cancelled() => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                Settle::Nak(None)
+            }
+        };
+        let result = match settle {
+            Settle::Ack => msg.ack().await,
+            Settle::Nak(delay) => msg.ack_with(AckKind::Nak(delay)).await,
+            Settle::Term => msg.ack_with(AckKind::Term).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(subject = %msg.subject, error = %e, "Could not settle a job message; it will be redelivered.");
+        }
+    }
+
+    fn claim(&self, msg: &jetstream::Message) -> Option<InFlight<'_>> {
+        let sequence = msg.info().map(|i| i.stream_sequence).ok()?;
+        let fresh = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sequence);
+        fresh.then_some(InFlight {
+            set: &self.in_flight,
+            sequence,
+        })
+    }
+
+    async fn process(&self, msg: &jetstream::Message) -> Settle {
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+        let job: Job = match serde_json::from_slice(&msg.payload) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::error!(subject = %msg.subject, error = %e, "Job message is not a scriptd job; dropped.");
+                return Settle::Term;
+            }
+        };
+        // The records say which attempt this is and whether the job already ended: a
+        // redelivery may follow a retry, a hand-back at shutdown, a crash or a lost ack, and
+        // NATS servers before 2.10 sometimes deliver a message again as if it were new
+        // (nats-server#4460). One indexed lookup per job keeps runs to one per job.
+        let attempt = match self.store.job_history(&job.id).await {
+            Ok((_, true)) => {
+                tracing::info!(job = %job.id, delivered, "Job delivered again after it ended; acknowledged without running it.");
+                return Settle::Ack;
+            }
+            Ok((retried, false)) => retried + 1,
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot read the job's history; it will come back.");
+                return Settle::Nak(Some(Duration::from_secs(2)));
+            }
+        };
+        let script = self.index.snapshot().get(&job.tenant, &job.script).cloned();
+        let Some(script) = script.filter(|s| s.enabled) else {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, "Job skipped: the script was deleted or disabled.");
+            let record = record(&job, attempt, None, RunStatus::Skipped, None, Utc::now());
+            return self.commit(record, Settle::Ack).await;
+        };
+        let _slot = tokio::select! {
+            slot = self.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return Settle::Nak(None),
+            },
+            _ = self.stop.cancelled() => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                return Settle::Nak(None);
+            }
+        };
+        let started_at = Utc::now();
+        let limits = script.limits(&self.limits);
+        let policy = script.retry_policy(&self.retry);
+        let run = ScriptRun {
+            tenant: job.tenant.clone(),
+            script: job.script.clone(),
+            version: script.version,
+            source: script.source.clone(),
+            input: job.event.clone(),
+            attempt,
+            limits,
+        };
+        let result = self.run_keeping_alive(msg, run).await;
+        let decision = policy.decide(result.outcome.as_ref().map(|_| ()), attempt);
+        let version = Some(script.version as i32);
+        let (status, settle) = match decision {
+            Decision::Ack => {
+                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                (RunStatus::Ok, Settle::Ack)
+            }
+            Decision::Retry(delay) => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                (RunStatus::Retrying, Settle::Nak(Some(delay)))
+            }
+            Decision::DeadLetter(failure) => {
+                let letter = DeadLetter {
+                    tenant: job.tenant.clone(),
+                    script: job.script.clone(),
+                    job_id: job.id.clone(),
+                    script_version: Some(script.version),
+                    failure,
+                    attempts: attempt,
+                    first_attempt_at: self.first_attempt_at(&job.id).await.unwrap_or(started_at),
+                    last_attempt_at: started_at,
+                    headers: headers_as_json(msg.headers.as_ref()),
+                    job: match serde_json::from_slice(&msg.payload) {
+                        Ok(raw) => raw,
+                        Err(_) => return Settle::Nak(Some(Duration::from_secs(1))),
+                    },
+                };
+                if let Err(e) =
+                    dlq::publish(&self.js, &self.config, &letter, msg.headers.as_ref()).await
+                {
+                    tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Dead-letter publish failed; the job will come back.");
+                    return Settle::Nak(Some(Duration::from_secs(1)));
+                }
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(tenant = %job.tenant, script = %job.script, job = %job.id, kind = %letter.failure.kind, attempts = attempt, "Job dead-lettered.");
+                (RunStatus::DeadLettered, Settle::Ack)
+            }
+        };
+        let record = record(&job, attempt, version, status, Some(&result), started_at);
+        self.commit(record, settle).await
+    }
+
+    /// Runs the script, telling JetStream the job is still in progress so its ack wait
+    /// never runs out during a long run.
+    async fn run_keeping_alive(&self, msg: &jetstream::Message, run: ScriptRun) -> RunResult {
+        let running = self.engine.run(run);
+        tokio::pin!(running);
+        let mut progress = tokio::time::interval(self.ack_wait / 3);
+        progress.tick().await;
+        loop {
+            tokio::select! {
+                result = &mut running => return result,
+                _ = progress.tick() => {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    }
+
+    /// Writes the record; only a committed record lets the message be settled as decided.
+    async fn commit(&self, record: RunRecord, settle: Settle) -> Settle {
+        match self.records.write(record).await {
+            Ok(()) => settle,
+            Err(e) => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "Run record not written; the job will run again.");
+                Settle::Nak(Some(Duration::from_secs(2)))
+            }
+        }
+    }
+
+    async fn first_attempt_at(&self, job_id: &str) -> Option<chrono::DateTime<Utc>> {
+        self.store
+            .runs_of_job(job_id)
+            .await
+            .ok()
+            .and_then(|runs| runs.first().map(|(_, _, at)| *at))
+    }
+}
+
+fn record(
+    job: &Job,
+    attempt: u32,
+    version: Option<i32>,
+    status: RunStatus,
+    result: Option<&RunResult>,
+    started_at: chrono::DateTime<Utc>,
+) -> RunRecord {
+    let failure: Option<&Failure> = result.and_then(|r| r.outcome.as_ref().err());
+    RunRecord {
+        tenant: job.tenant.clone(),
+        script: job.script.clone(),
+        version,
+        job_id: job.id.clone(),
+        attempt: attempt as i32,
+        trigger: job.trigger.clone(),
+        subject: job.subject.clone(),
+        event_id: job.event_id.clone(),
+        status,
+        failure_kind: failure.map(|f| f.kind.as_str().to_owned()),
+        failure_message: failure.map(|f| f.message.clone()),
+        failure_stack: failure.and_then(|f| f.stack.clone()),
+        logs: result
+            .map(|r| serde_json::to_value(&r.logs).unwrap_or_default())
+            .unwrap_or_else(|| serde_json::Value::Array(vec![])),
+        logs_truncated: result.is_some_and(|r| r.logs_truncated),
+        cold_start: result.is_some_and(|r| r.cold_start),
+        started_at,
+        duration_ms: result.map_or(0.0, |r| r.duration.as_secs_f64() * 1000.0),
+    }
+}

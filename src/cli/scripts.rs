@@ -1,0 +1,266 @@
+//! `scriptd scripts ...`: test a file in the engine, deploy, list, enable, disable, delete.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{LimitArgs, TestArgs};
+use crate::config::Settings;
+use crate::engine::{Engine, EngineConfig, ScriptRun, ENGINE_NAME};
+use crate::manifest::{validate_spec, Manifest};
+use crate::retry::RetryOverrides;
+use crate::store::{ScriptSpec, Store, ALL_TENANTS};
+use crate::units::parse_duration;
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The script file, or a manifest (.toml) that names it and its settings.
+    pub file: PathBuf,
+    #[arg(long, required_unless_present = "manifest_file")]
+    pub tenant: Option<String>,
+    #[arg(long, required_unless_present = "manifest_file")]
+    pub name: Option<String>,
+    /// Tenant-relative subject pattern the script handles (`order.*`, `user.>`); repeatable.
+    #[arg(long = "on")]
+    pub on: Vec<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Attempts in all before the job is dead-lettered.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Delay before the first retry.
+    #[arg(long, value_parser = parse_duration)]
+    pub retry_initial: Option<Duration>,
+    /// Treat FILE as a manifest even without the .toml extension.
+    #[arg(long = "manifest", id = "manifest_file")]
+    pub manifest: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this tenant's scripts.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    #[arg(long)]
+    pub tenant: String,
+    #[arg(long)]
+    pub name: String,
+}
+
+pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let is_manifest = args.manifest || args.file.extension().is_some_and(|e| e == "toml");
+    let spec = if is_manifest {
+        Manifest::load(&args.file)?.1
+    } else {
+        let source = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading the script {}", args.file.display()))?;
+        let spec = ScriptSpec {
+            tenant: args.tenant.clone().unwrap_or_default(),
+            name: args.name.clone().unwrap_or_default(),
+            source,
+            subjects: args.on.clone(),
+            cron: None,
+            timezone: "UTC".into(),
+            limits: args.limits.overrides(),
+            retry: RetryOverrides {
+                max_attempts: args.max_attempts,
+                initial: args.retry_initial,
+                ..Default::default()
+            },
+        };
+        validate_spec(&spec)?;
+        spec
+    };
+    if let Err(failure) = check_compiles(settings, &spec).await? {
+        eprintln!(
+            "refused: {}/{} does not load ({}): {}",
+            spec.tenant, spec.name, failure.kind, failure.message
+        );
+        if let Some(stack) = failure.stack {
+            eprintln!("{stack}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let store = Store::connect(&settings.database).await?;
+    let deployed = store.deploy(&spec).await?;
+    if deployed.unchanged_source {
+        println!(
+            "{}/{}: source unchanged, still v{}; settings updated",
+            spec.tenant, spec.name, deployed.version
+        );
+    } else {
+        println!(
+            "deployed {}/{} v{} (sha256 {})",
+            spec.tenant,
+            spec.name,
+            deployed.version,
+            &deployed.sha256[..16]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the script in an isolate under its own limits; nothing is stored if this fails.
+pub async fn check_compiles(
+    settings: &Settings,
+    spec: &ScriptSpec,
+) -> anyhow::Result<Result<(), crate::engine::Failure>> {
+    let engine = Engine::start(&EngineConfig {
+        workers: 1,
+        ..settings.engine.clone()
+    })?;
+    let run = ScriptRun::new(
+        &spec.tenant,
+        &spec.name,
+        0,
+        Arc::<str>::from(spec.source.as_str()),
+        &serde_json::Value::Null,
+        settings.engine.limits.with(&spec.limits),
+    );
+    Ok(engine.validate(run).await)
+}
+
+pub async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    let scripts = store
+        .scripts(args.tenant.as_deref().unwrap_or(ALL_TENANTS))
+        .await?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &scripts)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if scripts.is_empty() {
+        writeln!(out, "no scripts")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<16} {:<24} {:>7} {:<8} {:<30} SHA256",
+        "TENANT", "NAME", "VERSION", "ENABLED", "ON"
+    )?;
+    for s in scripts {
+        writeln!(
+            out,
+            "{:<16} {:<24} {:>7} {:<8} {:<30} {}",
+            s.tenant,
+            s.name,
+            s.version,
+            if s.enabled { "yes" } else { "no" },
+            s.subjects.join(","),
+            &s.sha256[..12]
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn set_enabled(
+    settings: &Settings,
+    args: NameArgs,
+    enabled: bool,
+) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    if !store.set_enabled(&args.tenant, &args.name, enabled).await? {
+        anyhow::bail!("no script {}/{}", args.tenant, args.name);
+    }
+    let state = if enabled { "enabled" } else { "disabled" };
+    println!("{}/{} {state}", args.tenant, args.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn delete(settings: &Settings, args: NameArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    if !store.delete_script(&args.tenant, &args.name).await? {
+        anyhow::bail!("no script {}/{}", args.tenant, args.name);
+    }
+    println!("{}/{} deleted", args.tenant, args.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCode> {
+    let source = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading the script {}", args.file.display()))?;
+    let event_text = match args.event.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the event file {path}"))?,
+        None => args.event.clone(),
+    };
+    let event: serde_json::Value =
+        serde_json::from_str(&event_text).context("--event is not valid JSON")?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "script".into())
+    });
+    let engine = Engine::start(&EngineConfig {
+        workers: 1,
+        ..settings.engine.clone()
+    })?;
+    let limits = settings.engine.limits.with(&args.limits.overrides());
+    let mut run = ScriptRun::new(
+        &args.tenant,
+        name,
+        1,
+        Arc::<str>::from(source),
+        &event,
+        limits,
+    );
+    run.attempt = args.attempt;
+    let result = engine.run(run).await;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &result)?;
+        writeln!(out)?;
+    } else {
+        match &result.outcome {
+            Ok(value) => writeln!(out, "result: {}", serde_json::to_string_pretty(value)?)?,
+            Err(f) => {
+                let retry = if f.retryable {
+                    "retryable"
+                } else {
+                    "not retryable"
+                };
+                writeln!(out, "failed: {} ({retry}): {}", f.kind, f.message)?;
+                if let Some(stack) = &f.stack {
+                    writeln!(out, "stack:\n{stack}")?;
+                }
+            }
+        }
+        if result.logs.is_empty() {
+            writeln!(out, "logs: (none)")?;
+        } else {
+            writeln!(out, "logs:")?;
+            for line in &result.logs {
+                writeln!(out, "  [{}] {}", line.level, line.message)?;
+            }
+        }
+        writeln!(
+            out,
+            "duration: {:.1?} ({}, engine: {ENGINE_NAME})",
+            result.duration,
+            if result.cold_start {
+                "cold start"
+            } else {
+                "warm isolate"
+            }
+        )?;
+    }
+    Ok(if result.outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,205 @@
+//! `scriptd run`: wires the store, the script index, NATS and the engine together and runs
+//! until the shutdown token is cancelled, then stops in order: stop pulling, let runs in
+//! flight finish within the grace period, hand back what remains, flush records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, fanout::Fanout, fanout::FanoutStats, runner::Runner, runner::RunnerStats};
+use crate::config::Settings;
+use crate::engine::Engine;
+use crate::index::{self, ScriptIndex};
+use crate::records::RecordWriter;
+use crate::store::Store;
+use crate::units::duration_str;
+
+/// The `[daemon]` settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// How long runs in flight may take to finish after a shutdown signal; what is still
+    /// running then is handed back to JetStream for another replica.
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
+    /// Full reload of the script index, the fallback for missed change notifications.
+    #[serde(with = "duration_str")]
+    pub index_reload_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            shutdown_grace: Duration::from_secs(20),
+            index_reload_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters a running daemon exposes (tests and, later, metrics read them).
+#[derive(Clone, Default)]
+pub struct DaemonStats {
+    pub fanout: Arc<FanoutStats>,
+    pub runner: Arc<RunnerStats>,
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with_stats(settings, shutdown, DaemonStats::default()).await
+}
+
+pub async fn run_with_stats(
+    settings: Settings,
+    shutdown: CancellationToken,
+    stats: DaemonStats,
+) -> anyhow::Result<()> {
+    let Some(store) = until_ready("PostgreSQL", &shutdown, || {
+        Store::connect(&settings.database)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    if settings.database.migrate_on_start {
+        for applied in Store::migrate(&settings.database).await? {
+            tracing::info!(migration = %applied, "Migration applied.");
+        }
+    }
+    let index = Arc::new(ScriptIndex::default());
+    if until_ready("the script index", &shutdown, || index.reload(&store))
+        .await
+        .is_none()
+    {
+        return Ok(());
+    }
+    tracing::info!(scripts = index.snapshot().len(), "Script index loaded.");
+
+    let client = bus::connect(&settings.nats).await?;
+    let js = jetstream::new(client.clone());
+    bus::ensure_streams(&js, &settings.nats).await?;
+    let nats = &settings.nats;
+    let fanout_consumer = bus::durable_consumer(
+        &js,
+        &nats.events_stream(),
+        bus::FANOUT_CONSUMER,
+        nats.ack_wait,
+        nats.max_in_flight * 4,
+    )
+    .await?;
+    let runner_consumer = bus::durable_consumer(
+        &js,
+        &nats.jobs_stream(),
+        bus::RUNNER_CONSUMER,
+        nats.ack_wait,
+        nats.max_in_flight,
+    )
+    .await?;
+
+    let engine = Arc::new(Engine::start(&settings.engine)?);
+    let (records, writer) = RecordWriter::start(store.clone());
+    let background = CancellationToken::new();
+    let refresher = tokio::spawn(index::keep_fresh(
+        index.clone(),
+        store.clone(),
+        settings.daemon.index_reload_interval,
+        background.clone(),
+    ));
+
+    let fanout = Arc::new(Fanout {
+        js: js.clone(),
+        config: nats.clone(),
+        index: index.clone(),
+        stats: stats.fanout.clone(),
+    });
+    let runner = Arc::new(Runner {
+        js: js.clone(),
+        config: nats.clone(),
+        index: index.clone(),
+        engine: engine.clone(),
+        records,
+        store: store.clone(),
+        limits: settings.engine.limits,
+        retry: settings.retry,
+        ack_wait: nats.ack_wait,
+        stats: stats.runner.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(engine.workers())),
+        stop: shutdown.clone(),
+        in_flight: Default::default(),
+    });
+    let hard_stop = CancellationToken::new();
+    let fanning = tokio::spawn(bus::consume(
+        fanout_consumer,
+        nats.max_in_flight * 4,
+        shutdown.clone(),
+        move |m| {
+            let fanout = fanout.clone();
+            async move { fanout.handle(m).await }
+        },
+    ));
+    let running = {
+        let hard_stop = hard_stop.clone();
+        tokio::spawn(bus::consume(
+            runner_consumer,
+            nats.max_in_flight,
+            shutdown.clone(),
+            move |m| {
+                let runner = runner.clone();
+                let hard_stop = hard_stop.clone();
+                async move { runner.handle(m, hard_stop).await }
+            },
+        ))
+    };
+    tracing::info!(
+        engine = crate::engine::ENGINE_NAME,
+        workers = engine.workers(),
+        events = %format!("{}.>", nats.events_prefix),
+        "scriptd is running."
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = %humantime::format_duration(settings.daemon.shutdown_grace), "Shutting down: no new messages; waiting for runs in flight.");
+    let mut consumers = tokio::spawn(async move {
+        let _ = fanning.await;
+        let _ = running.await;
+    });
+    if tokio::time::timeout(settings.daemon.shutdown_grace, &mut consumers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("Runs still in flight after the grace period are handed back to JetStream.");
+        hard_stop.cancel();
+        let _ = consumers.await;
+    }
+    background.cancel();
+    let _ = refresher.await;
+    drop(engine);
+    let _ = writer.await;
+    client.flush().await.ok();
+    tracing::info!("scriptd stopped.");
+    Ok(())
+}
+
+/// Calls `attempt` until it succeeds or `shutdown` is cancelled, logging each failure.
+async fn until_ready<T, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "Waiting for {what}.");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,227 @@
+//! The in-memory script index: every script at its current version, by tenant, so an event
+//! costs no SQL. Loaded at start, reloaded on LISTEN/NOTIFY from deploys and periodically.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{LimitOverrides, Limits};
+use crate::retry::{RetryOverrides, RetryPolicy};
+use crate::store::{ScriptRow, Store, ALL_TENANTS};
+use crate::subject;
+
+/// A script at its current version, ready to run.
+#[derive(Debug)]
+pub struct IndexedScript {
+    pub id: i64,
+    pub tenant: String,
+    pub name: String,
+    pub enabled: bool,
+    pub version: u64,
+    pub source: Arc<str>,
+    pub subjects: Vec<String>,
+    pub cron: Option<String>,
+    pub timezone: String,
+    pub limits: LimitOverrides,
+    pub retry: RetryOverrides,
+}
+
+impl IndexedScript {
+    pub fn limits(&self, global: &Limits) -> Limits {
+        global.with(&self.limits)
+    }
+
+    pub fn retry_policy(&self, global: &RetryPolicy) -> RetryPolicy {
+        global.with(&self.retry)
+    }
+
+    /// Whether this script handles events of this tenant-relative type.
+    pub fn handles(&self, event_type: &str) -> bool {
+        self.enabled
+            && self
+                .subjects
+                .iter()
+                .any(|p| subject::matches(p, event_type))
+    }
+}
+
+/// One consistent view of all scripts.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    by_tenant: HashMap<String, Vec<Arc<IndexedScript>>>,
+}
+
+impl Snapshot {
+    pub fn from_rows(rows: Vec<ScriptRow>) -> Snapshot {
+        let mut by_tenant: HashMap<String, Vec<Arc<IndexedScript>>> = HashMap::new();
+        for r in rows {
+            by_tenant
+                .entry(r.tenant.clone())
+                .or_default()
+                .push(Arc::new(IndexedScript {
+                    id: r.id,
+                    tenant: r.tenant,
+                    name: r.name,
+                    enabled: r.enabled,
+                    version: r.version as u64,
+                    source: Arc::from(r.source),
+                    subjects: r.subjects,
+                    cron: r.cron,
+                    timezone: r.timezone,
+                    limits: r.limits,
+                    retry: r.retry,
+                }));
+        }
+        Snapshot { by_tenant }
+    }
+
+    /// The enabled scripts of `tenant` whose patterns match `event_type`.
+    pub fn matching<'a>(
+        &'a self,
+        tenant: &str,
+        event_type: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<IndexedScript>> + 'a {
+        self.by_tenant
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter(move |s| s.handles(event_type))
+    }
+
+    pub fn get(&self, tenant: &str, name: &str) -> Option<&Arc<IndexedScript>> {
+        self.by_tenant.get(tenant)?.iter().find(|s| s.name == name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_tenant.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The shared, swappable index.
+#[derive(Default)]
+pub struct ScriptIndex {
+    current: RwLock<Arc<Snapshot>>,
+    loaded: AtomicBool,
+}
+
+impl ScriptIndex {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    pub fn replace(&self, snapshot: Snapshot) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    pub async fn reload(&self, store: &Store) -> anyhow::Result<usize> {
+        let snapshot = Snapshot::from_rows(store.scripts(ALL_TENANTS).await?);
+        let n = snapshot.len();
+        self.replace(snapshot);
+        Ok(n)
+    }
+}
+
+/// Keeps the index fresh until cancelled: a LISTEN connection reloads on every deploy
+/// notification, and a full reload runs every `interval` whatever happens (the fallback
+/// for missed notifications and lost connections).
+pub async fn keep_fresh(
+    index: Arc<ScriptIndex>,
+    store: Store,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (notified_tx, mut notified) = tokio::sync::mpsc::channel::<()>(1);
+        let listener = tokio::spawn(listen(store.url().to_owned(), notified_tx));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    listener.abort();
+                    return;
+                }
+                _ = ticker.tick() => {}
+                got = notified.recv() => {
+                    if got.is_none() {
+                        // The listener ended: reload (we may have missed something) and
+                        // connect it again.
+                        reload_logged(&index, &store).await;
+                        break;
+                    }
+                }
+            }
+            reload_logged(&index, &store).await;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn reload_logged(index: &ScriptIndex, store: &Store) {
+    match index.reload(store).await {
+        Ok(n) => tracing::debug!(scripts = n, "Script index reloaded."),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "Script index reload failed; keeping the previous one.")
+        }
+    }
+}
+
+/// Forwards deploy notifications until the connection drops.
+async fn listen(url: String, notified: tokio::sync::mpsc::Sender<()>) {
+    let (client, mut connection) = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot listen for script changes; relying on periodic reloads.");
+            return;
+        }
+    };
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {}", crate::store::NOTIFY_CHANNEL);
+    let listening = client.batch_execute(&statement);
+    tokio::pin!(listening);
+    let mut subscribed = false;
+    loop {
+        tokio::select! {
+            done = &mut listening, if !subscribed => {
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "LISTEN failed.");
+                    return;
+                }
+                subscribed = true;
+                // Changes made before LISTEN took effect are caught by this reload.
+                if notified.send(()).await.is_err() { return; }
+            }
+            message = messages.next() => match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    let _ = notified.try_send(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Script change listener lost its connection.");
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Script manifests: a TOML file beside a script that says how to deploy it (tenant, name,
+//! triggers, limits, retry policy), and optionally an example event for `scriptd dev`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::engine::LimitOverrides;
+use crate::retry::RetryOverrides;
+use crate::store::ScriptSpec;
+use crate::subject;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub tenant: String,
+    pub name: String,
+    /// The script file, relative to the manifest.
+    pub source: PathBuf,
+    /// Tenant-relative subject patterns.
+    #[serde(default)]
+    pub on: Vec<String>,
+    pub cron: Option<String>,
+    #[serde(default = "utc")]
+    pub timezone: String,
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    #[serde(default)]
+    pub retry: RetryOverrides,
+    /// An event `scriptd dev` publishes after deploying, to show the script at work.
+    pub example: Option<ExampleEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExampleEvent {
+    /// Tenant-relative event type (`order.created`).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub data: toml::Value,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> anyhow::Result<(Manifest, ScriptSpec)> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the manifest {}", path.display()))?;
+        let manifest: Manifest = toml::from_str(&text)
+            .with_context(|| format!("parsing the manifest {}", path.display()))?;
+        let source_path = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(&manifest.source);
+        let source = std::fs::read_to_string(&source_path)
+            .with_context(|| format!("reading the script {}", source_path.display()))?;
+        let spec = ScriptSpec {
+            tenant: manifest.tenant.clone(),
+            name: manifest.name.clone(),
+            source,
+            subjects: manifest.on.clone(),
+            cron: manifest.cron.clone(),
+            timezone: manifest.timezone.clone(),
+            limits: manifest.limits,
+            retry: manifest.retry,
+        };
+        validate_spec(&spec)?;
+        Ok((manifest, spec))
+    }
+}
+
+/// Checks names and patterns of a deploy before anything is compiled or stored.
+pub fn validate_spec(spec: &ScriptSpec) -> anyhow::Result<()> {
+    subject::validate_name("tenant", &spec.tenant)?;
+    subject::validate_name("script", &spec.name)?;
+    for pattern in &spec.subjects {
+        subject::validate_pattern(pattern)?;
+    }
+    if spec.subjects.is_empty() && spec.cron.is_none() {
+        anyhow::bail!(
+            "{}/{} has no trigger: give at least one subject pattern (--on 'order.*')",
+            spec.tenant,
+            spec.name
+        );
+    }
+    Ok(())
+}

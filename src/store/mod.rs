@@ -1,0 +1,169 @@
+//! PostgreSQL: the connection pool, migrations, scripts and their versions, run records.
+//! Every query declares the tenant it works for (`scriptd.tenant`, '*' for the daemon's
+//! cross-tenant work); row-level security enforces it for the `database.role` role.
+
+mod migrate;
+mod runs;
+mod scripts;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Transaction};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::NoTls;
+
+pub use runs::{RunRecord, RunStatus};
+pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, NOTIFY_CHANNEL};
+
+/// The `[database]` settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// libpq-style URL or key=value string.
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Role every pooled session switches to (`SET ROLE`) so row-level security applies
+    /// even when the login is a superuser; empty to stay as the login user.
+    pub role: String,
+    /// Apply migrations when the daemon starts.
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/scriptd".into(),
+            pool_size: 8,
+            role: "scriptd_app".into(),
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Tenant scope of a query: one tenant, or all (the daemon's index and run records).
+pub const ALL_TENANTS: &str = "*";
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    url: String,
+}
+
+impl Store {
+    /// A pool for `config`; checks one connection so a wrong URL fails here, clearly.
+    pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Store> {
+        let pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .with_context(|| format!("invalid database.url {:?}", redact(&config.url)))?;
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let role = config.role.clone();
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(1))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+                let role = role.clone();
+                Box::pin(async move {
+                    if !role.is_empty() {
+                        client
+                            .batch_execute(&format!("SET ROLE {}", quote_ident(&role)))
+                            .await
+                            .map_err(deadpool_postgres::HookError::Backend)?;
+                    }
+                    Ok(())
+                })
+            }))
+            .build()
+            .context("building the database pool")?;
+        let store = Store {
+            pool,
+            url: config.url.clone(),
+        };
+        drop(store.client().await?);
+        Ok(store)
+    }
+
+    /// Applies missing migrations (as the login user, not the restricted role).
+    pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<Vec<String>> {
+        let mut client = connect_direct(&config.url).await?;
+        migrate::migrate(&mut client).await
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Object> {
+        self.pool.get().await.with_context(|| {
+            format!(
+                "no database connection to {} (is PostgreSQL running, does the database exist, \
+                 and were migrations applied with `scriptd migrate`?)",
+                redact(&self.url)
+            )
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// A transaction working for `tenant` (or [`ALL_TENANTS`]).
+pub async fn scoped<'a>(client: &'a mut Object, tenant: &str) -> anyhow::Result<Transaction<'a>> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT set_config('scriptd.tenant', $1, true)", &[&tenant])
+        .await?;
+    Ok(tx)
+}
+
+/// A plain connection outside the pool (migrations, LISTEN).
+pub async fn connect_direct(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
+        format!(
+            "connecting to PostgreSQL at {} (is it running and does the database exist?)",
+            redact(url)
+        )
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "Database connection closed.");
+        }
+    });
+    Ok(client)
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,145 @@
+//! Run records: one row per attempt, inserted in batches.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{scoped, Store, ALL_TENANTS};
+
+/// How an attempt ended, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// The handler returned a value.
+    Ok,
+    /// Failed; another attempt follows.
+    Retrying,
+    /// Failed for the last time; the job went to the dead-letter subject.
+    DeadLettered,
+    /// Not run: the script was deleted or disabled while the job waited.
+    Skipped,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::Retrying => "retrying",
+            RunStatus::DeadLettered => "dead_lettered",
+            RunStatus::Skipped => "skipped",
+        }
+    }
+}
+
+/// One attempt of one job.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRecord {
+    pub tenant: String,
+    pub script: String,
+    pub version: Option<i32>,
+    pub job_id: String,
+    pub attempt: i32,
+    pub trigger: String,
+    pub subject: Option<String>,
+    pub event_id: Option<String>,
+    pub status: RunStatus,
+    pub failure_kind: Option<String>,
+    pub failure_message: Option<String>,
+    pub failure_stack: Option<String>,
+    pub logs: serde_json::Value,
+    pub logs_truncated: bool,
+    pub cold_start: bool,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: f64,
+}
+
+impl Store {
+    /// Inserts a batch of run records in one statement.
+    pub async fn insert_runs(&self, records: &[RunRecord]) -> anyhow::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        macro_rules! column {
+            ($field:ident) => {
+                records.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+            };
+        }
+        let status: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
+        let logs: Vec<String> = records.iter().map(|r| r.logs.to_string()).collect();
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, ALL_TENANTS).await?;
+        tx.execute(
+            "INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
+                event_id, status, failure_kind, failure_message, failure_stack, logs,
+                logs_truncated, cold_start, started_at, duration_ms)
+             SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger, t.subject,
+                t.event_id, t.status, t.failure_kind, t.failure_message, t.failure_stack,
+                t.logs::jsonb, t.logs_truncated, t.cold_start, t.started_at, t.duration_ms
+             FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+                $13::text[], $14::bool[], $15::bool[], $16::timestamptz[], $17::float8[])
+             AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
+                status, failure_kind, failure_message, failure_stack, logs, logs_truncated,
+                cold_start, started_at, duration_ms)",
+            &[
+                &column!(tenant),
+                &column!(script),
+                &column!(version),
+                &column!(job_id),
+                &column!(attempt),
+                &column!(trigger),
+                &column!(subject),
+                &column!(event_id),
+                &status,
+                &column!(failure_kind),
+                &column!(failure_message),
+                &column!(failure_stack),
+                &logs,
+                &column!(logs_truncated),
+                &column!(cold_start),
+                &column!(started_at),
+                &column!(duration_ms),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// What is recorded of a job: how many attempts failed and were retried, and whether
+    /// it already ended (ok, dead-lettered or skipped).
+    pub async fn job_history(&self, job_id: &str) -> anyhow::Result<(u32, bool)> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, ALL_TENANTS).await?;
+        let row = tx
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'retrying'),
+                        coalesce(bool_or(status <> 'retrying'), false)
+                 FROM runs WHERE job_id = $1",
+                &[&job_id],
+            )
+            .await?;
+        tx.commit().await?;
+        let retried: i64 = row.get(0);
+        Ok((u32::try_from(retried).unwrap_or(u32::MAX), row.get(1)))
+    }
+
+    /// The attempts recorded for a job, oldest first.
+    pub async fn runs_of_job(
+        &self,
+        job_id: &str,
+    ) -> anyhow::Result<Vec<(i32, String, DateTime<Utc>)>> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, ALL_TENANTS).await?;
+        let rows = tx
+            .query(
+                "SELECT attempt, status, started_at FROM runs WHERE job_id = $1 ORDER BY started_at, id",
+                &[&job_id],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+}

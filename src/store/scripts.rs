@@ -1,0 +1,218 @@
+//! Scripts and their immutable versions: deploy (new version on a new source), list, and
+//! the full load the daemon's index is built from.
+
+use anyhow::Context;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{scoped, Store, ALL_TENANTS};
+use crate::engine::LimitOverrides;
+use crate::retry::RetryOverrides;
+
+/// What a deploy asks for.
+#[derive(Clone, Debug, Default)]
+pub struct ScriptSpec {
+    pub tenant: String,
+    pub name: String,
+    pub source: String,
+    /// Tenant-relative subject patterns (`order.*`).
+    pub subjects: Vec<String>,
+    pub cron: Option<String>,
+    pub timezone: String,
+    pub limits: LimitOverrides,
+    pub retry: RetryOverrides,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Deployed {
+    pub id: i64,
+    pub version: i32,
+    pub sha256: String,
+    /// The source was the current version's: settings were updated, no version was made.
+    pub unchanged_source: bool,
+}
+
+/// A script at its current version, as the index and `scripts list` see it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScriptRow {
+    pub id: i64,
+    pub tenant: String,
+    pub name: String,
+    pub enabled: bool,
+    pub version: i32,
+    pub subjects: Vec<String>,
+    pub cron: Option<String>,
+    pub timezone: String,
+    pub limits: LimitOverrides,
+    pub retry: RetryOverrides,
+    pub sha256: String,
+    #[serde(skip)]
+    pub source: String,
+}
+
+pub fn sha256_hex(source: &str) -> String {
+    hex::encode(Sha256::digest(source.as_bytes()))
+}
+
+/// The channel a deploy notifies; the payload is the tenant.
+pub const NOTIFY_CHANNEL: &str = "scriptd_scripts";
+
+const SELECT_CURRENT: &str =
+    "SELECT s.id, s.tenant, s.name, s.enabled, s.current_version, s.subjects,
+        s.cron, s.timezone, s.limits, s.retry, v.sha256, v.source
+    FROM scripts s
+    JOIN script_versions v ON v.script_id = s.id AND v.version = s.current_version";
+
+impl Store {
+    /// Creates the script or a new version of it, in one transaction that also notifies
+    /// running daemons.
+    pub async fn deploy(&self, spec: &ScriptSpec) -> anyhow::Result<Deployed> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, &spec.tenant).await?;
+        let sha = sha256_hex(&spec.source);
+        let limits = serde_json::to_value(spec.limits)?;
+        let retry = serde_json::to_value(spec.retry)?;
+        let existing = tx
+            .query_opt(
+                "SELECT s.id, s.current_version, v.sha256 FROM scripts s
+                 JOIN script_versions v ON v.script_id = s.id AND v.version = s.current_version
+                 WHERE s.tenant = $1 AND s.name = $2 FOR UPDATE OF s",
+                &[&spec.tenant, &spec.name],
+            )
+            .await?;
+        let (id, version, unchanged_source) = match existing {
+            Some(row) => {
+                let id: i64 = row.get(0);
+                let current: i32 = row.get(1);
+                let current_sha: String = row.get(2);
+                let unchanged = current_sha == sha;
+                let version = if unchanged { current } else { current + 1 };
+                tx.execute(
+                    "UPDATE scripts SET current_version = $2, subjects = $3, cron = $4,
+                        timezone = $5, limits = $6, retry = $7, updated_at = now()
+                     WHERE id = $1",
+                    &[
+                        &id,
+                        &version,
+                        &spec.subjects,
+                        &spec.cron,
+                        &spec.timezone,
+                        &limits,
+                        &retry,
+                    ],
+                )
+                .await?;
+                (id, version, unchanged)
+            }
+            None => {
+                let row = tx
+                    .query_one(
+                        "INSERT INTO scripts (tenant, name, current_version, subjects, cron,
+                            timezone, limits, retry)
+                         VALUES ($1, $2, 1, $3, $4, $5, $6, $7) RETURNING id",
+                        &[
+                            &spec.tenant,
+                            &spec.name,
+                            &spec.subjects,
+                            &spec.cron,
+                            &spec.timezone,
+                            &limits,
+                            &retry,
+                        ],
+                    )
+                    .await?;
+                (row.get(0), 1, false)
+            }
+        };
+        if !unchanged_source {
+            tx.execute(
+                "INSERT INTO script_versions (script_id, tenant, version, source, sha256)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&id, &spec.tenant, &version, &spec.source, &sha],
+            )
+            .await?;
+        }
+        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &spec.tenant])
+            .await?;
+        tx.commit().await.context("committing the deploy")?;
+        Ok(Deployed {
+            id,
+            version,
+            sha256: sha,
+            unchanged_source,
+        })
+    }
+
+    /// Enables or disables a script; returns false if it does not exist.
+    pub async fn set_enabled(
+        &self,
+        tenant: &str,
+        name: &str,
+        enabled: bool,
+    ) -> anyhow::Result<bool> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, tenant).await?;
+        let n = tx
+            .execute(
+                "UPDATE scripts SET enabled = $3, updated_at = now() WHERE tenant = $1 AND name = $2",
+                &[&tenant, &name, &enabled],
+            )
+            .await?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &tenant])
+            .await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    /// Deletes a script and its versions; returns false if it does not exist.
+    pub async fn delete_script(&self, tenant: &str, name: &str) -> anyhow::Result<bool> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, tenant).await?;
+        let n = tx
+            .execute(
+                "DELETE FROM scripts WHERE tenant = $1 AND name = $2",
+                &[&tenant, &name],
+            )
+            .await?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &tenant])
+            .await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    /// Scripts at their current version: one tenant's, or every tenant's with
+    /// [`ALL_TENANTS`].
+    pub async fn scripts(&self, tenant: &str) -> anyhow::Result<Vec<ScriptRow>> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, tenant).await?;
+        let rows = if tenant == ALL_TENANTS {
+            tx.query(&format!("{SELECT_CURRENT} ORDER BY s.tenant, s.name"), &[])
+                .await?
+        } else {
+            tx.query(
+                &format!("{SELECT_CURRENT} WHERE s.tenant = $1 ORDER BY s.name"),
+                &[&tenant],
+            )
+            .await?
+        };
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ScriptRow {
+                    id: r.get(0),
+                    tenant: r.get(1),
+                    name: r.get(2),
+                    enabled: r.get(3),
+                    version: r.get(4),
+                    subjects: r.get(5),
+                    cron: r.get(6),
+                    timezone: r.get(7),
+                    limits: serde_json::from_value(r.get(8)).context("stored limits")?,
+                    retry: serde_json::from_value(r.get(9)).context("stored retry policy")?,
+                    sha256: r.get(10),
+                    source: r.get(11),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,288 @@
+//! A private world per test on the real services: its own database (migrated), its own
+//! subject prefixes and stream names, a daemon in-process or as child processes, and
+//! clean-up of all of it.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use scriptd::config::Settings;
+use scriptd::daemon::DaemonStats;
+use scriptd::engine::LimitOverrides;
+use scriptd::retry::{RetryOverrides, RetryPolicy};
+use scriptd::store::{ScriptSpec, Store};
+use tokio_util::sync::CancellationToken;
+
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+pub struct TestEnv {
+    pub id: String,
+    pub settings: Settings,
+    pub store: Store,
+    pub js: async_nats::jetstream::Context,
+    pub nats: async_nats::Client,
+}
+
+pub struct RunningDaemon {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub stats: DaemonStats,
+}
+
+impl RunningDaemon {
+    /// Asks for a graceful shutdown and waits for it.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.expect("daemon task").expect("daemon ran");
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub script: String,
+    pub version: Option<i32>,
+    pub job_id: String,
+    pub attempt: i32,
+    pub status: String,
+    pub failure_kind: Option<String>,
+    pub failure_message: Option<String>,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub logs: serde_json::Value,
+    pub subject: Option<String>,
+    pub tenant: String,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let id = format!(
+            "t{}x{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            nanos % 100_000
+        );
+        let admin = scriptd::store::connect_direct(ADMIN_URL)
+            .await
+            .expect("PostgreSQL at 127.0.0.1:5432");
+        admin
+            .batch_execute(&format!("CREATE DATABASE scriptd_{id}"))
+            .await
+            .expect("create test database");
+        let mut settings = Settings::default();
+        settings.database.url = format!("postgres://postgres@127.0.0.1:5432/scriptd_{id}");
+        settings.database.pool_size = 4;
+        settings.nats.url = NATS_URL.into();
+        settings.nats.events_prefix = format!("{id}.events");
+        settings.nats.jobs_prefix = format!("{id}.jobs");
+        settings.nats.dlq_prefix = format!("{id}.dlq");
+        settings.nats.stream_prefix = id.to_uppercase();
+        settings.nats.ack_wait = Duration::from_secs(5);
+        settings.engine.workers = 2;
+        settings.retry = RetryPolicy {
+            initial: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_interval: Duration::from_secs(2),
+            randomization: 0.0,
+            max_attempts: 3,
+        };
+        settings.daemon.shutdown_grace = Duration::from_secs(10);
+        Store::migrate(&settings.database)
+            .await
+            .expect("migrations");
+        let store = Store::connect(&settings.database).await.expect("store");
+        let nats = async_nats::connect(NATS_URL)
+            .await
+            .expect("NATS at 127.0.0.1:4222");
+        let js = async_nats::jetstream::new(nats.clone());
+        scriptd::bus::ensure_streams(&js, &settings.nats)
+            .await
+            .expect("streams");
+        TestEnv {
+            id,
+            settings,
+            store,
+            js,
+            nats,
+        }
+    }
+
+    pub fn start_daemon(&self) -> RunningDaemon {
+        self.start_daemon_with(self.settings.clone())
+    }
+
+    pub fn start_daemon_with(&self, settings: Settings) -> RunningDaemon {
+        let stop = CancellationToken::new();
+        let stats = DaemonStats::default();
+        let task = tokio::spawn(scriptd::daemon::run_with_stats(
+            settings,
+            stop.clone(),
+            stats.clone(),
+        ));
+        RunningDaemon { stop, task, stats }
+    }
+
+    /// The environment a `scriptd` child process needs to join this world.
+    pub fn daemon_command(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"));
+        let s = &self.settings;
+        c.env("SCRIPTD_DATABASE__URL", &s.database.url)
+            .env("SCRIPTD_NATS__URL", &s.nats.url)
+            .env("SCRIPTD_NATS__EVENTS_PREFIX", &s.nats.events_prefix)
+            .env("SCRIPTD_NATS__JOBS_PREFIX", &s.nats.jobs_prefix)
+            .env("SCRIPTD_NATS__DLQ_PREFIX", &s.nats.dlq_prefix)
+            .env("SCRIPTD_NATS__STREAM_PREFIX", &s.nats.stream_prefix)
+            .env("SCRIPTD_NATS__ACK_WAIT", "3s")
+            .env("SCRIPTD_ENGINE__WORKERS", "2")
+            .env("SCRIPTD_RETRY__INITIAL", "100ms")
+            .env("SCRIPTD_RETRY__RANDOMIZATION", "0")
+            .env("SCRIPTD_LOG__FILTER", "warn")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    pub async fn deploy(&self, tenant: &str, name: &str, source: &str, on: &[&str]) -> i32 {
+        self.deploy_with(
+            tenant,
+            name,
+            source,
+            on,
+            LimitOverrides::default(),
+            RetryOverrides::default(),
+        )
+        .await
+    }
+
+    pub async fn deploy_with(
+        &self,
+        tenant: &str,
+        name: &str,
+        source: &str,
+        on: &[&str],
+        limits: LimitOverrides,
+        retry: RetryOverrides,
+    ) -> i32 {
+        let spec = ScriptSpec {
+            tenant: tenant.into(),
+            name: name.into(),
+            source: source.into(),
+            subjects: on.iter().map(|s| s.to_string()).collect(),
+            cron: None,
+            timezone: "UTC".into(),
+            limits,
+            retry,
+        };
+        self.store.deploy(&spec).await.expect("deploy").version
+    }
+
+    pub async fn publish(
+        &self,
+        tenant: &str,
+        event_type: &str,
+        payload: impl Into<bytes::Bytes>,
+    ) -> u64 {
+        self.publish_subject(
+            &format!("{}.{tenant}.{event_type}", self.settings.nats.events_prefix),
+            payload,
+        )
+        .await
+    }
+
+    pub async fn publish_subject(&self, subject: &str, payload: impl Into<bytes::Bytes>) -> u64 {
+        self.js
+            .publish(subject.to_owned(), payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack")
+            .sequence
+    }
+
+    pub async fn runs(&self) -> Vec<Run> {
+        let client = scriptd::store::connect_direct(&self.settings.database.url)
+            .await
+            .unwrap();
+        client
+            .query(
+                "SELECT script, version, job_id, attempt, status, failure_kind, failure_message,
+                        started_at, logs, subject, tenant
+                 FROM runs ORDER BY started_at, id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| Run {
+                script: r.get(0),
+                version: r.get(1),
+                job_id: r.get(2),
+                attempt: r.get(3),
+                status: r.get(4),
+                failure_kind: r.get(5),
+                failure_message: r.get(6),
+                started_at: r.get(7),
+                logs: r.get(8),
+                subject: r.get(9),
+                tenant: r.get(10),
+            })
+            .collect()
+    }
+
+    /// Waits until the recorded runs satisfy `done`, for at most `limit`.
+    pub async fn wait_for_runs(&self, limit: Duration, done: impl Fn(&[Run]) -> bool) -> Vec<Run> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let runs = self.runs().await;
+            if done(&runs) {
+                return runs;
+            }
+            if Instant::now() > deadline {
+                panic!("runs did not reach the expected state within {limit:?}: {runs:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every message of the dead-letter stream, as JSON.
+    pub async fn dead_letters(&self) -> Vec<(async_nats::HeaderMap, serde_json::Value)> {
+        let stream = self
+            .js
+            .get_stream(self.settings.nats.dlq_stream())
+            .await
+            .unwrap();
+        let info = stream.get_info().await.unwrap();
+        let mut out = Vec::new();
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            if info.state.messages == 0 {
+                break;
+            }
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push((m.headers, serde_json::from_slice(&m.payload).unwrap()));
+            }
+        }
+        out
+    }
+
+    pub async fn cleanup(self) {
+        for stream in [
+            self.settings.nats.events_stream(),
+            self.settings.nats.jobs_stream(),
+            self.settings.nats.dlq_stream(),
+        ] {
+            let _ = self.js.delete_stream(stream).await;
+        }
+        drop(self.store);
+        let admin = scriptd::store::connect_direct(ADMIN_URL).await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS scriptd_{} WITH (FORCE)",
+                self.id
+            ))
+            .await
+            .expect("drop test database");
+    }
+}
