@@ -138,7 +138,10 @@ pub async fn consume<F, Fut>(
                 }
                 None => {
                     tracing::warn!("Message stream ended; opening it again.");
-                    continue 'open;
+                    tokio::select! {
+                        _ = stop.cancelled() => break 'open,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'open,
+                    }
                 }
             }
         }

@@ -121,6 +121,18 @@ impl Runner {
                 return Settle::Term;
             }
         };
+        // Wait for an engine slot before looking anything up: what the job runs is decided
+        // when it can start, so a disable or deploy meanwhile takes effect.
+        let slot = tokio::select! {
+            slot = self.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return Settle::Nak(None),
+            },
+            _ = self.stop.cancelled() => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                return Settle::Nak(None);
+            }
+        };
         // The records say which attempt this is and whether the job already ended: a
         // redelivery may follow a retry, a hand-back at shutdown, a crash or a lost ack, and
         // NATS servers before 2.10 sometimes deliver a message again as if it were new
@@ -132,6 +144,7 @@ impl Runner {
             }
             Ok((retried, false)) => retried + 1,
             Err(e) => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot read the job's history; it will come back.");
                 return Settle::Nak(Some(Duration::from_secs(2)));
             }
@@ -142,16 +155,6 @@ impl Runner {
             tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, "Job skipped: the script was deleted or disabled.");
             let record = record(&job, attempt, None, RunStatus::Skipped, None, Utc::now());
             return self.commit(record, Settle::Ack).await;
-        };
-        let _slot = tokio::select! {
-            slot = self.slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return Settle::Nak(None),
-            },
-            _ = self.stop.cancelled() => {
-                self.stats.returned.fetch_add(1, Ordering::Relaxed);
-                return Settle::Nak(None);
-            }
         };
         let started_at = Utc::now();
         let limits = script.limits(&self.limits);
@@ -166,6 +169,7 @@ impl Runner {
             limits,
         };
         let result = self.run_keeping_alive(msg, run).await;
+        drop(slot);
         let decision = policy.decide(result.outcome.as_ref().map(|_| ()), attempt);
         let version = Some(script.version as i32);
         let (status, settle) = match decision {

@@ -286,3 +286,129 @@ impl TestEnv {
             .expect("drop test database");
     }
 }
+
+/// A `scriptd` child process, killed when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl TestEnv {
+    /// Starts `scriptd run` as a child process in this world.
+    pub fn spawn_daemon(&self) -> Child {
+        Child(
+            self.daemon_command()
+                .arg("run")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .spawn()
+                .expect("spawn scriptd run"),
+        )
+    }
+
+    /// Jobs handed to a runner and not yet acknowledged.
+    pub async fn jobs_in_flight(&self) -> usize {
+        let stream = self
+            .js
+            .get_stream(self.settings.nats.jobs_stream())
+            .await
+            .unwrap();
+        match stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                scriptd::bus::RUNNER_CONSUMER,
+            )
+            .await
+        {
+            Ok(mut c) => c.info().await.map(|i| i.num_ack_pending).unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    /// Whether exactly `n` jobs are taken and not yet acknowledged.
+    pub async fn jobs_in_flight_is(&self, n: usize) -> bool {
+        self.jobs_in_flight().await == n
+    }
+
+    /// Waits until `check` holds, for at most `limit`.
+    pub async fn wait_until<F, Fut>(&self, limit: Duration, what: &str, check: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + limit;
+        while !check().await {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A TCP relay in front of PostgreSQL that can be cut: while cut, it drops every
+/// connection and refuses new ones, as a database outage would.
+pub struct Relay {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    pub async fn start(target: &'static str) -> Relay {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::atomic::AtomicU64;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(AtomicBool::new(false));
+        let generation = std::sync::Arc::new(AtomicU64::new(0));
+        let (c, g) = (cut.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let (c, g) = (c.clone(), g.clone());
+                let born = g.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    tokio::pin!(copy);
+                    loop {
+                        tokio::select! {
+                            _ = &mut copy => return,
+                            _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                                if c.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != born {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Relay {
+            port,
+            cut,
+            generation,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
