@@ -13,7 +13,7 @@ use crate::bus::{self, fanout::Fanout, fanout::FanoutStats, runner::Runner, runn
 use crate::config::Settings;
 use crate::engine::Engine;
 use crate::index::{self, ScriptIndex};
-use crate::records::RecordWriter;
+use crate::records::{HistoryReader, RecordWriter};
 use crate::store::Store;
 use crate::units::duration_str;
 
@@ -57,7 +57,7 @@ pub async fn run_with_stats(
     stats: DaemonStats,
 ) -> anyhow::Result<()> {
     let Some(store) = until_ready("PostgreSQL", &shutdown, || {
-        Store::connect(&settings.database)
+        Store::connect_all_tenants(&settings.database)
     })
     .await
     else {
@@ -100,6 +100,7 @@ pub async fn run_with_stats(
 
     let engine = Arc::new(Engine::start(&settings.engine)?);
     let (records, writer) = RecordWriter::start(store.clone());
+    let (history, reader) = HistoryReader::start(store.clone());
     let background = CancellationToken::new();
     let refresher = tokio::spawn(index::keep_fresh(
         index.clone(),
@@ -120,12 +121,14 @@ pub async fn run_with_stats(
         index: index.clone(),
         engine: engine.clone(),
         records,
+        history,
         store: store.clone(),
         limits: settings.engine.limits,
         retry: settings.retry,
         ack_wait: nats.ack_wait,
         stats: stats.runner.clone(),
-        slots: Arc::new(tokio::sync::Semaphore::new(engine.workers())),
+        // Two per worker keep every worker busy while results travel back.
+        slots: Arc::new(tokio::sync::Semaphore::new(2 * engine.workers())),
         stop: shutdown.clone(),
         in_flight: Default::default(),
     });
@@ -177,6 +180,7 @@ pub async fn run_with_stats(
     let _ = refresher.await;
     drop(engine);
     let _ = writer.await;
+    let _ = reader.await;
     client.flush().await.ok();
     tracing::info!("scriptd stopped.");
     Ok(())

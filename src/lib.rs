@@ -1,7 +1,9 @@
 //! scriptd: an event-driven scripting worker daemon. The library holds everything; the
 //! binary only parses the command line.
 
+pub mod batch;
 pub mod bench;
+pub mod bench_pipeline;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -1,70 +1,94 @@
-//! The run-record writer: attempts are queued from many runs and inserted in batches, off
-//! the hot path; each caller learns when its record is committed (only then is its message
-//! acknowledged).
+//! Run records and job histories through batches: many runs write their attempt and read
+//! their job's history at once, off the hot path. A writer learns when its record is
+//! committed; only then is its message acknowledged.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-
+use crate::batch::Batcher;
 use crate::store::{RunRecord, Store};
 
-/// Records per insert, at most.
+/// Records or lookups per statement, at most.
 const MAX_BATCH: usize = 500;
-/// Tries per batch before the callers are told it failed (they then leave their messages
-/// unacknowledged, so nothing is lost).
+/// Tries per batch of records before the callers are told it failed (they then leave their
+/// messages unacknowledged, so nothing is lost).
 const TRIES: u32 = 3;
-
-type Pending = (RunRecord, oneshot::Sender<Result<(), String>>);
 
 #[derive(Clone)]
 pub struct RecordWriter {
-    tx: mpsc::Sender<Pending>,
+    batcher: Batcher<RunRecord, Result<(), String>>,
 }
 
 impl RecordWriter {
     /// Starts the writer task; it ends when every `RecordWriter` clone is dropped.
     pub fn start(store: Store) -> (RecordWriter, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let task = tokio::spawn(write_batches(store, rx));
-        (RecordWriter { tx }, task)
+        let (batcher, task) = Batcher::start(MAX_BATCH, move |records: Vec<RunRecord>| {
+            let store = store.clone();
+            async move {
+                let outcome = insert_with_retries(&store, &records).await;
+                vec![outcome; records.len()]
+            }
+        });
+        (RecordWriter { batcher }, task)
     }
 
     /// Queues a record and waits until it is committed.
     pub async fn write(&self, record: RunRecord) -> Result<(), String> {
-        let (done, committed) = oneshot::channel();
-        self.tx
-            .send((record, done))
+        self.batcher
+            .call(record)
             .await
-            .map_err(|_| "the run-record writer has stopped".to_string())?;
-        committed
-            .await
-            .unwrap_or_else(|_| Err("the run-record writer has stopped".into()))
+            .unwrap_or_else(|| Err("the run-record writer has stopped".into()))
     }
 }
 
-async fn write_batches(store: Store, mut rx: mpsc::Receiver<Pending>) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let records: Vec<RunRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
-        let mut outcome = Err(String::new());
-        for attempt in 1..=TRIES {
-            match store.insert_runs(&records).await {
-                Ok(()) => {
-                    outcome = Ok(());
-                    break;
-                }
-                Err(e) => {
-                    let message = format!("{e:#}");
-                    tracing::warn!(records = records.len(), attempt, error = %message, "Writing run records failed.");
-                    outcome = Err(message);
-                    if attempt < TRIES {
-                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                    }
+async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 1..=TRIES {
+        match store.insert_runs(records).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                last = format!("{e:#}");
+                tracing::warn!(records = records.len(), attempt, error = %last, "Writing run records failed.");
+                if attempt < TRIES {
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 }
             }
         }
-        for (_, done) in batch.drain(..) {
-            let _ = done.send(outcome.clone());
-        }
+    }
+    Err(last)
+}
+
+/// What is recorded of one job: failed attempts that were retried, and whether it ended.
+pub type JobHistory = (u32, bool);
+
+#[derive(Clone)]
+pub struct HistoryReader {
+    batcher: Batcher<String, Result<JobHistory, String>>,
+}
+
+impl HistoryReader {
+    pub fn start(store: Store) -> (HistoryReader, tokio::task::JoinHandle<()>) {
+        let (batcher, task) = Batcher::start(MAX_BATCH, move |jobs: Vec<String>| {
+            let store = store.clone();
+            async move {
+                match store.job_histories(&jobs).await {
+                    Ok(found) => {
+                        let found: HashMap<_, _> = found.into_iter().collect();
+                        jobs.iter()
+                            .map(|j| Ok(found.get(j).copied().unwrap_or((0, false))))
+                            .collect()
+                    }
+                    Err(e) => vec![Err(format!("{e:#}")); jobs.len()],
+                }
+            }
+        });
+        (HistoryReader { batcher }, task)
+    }
+
+    pub async fn history(&self, job_id: &str) -> Result<JobHistory, String> {
+        self.batcher
+            .call(job_id.to_owned())
+            .await
+            .unwrap_or_else(|| Err("the job-history reader has stopped".into()))
     }
 }

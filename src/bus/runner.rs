@@ -15,7 +15,7 @@ use super::job::{headers_as_json, Job};
 use super::NatsConfig;
 use crate::engine::{Engine, Failure, Limits, RunResult, ScriptRun};
 use crate::index::ScriptIndex;
-use crate::records::RecordWriter;
+use crate::records::{HistoryReader, RecordWriter};
 use crate::retry::{Decision, RetryPolicy};
 use crate::store::{RunRecord, RunStatus, Store};
 
@@ -36,6 +36,7 @@ pub struct Runner {
     pub index: Arc<ScriptIndex>,
     pub engine: Arc<Engine>,
     pub records: RecordWriter,
+    pub history: HistoryReader,
     pub store: Store,
     pub limits: Limits,
     pub retry: RetryPolicy,
@@ -121,7 +122,23 @@ impl Runner {
                 return Settle::Term;
             }
         };
-        // Wait for an engine slot before looking anything up: what the job runs is decided
+        // The records say which attempt this is and whether the job already ended: a
+        // redelivery may follow a retry, a hand-back at shutdown, a crash or a lost ack, and
+        // NATS servers before 2.10 sometimes deliver a message again as if it were new
+        // (nats-server#4460). A batched, indexed lookup per job keeps runs to one per job.
+        let attempt = match self.history.history(&job.id).await {
+            Ok((_, true)) => {
+                tracing::info!(job = %job.id, delivered, "Job delivered again after it ended; acknowledged without running it.");
+                return Settle::Ack;
+            }
+            Ok((retried, false)) => retried + 1,
+            Err(e) => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(job = %job.id, error = %e, "Cannot read the job's history; it will come back.");
+                return Settle::Nak(Some(Duration::from_secs(2)));
+            }
+        };
+        // Wait for an engine slot before looking the script up: what the job runs is decided
         // when it can start, so a disable or deploy meanwhile takes effect.
         let slot = tokio::select! {
             slot = self.slots.clone().acquire_owned() => match slot {
@@ -131,22 +148,6 @@ impl Runner {
             _ = self.stop.cancelled() => {
                 self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 return Settle::Nak(None);
-            }
-        };
-        // The records say which attempt this is and whether the job already ended: a
-        // redelivery may follow a retry, a hand-back at shutdown, a crash or a lost ack, and
-        // NATS servers before 2.10 sometimes deliver a message again as if it were new
-        // (nats-server#4460). One indexed lookup per job keeps runs to one per job.
-        let attempt = match self.store.job_history(&job.id).await {
-            Ok((_, true)) => {
-                tracing::info!(job = %job.id, delivered, "Job delivered again after it ended; acknowledged without running it.");
-                return Settle::Ack;
-            }
-            Ok((retried, false)) => retried + 1,
-            Err(e) => {
-                self.stats.returned.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot read the job's history; it will come back.");
-                return Settle::Nak(Some(Duration::from_secs(2)));
             }
         };
         let script = self.index.snapshot().get(&job.tenant, &job.script).cloned();

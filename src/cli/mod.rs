@@ -85,6 +85,9 @@ pub enum EventsCommand {
 pub enum BenchCommand {
     /// Cold start, warm run latency and throughput of the engine.
     Engine(crate::bench::EngineBenchArgs),
+    /// Raw JetStream rate beside scriptd's end-to-end rate and latency (uses the
+    /// configured NATS and PostgreSQL, with throw-away streams and database).
+    Pipeline(crate::bench_pipeline::PipelineBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +182,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Scripts(ScriptsCommand::Delete(args)) => {
             block_on(scripts::delete(&settings, args))
+        }
+        Command::Bench(BenchCommand::Pipeline(args)) => {
+            block_on(crate::bench_pipeline::pipeline(&settings, args))
         }
         Command::Bench(BenchCommand::Engine(args)) => {
             block_on(crate::bench::engine(&settings.engine, args))

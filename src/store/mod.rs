@@ -49,11 +49,24 @@ pub const ALL_TENANTS: &str = "*";
 pub struct Store {
     pool: Pool,
     url: String,
+    /// Whether every session of the pool works for all tenants (the daemon's store), so
+    /// the daemon's hot-path statements need no transaction to declare their scope.
+    all_tenants: bool,
 }
 
 impl Store {
     /// A pool for `config`; checks one connection so a wrong URL fails here, clearly.
+    /// A store whose every query declares its tenant.
     pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Store> {
+        Self::open(config, false).await
+    }
+
+    /// The daemon's store: its sessions work for all tenants from the start.
+    pub async fn connect_all_tenants(config: &DatabaseConfig) -> anyhow::Result<Store> {
+        Self::open(config, true).await
+    }
+
+    async fn open(config: &DatabaseConfig, all_tenants: bool) -> anyhow::Result<Store> {
         let pg: tokio_postgres::Config = config
             .url
             .parse()
@@ -74,9 +87,16 @@ impl Store {
             .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
                 let role = role.clone();
                 Box::pin(async move {
+                    let mut setup = String::new();
                     if !role.is_empty() {
+                        setup.push_str(&format!("SET ROLE {};", quote_ident(&role)));
+                    }
+                    if all_tenants {
+                        setup.push_str("SELECT set_config('scriptd.tenant', '*', false);");
+                    }
+                    if !setup.is_empty() {
                         client
-                            .batch_execute(&format!("SET ROLE {}", quote_ident(&role)))
+                            .batch_execute(&setup)
                             .await
                             .map_err(deadpool_postgres::HookError::Backend)?;
                     }
@@ -88,6 +108,7 @@ impl Store {
         let store = Store {
             pool,
             url: config.url.clone(),
+            all_tenants,
         };
         drop(store.client().await?);
         Ok(store)

@@ -53,6 +53,32 @@ pub struct RunRecord {
 }
 
 impl Store {
+    /// One statement for all tenants: a single round trip with a cached prepared statement
+    /// on the daemon's store, a transaction that declares the scope otherwise.
+    async fn all_tenants_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> anyhow::Result<Vec<tokio_postgres::Row>> {
+        let mut client = self.client().await?;
+        if self.all_tenants {
+            let statement = client.prepare_cached(sql).await?;
+            return Ok(client.query(&statement, params).await?);
+        }
+        let tx = scoped(&mut client, ALL_TENANTS).await?;
+        let rows = tx.query(sql, params).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    async fn all_tenants_statement(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> anyhow::Result<()> {
+        self.all_tenants_query(sql, params).await.map(drop)
+    }
+
     /// Inserts a batch of run records in one statement.
     pub async fn insert_runs(&self, records: &[RunRecord]) -> anyhow::Result<()> {
         if records.is_empty() {
@@ -65,9 +91,7 @@ impl Store {
         }
         let status: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
         let logs: Vec<String> = records.iter().map(|r| r.logs.to_string()).collect();
-        let mut client = self.client().await?;
-        let tx = scoped(&mut client, ALL_TENANTS).await?;
-        tx.execute(
+        self.all_tenants_statement(
             "INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
                 event_id, status, failure_kind, failure_message, failure_stack, logs,
                 logs_truncated, cold_start, started_at, duration_ms)
@@ -101,26 +125,35 @@ impl Store {
             ],
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
-    /// What is recorded of a job: how many attempts failed and were retried, and whether
-    /// it already ended (ok, dead-lettered or skipped).
-    pub async fn job_history(&self, job_id: &str) -> anyhow::Result<(u32, bool)> {
-        let mut client = self.client().await?;
-        let tx = scoped(&mut client, ALL_TENANTS).await?;
-        let row = tx
-            .query_one(
-                "SELECT count(*) FILTER (WHERE status = 'retrying'),
+    /// What is recorded of each of these jobs: how many attempts failed and were retried,
+    /// and whether it already ended (ok, dead-lettered or skipped). Jobs with no record
+    /// are left out.
+    pub async fn job_histories(
+        &self,
+        job_ids: &[String],
+    ) -> anyhow::Result<Vec<(String, (u32, bool))>> {
+        let rows = self
+            .all_tenants_query(
+                "SELECT job_id,
+                        count(*) FILTER (WHERE status = 'retrying'),
                         coalesce(bool_or(status <> 'retrying'), false)
-                 FROM runs WHERE job_id = $1",
-                &[&job_id],
+                 FROM runs WHERE job_id = ANY($1) GROUP BY job_id",
+                &[&job_ids],
             )
             .await?;
-        tx.commit().await?;
-        let retried: i64 = row.get(0);
-        Ok((u32::try_from(retried).unwrap_or(u32::MAX), row.get(1)))
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let retried: i64 = r.get(1);
+                (
+                    r.get(0),
+                    (u32::try_from(retried).unwrap_or(u32::MAX), r.get(2)),
+                )
+            })
+            .collect())
     }
 
     /// The attempts recorded for a job, oldest first.

@@ -1,0 +1,270 @@
+//! `scriptd bench pipeline`: the raw JetStream publish + consume + ack rate, beside scriptd's
+//! end-to-end events/second for a trivial script and its publish→run-start latency, on the
+//! same servers in one run. Uses throw-away streams and a throw-away database.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use clap::Args;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::daemon::{self, DaemonStats};
+use crate::store::{ScriptSpec, Store};
+
+#[derive(Debug, Args)]
+pub struct PipelineBenchArgs {
+    /// Events for each throughput figure.
+    #[arg(long, default_value_t = 5000)]
+    pub events: usize,
+    /// Events for the latency figure, published at half the measured end-to-end rate.
+    #[arg(long, default_value_t = 1000)]
+    pub latency_events: usize,
+}
+
+const PAYLOAD: &[u8] = br#"{"id":"o-1","amount":42}"#;
+const TRIVIAL: &str = "export default (event) => ({ ok: true, id: event.data.id })";
+
+pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::Result<ExitCode> {
+    let id = format!("bench{}", std::process::id());
+    let client = crate::bus::connect(&settings.nats).await?;
+    let js = jetstream::new(client.clone());
+
+    let raw = raw_rate(&js, &id, args.events).await?;
+    println!(
+        "raw JetStream publish + pull + ack: {raw:.0} msgs/s ({} messages)",
+        args.events
+    );
+
+    let mut s = settings.clone();
+    let db_name = format!("scriptd_{id}");
+    let base: tokio_postgres::Config = s.database.url.parse().context("database.url")?;
+    let mut admin = base.clone();
+    admin.dbname("postgres");
+    let (admin, connection) = admin
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name}"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db_name}"))
+        .await?;
+    s.database.url = replace_dbname(&s.database.url, &db_name);
+    s.nats.events_prefix = format!("{id}.events");
+    s.nats.jobs_prefix = format!("{id}.jobs");
+    s.nats.dlq_prefix = format!("{id}.dlq");
+    s.nats.stream_prefix = id.to_uppercase();
+    let result = end_to_end(&s, &js, &args).await;
+
+    for name in [
+        s.nats.events_stream(),
+        s.nats.jobs_stream(),
+        s.nats.dlq_stream(),
+    ] {
+        let _ = js.delete_stream(name).await;
+    }
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+        .await?;
+    let (rate, p50, p99, paced) = result?;
+    println!(
+        "scriptd end to end, 1 matching script: {rate:.0} events/s ({} events)",
+        args.events
+    );
+    println!("ratio end-to-end / raw: {:.2}", rate / raw);
+    println!(
+        "publish -> run start at {paced:.0} events/s: p50 {p50:.2?}, p99 {p99:.2?} ({} events)",
+        args.latency_events
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replace_dbname(url: &str, name: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((head, tail)) if !tail.contains('@') => {
+            let query = tail
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
+            format!("{head}/{name}{query}")
+        }
+        _ => format!("{url} dbname={name}"),
+    }
+}
+
+/// Publishes `n` messages while a pull consumer acks them; messages per second overall.
+async fn raw_rate(js: &jetstream::Context, id: &str, n: usize) -> anyhow::Result<f64> {
+    let name = format!("{}_RAW", id.to_uppercase());
+    let subject = format!("{id}.raw");
+    let _ = js.delete_stream(&name).await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 1024,
+            ..Default::default()
+        })
+        .await?;
+    let start = Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut messages = consumer.messages().await?;
+        let mut seen = 0;
+        while seen < n {
+            let Some(message) = messages.next().await else {
+                break;
+            };
+            message
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            seen += 1;
+        }
+        anyhow::Ok(())
+    });
+    publish_many(js, n, |_| subject.clone()).await?;
+    consuming.await??;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    js.delete_stream(&name).await?;
+    Ok(rate)
+}
+
+/// Publishes with up to 256 acknowledgements outstanding; returns each message's stream
+/// sequence and the instant its publish began.
+async fn publish_many(
+    js: &jetstream::Context,
+    n: usize,
+    subject: impl Fn(usize) -> String,
+) -> anyhow::Result<Vec<(u64, Instant)>> {
+    let mut pending = futures::stream::FuturesOrdered::new();
+    let mut sent = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = Instant::now();
+        let ack = js.publish(subject(i), Bytes::from_static(PAYLOAD)).await?;
+        pending.push_back(async move { ack.await.map(|a| (a.sequence, at)) });
+        if pending.len() >= 256 {
+            if let Some(done) = pending.next().await {
+                sent.push(done?);
+            }
+        }
+    }
+    while let Some(done) = pending.next().await {
+        sent.push(done?);
+    }
+    Ok(sent)
+}
+
+async fn end_to_end(
+    s: &Settings,
+    js: &jetstream::Context,
+    args: &PipelineBenchArgs,
+) -> anyhow::Result<(f64, Duration, Duration, f64)> {
+    Store::migrate(&s.database).await?;
+    let store = Store::connect(&s.database).await?;
+    store
+        .deploy(&ScriptSpec {
+            tenant: "bench".into(),
+            name: "trivial".into(),
+            source: TRIVIAL.into(),
+            subjects: vec!["order.*".into()],
+            timezone: "UTC".into(),
+            ..Default::default()
+        })
+        .await?;
+    crate::bus::ensure_streams(js, &s.nats).await?;
+    let stop = CancellationToken::new();
+    let stats = DaemonStats::default();
+    let running = tokio::spawn(daemon::run_with_stats(
+        s.clone(),
+        stop.clone(),
+        stats.clone(),
+    ));
+    let subject = format!("{}.bench.order.created", s.nats.events_prefix);
+
+    // Warm-up: the first event starts the isolate.
+    publish_many(js, 1, |_| subject.clone()).await?;
+    wait_for(&stats, 1).await?;
+
+    let start = Instant::now();
+    publish_many(js, args.events, |_| subject.clone()).await?;
+    wait_for(&stats, 1 + args.events as u64).await?;
+    let rate = args.events as f64 / start.elapsed().as_secs_f64();
+
+    // Latency at half that rate: publish on a fixed schedule, then join each event's
+    // publish instant with its run's start time from the run records.
+    let paced = rate / 2.0;
+    let interval = Duration::from_secs_f64(1.0 / paced);
+    let wall_start = chrono::Utc::now();
+    let mono_start = Instant::now();
+    let mut published: HashMap<u64, Instant> = HashMap::new();
+    let mut next = Instant::now();
+    for _ in 0..args.latency_events {
+        let at = Instant::now();
+        let ack = js
+            .publish(subject.clone(), Bytes::from_static(PAYLOAD))
+            .await?
+            .await?;
+        published.insert(ack.sequence, at);
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let done = 1 + args.events as u64 + args.latency_events as u64;
+    wait_for(&stats, done).await?;
+    let client = crate::store::connect_direct(&s.database.url).await?;
+    let rows = client
+        .query(
+            "SELECT job_id, started_at FROM runs WHERE started_at >= $1",
+            &[&wall_start],
+        )
+        .await?;
+    let mut latencies: Vec<Duration> = rows
+        .iter()
+        .filter_map(|r| {
+            let job: String = r.get(0);
+            let started: chrono::DateTime<chrono::Utc> = r.get(1);
+            let seq: u64 = job.rsplit('-').nth(1)?.parse().ok()?;
+            let at = published.get(&seq)?;
+            let published_wall =
+                wall_start + chrono::Duration::from_std(at.duration_since(mono_start)).ok()?;
+            (started - published_wall).to_std().ok()
+        })
+        .collect();
+    latencies.sort();
+    stop.cancel();
+    running.await??;
+    let p = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok((rate, p(0.5), p(0.99), paced))
+}
+
+async fn wait_for(stats: &DaemonStats, runs: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while stats.runner.succeeded.load(Ordering::Relaxed) < runs {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "runs did not complete within 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
