@@ -55,6 +55,11 @@ pub struct Run {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
+        Self::with_nats(NATS_URL).await
+    }
+
+    /// A world on another NATS server (one the test starts and stops itself).
+    pub async fn with_nats(nats_url: &str) -> TestEnv {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -76,7 +81,7 @@ impl TestEnv {
         let mut settings = Settings::default();
         settings.database.url = format!("postgres://postgres@127.0.0.1:5432/scriptd_{id}");
         settings.database.pool_size = 4;
-        settings.nats.url = NATS_URL.into();
+        settings.nats.url = nats_url.into();
         settings.nats.events_prefix = format!("{id}.events");
         settings.nats.jobs_prefix = format!("{id}.jobs");
         settings.nats.dlq_prefix = format!("{id}.dlq");
@@ -95,9 +100,11 @@ impl TestEnv {
             .await
             .expect("migrations");
         let store = Store::connect(&settings.database).await.expect("store");
-        let nats = async_nats::connect(NATS_URL)
+        let nats = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(nats_url)
             .await
-            .expect("NATS at 127.0.0.1:4222");
+            .expect("NATS");
         let js = async_nats::jetstream::new(nats.clone());
         scriptd::bus::ensure_streams(&js, &settings.nats)
             .await
@@ -410,5 +417,81 @@ impl Relay {
 
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A nats-server of the test's own on a free port, with JetStream in a temporary folder.
+pub struct OwnNats {
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+    process: Option<std::process::Child>,
+}
+
+impl OwnNats {
+    pub fn start() -> OwnNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("scriptd-nats-{}-{port}", std::process::id()));
+        let mut nats = OwnNats {
+            port,
+            dir,
+            process: None,
+        };
+        nats.restart();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        let binary = [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "/usr/local/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("nats-server");
+        self.process = Some(
+            std::process::Command::new(binary)
+                .args([
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-js",
+                    "-sd",
+                ])
+                .arg(&self.dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("nats-server"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
