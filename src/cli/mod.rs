@@ -1,5 +1,6 @@
 //! The command line: what each subcommand does, on top of the library.
 
+mod inspect;
 mod ops;
 mod scripts;
 
@@ -52,6 +53,9 @@ pub enum Command {
     /// Publish to NATS.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Run history.
+    #[command(subcommand)]
+    Runs(RunsCommand),
     /// Measure the engine and print the numbers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -73,6 +77,22 @@ pub enum ScriptsCommand {
     Disable(scripts::NameArgs),
     /// Delete a script and all its versions.
     Delete(scripts::NameArgs),
+    /// Show a script: current version, triggers, effective limits and retry policy.
+    Show(inspect::ShowArgs),
+    /// List a script's versions.
+    Versions(inspect::VersionsArgs),
+    /// Make an earlier version current again.
+    Rollback(inspect::RollbackArgs),
+    /// Check that a file compiles and exports a handler; errors with line and column.
+    Validate(inspect::ValidateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Recorded runs, newest first.
+    List(inspect::RunsListArgs),
+    /// One run with its logs.
+    Show(inspect::RunsShowArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +200,18 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scripts(ScriptsCommand::Disable(args)) => {
             block_on(scripts::set_enabled(&settings, args, false))
         }
+        Command::Scripts(ScriptsCommand::Show(args)) => block_on(inspect::show(&settings, args)),
+        Command::Scripts(ScriptsCommand::Versions(args)) => {
+            block_on(inspect::versions(&settings, args))
+        }
+        Command::Scripts(ScriptsCommand::Rollback(args)) => {
+            block_on(inspect::rollback(&settings, args))
+        }
+        Command::Scripts(ScriptsCommand::Validate(args)) => {
+            block_on(inspect::validate(&settings, args))
+        }
+        Command::Runs(RunsCommand::List(args)) => block_on(inspect::runs_list(&settings, args)),
+        Command::Runs(RunsCommand::Show(args)) => block_on(inspect::runs_show(&settings, args)),
         Command::Scripts(ScriptsCommand::Delete(args)) => {
             block_on(scripts::delete(&settings, args))
         }

@@ -13,8 +13,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, T
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
-pub use runs::{RunRecord, RunStatus};
-pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, NOTIFY_CHANNEL};
+pub use runs::{RunFilter, RunRecord, RunStatus, StoredRun};
+pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
 
 /// The `[database]` settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -176,3 +176,111 @@ impl Store {
             .collect())
     }
 }
+
+/// Which runs to list.
+#[derive(Clone, Debug, Default)]
+pub struct RunFilter {
+    pub tenant: Option<String>,
+    pub script: Option<String>,
+    pub status: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub job_id: Option<String>,
+    pub limit: i64,
+}
+
+/// A stored run, as `runs list` and `runs show` print it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredRun {
+    pub id: i64,
+    pub tenant: String,
+    pub script: String,
+    pub version: Option<i32>,
+    pub job_id: String,
+    pub attempt: i32,
+    pub trigger: String,
+    pub subject: Option<String>,
+    pub event_id: Option<String>,
+    pub status: String,
+    pub failure_kind: Option<String>,
+    pub failure_message: Option<String>,
+    pub failure_stack: Option<String>,
+    pub logs: serde_json::Value,
+    pub logs_truncated: bool,
+    pub cold_start: bool,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: f64,
+}
+
+impl Store {
+    /// Runs matching `filter`, newest first.
+    pub async fn list_runs(&self, filter: &RunFilter) -> anyhow::Result<Vec<StoredRun>> {
+        let scope = filter.tenant.as_deref().unwrap_or(ALL_TENANTS);
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, scope).await?;
+        let rows = tx
+            .query(
+                "SELECT id, tenant, script, version, job_id, attempt, trigger, subject, event_id,
+                        status, failure_kind, failure_message, failure_stack, logs,
+                        logs_truncated, cold_start, started_at, duration_ms
+                 FROM runs
+                 WHERE ($1::text IS NULL OR tenant = $1)
+                   AND ($2::text IS NULL OR script = $2)
+                   AND ($3::text IS NULL OR status = $3)
+                   AND ($4::timestamptz IS NULL OR started_at >= $4)
+                   AND ($5::text IS NULL OR job_id = $5)
+                 ORDER BY started_at DESC, id DESC
+                 LIMIT $6",
+                &[
+                    &filter.tenant,
+                    &filter.script,
+                    &filter.status,
+                    &filter.since,
+                    &filter.job_id,
+                    &filter.limit.max(1),
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(stored_run).collect())
+    }
+
+    /// One run by id.
+    pub async fn run_by_id(&self, id: i64) -> anyhow::Result<Option<StoredRun>> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, ALL_TENANTS).await?;
+        let row = tx
+            .query_opt(
+                "SELECT id, tenant, script, version, job_id, attempt, trigger, subject, event_id,
+                        status, failure_kind, failure_message, failure_stack, logs,
+                        logs_truncated, cold_start, started_at, duration_ms
+                 FROM runs WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(row.as_ref().map(stored_run))
+    }
+}
+
+fn stored_run(r: &tokio_postgres::Row) -> StoredRun {
+    StoredRun {
+        id: r.get(0),
+        tenant: r.get(1),
+        script: r.get(2),
+        version: r.get(3),
+        job_id: r.get(4),
+        attempt: r.get(5),
+        trigger: r.get(6),
+        subject: r.get(7),
+        event_id: r.get(8),
+        status: r.get(9),
+        failure_kind: r.get(10),
+        failure_message: r.get(11),
+        failure_stack: r.get(12),
+        logs: r.get(13),
+        logs_truncated: r.get(14),
+        cold_start: r.get(15),
+        started_at: r.get(16),
+        duration_ms: r.get(17),
+    }
+}

@@ -216,3 +216,71 @@ impl Store {
             .collect()
     }
 }
+
+/// One stored version of a script.
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionRow {
+    pub version: i32,
+    pub sha256: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub current: bool,
+    #[serde(skip)]
+    pub source: String,
+}
+
+impl Store {
+    /// One script at its current version.
+    pub async fn script(&self, tenant: &str, name: &str) -> anyhow::Result<Option<ScriptRow>> {
+        Ok(self
+            .scripts(tenant)
+            .await?
+            .into_iter()
+            .find(|s| s.name == name))
+    }
+
+    /// Every version of a script, newest first; empty if the script does not exist.
+    pub async fn versions(&self, tenant: &str, name: &str) -> anyhow::Result<Vec<VersionRow>> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, tenant).await?;
+        let rows = tx
+            .query(
+                "SELECT v.version, v.sha256, v.created_at, v.version = s.current_version, v.source
+                 FROM scripts s JOIN script_versions v ON v.script_id = s.id
+                 WHERE s.tenant = $1 AND s.name = $2
+                 ORDER BY v.version DESC",
+                &[&tenant, &name],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .iter()
+            .map(|r| VersionRow {
+                version: r.get(0),
+                sha256: r.get(1),
+                created_at: r.get(2),
+                current: r.get(3),
+                source: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Makes an existing version current again; false if the script or version does not
+    /// exist. Running daemons are notified like after a deploy.
+    pub async fn rollback(&self, tenant: &str, name: &str, version: i32) -> anyhow::Result<bool> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, tenant).await?;
+        let n = tx
+            .execute(
+                "UPDATE scripts s SET current_version = $3, updated_at = now()
+                 WHERE s.tenant = $1 AND s.name = $2
+                   AND EXISTS (SELECT 1 FROM script_versions v
+                               WHERE v.script_id = s.id AND v.version = $3)",
+                &[&tenant, &name, &version],
+            )
+            .await?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &tenant])
+            .await?;
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+}

@@ -1,0 +1,318 @@
+//! Looking at what is stored: `scripts show|versions|rollback|validate` and
+//! `runs list|show`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::scripts::NameArgs;
+use crate::config::Settings;
+use crate::store::{RunFilter, ScriptSpec, Store, StoredRun};
+use crate::units::parse_duration;
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub script: NameArgs,
+    /// Also print the source of the current version.
+    #[arg(long)]
+    pub source: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VersionsArgs {
+    #[command(flatten)]
+    pub script: NameArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub script: NameArgs,
+    /// The version to make current again.
+    pub version: i32,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The script file.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsListArgs {
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long)]
+    pub script: Option<String>,
+    /// ok, retrying, dead_lettered or skipped.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only runs started within this long (e.g. 1h, 30m).
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<Duration>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsShowArgs {
+    pub id: i64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn json_out<T: serde::Serialize>(value: &T) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    let NameArgs { tenant, name } = &args.script;
+    let script = store
+        .script(tenant, name)
+        .await?
+        .with_context(|| format!("no script {tenant}/{name}"))?;
+    if args.json {
+        let mut value = serde_json::to_value(&script)?;
+        if args.source {
+            value["source"] = script.source.clone().into();
+        }
+        return json_out(&value);
+    }
+    let effective = settings.engine.limits.with(&script.limits);
+    let retry = settings.retry.with(&script.retry);
+    println!(
+        "{tenant}/{name} v{} ({})",
+        script.version,
+        if script.enabled {
+            "enabled"
+        } else {
+            "disabled"
+        }
+    );
+    println!("  on:        {}", script.subjects.join(", "));
+    println!("  sha256:    {}", script.sha256);
+    println!(
+        "  limits:    timeout {}, heap {}, source {}, result {}, logs {}",
+        humantime::format_duration(effective.timeout),
+        effective.heap,
+        effective.source,
+        effective.result,
+        effective.logs
+    );
+    println!(
+        "  retry:     {} attempts, first delay {}, x{}, at most {}",
+        retry.max_attempts,
+        humantime::format_duration(retry.initial),
+        retry.multiplier,
+        humantime::format_duration(retry.max_interval)
+    );
+    if args.source {
+        println!("---\n{}", script.source);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn versions(settings: &Settings, args: VersionsArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    let NameArgs { tenant, name } = &args.script;
+    let versions = store.versions(tenant, name).await?;
+    anyhow::ensure!(!versions.is_empty(), "no script {tenant}/{name}");
+    if args.json {
+        return json_out(&versions);
+    }
+    println!("{:>7}  {:<25}  {:<16}", "VERSION", "CREATED", "SHA256");
+    for v in versions {
+        println!(
+            "{:>7}  {:<25}  {:<16}{}",
+            v.version,
+            v.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            &v.sha256[..16],
+            if v.current { "  (current)" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rollback(settings: &Settings, args: RollbackArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    let NameArgs { tenant, name } = &args.script;
+    if !store.rollback(tenant, name, args.version).await? {
+        anyhow::bail!(
+            "no version {} of {tenant}/{name} (see `scriptd scripts versions --tenant {tenant} --name {name}`)",
+            args.version
+        );
+    }
+    println!("{tenant}/{name} is at v{} again", args.version);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the file in an isolate and reports what the engine says, with line and column.
+pub async fn validate(settings: &Settings, args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let source = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading the script {}", args.file.display()))?;
+    let spec = ScriptSpec {
+        tenant: "validate".into(),
+        name: "script".into(),
+        source,
+        timezone: "UTC".into(),
+        ..Default::default()
+    };
+    match super::check_compiles(settings, &spec).await? {
+        Ok(()) => {
+            println!(
+                "{}: ok (compiles, evaluates, exports a default function)",
+                args.file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            let place = f
+                .stack
+                .as_deref()
+                .and_then(|s| s.split("script@v0.js:").nth(1))
+                .map(|rest| {
+                    rest.trim_end_matches(')')
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or(rest)
+                        .to_owned()
+                });
+            match place {
+                Some(line_col) => println!(
+                    "{}:{line_col}: {} ({})",
+                    args.file.display(),
+                    f.message,
+                    f.kind
+                ),
+                None => println!("{}: {} ({})", args.file.display(), f.message, f.kind),
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub async fn runs_list(settings: &Settings, args: RunsListArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    let since = match args.since {
+        Some(d) => Some(chrono::Utc::now() - chrono::Duration::from_std(d)?),
+        None => None,
+    };
+    let runs = store
+        .list_runs(&RunFilter {
+            tenant: args.tenant,
+            script: args.script,
+            status: args.status,
+            since,
+            job_id: None,
+            limit: args.limit,
+        })
+        .await?;
+    if args.json {
+        return json_out(&runs);
+    }
+    if runs.is_empty() {
+        println!("no runs match");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>8}  {:<20}  {:<12}  {:<24}  {:>3}  {:<13}  {:>9}  FAILURE",
+        "ID", "STARTED", "TENANT", "SCRIPT", "TRY", "STATUS", "MS"
+    );
+    for r in &runs {
+        println!(
+            "{:>8}  {:<20}  {:<12}  {:<24}  {:>3}  {:<13}  {:>9.1}  {}",
+            r.id,
+            r.started_at.format("%Y-%m-%d %H:%M:%S"),
+            r.tenant,
+            format!("{}@v{}", r.script, r.version.unwrap_or(0)),
+            r.attempt,
+            r.status,
+            r.duration_ms,
+            excerpt(r)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn excerpt(r: &StoredRun) -> String {
+    match (&r.failure_kind, &r.failure_message) {
+        (Some(kind), Some(message)) => {
+            let short: String = message.chars().take(60).collect();
+            format!("{kind}: {short}")
+        }
+        (Some(kind), None) => kind.clone(),
+        _ => String::new(),
+    }
+}
+
+pub async fn runs_show(settings: &Settings, args: RunsShowArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    let run = store
+        .run_by_id(args.id)
+        .await?
+        .with_context(|| format!("no run {} (see `scriptd runs list`)", args.id))?;
+    if args.json {
+        return json_out(&run);
+    }
+    println!(
+        "run {} of {}/{}@v{}",
+        run.id,
+        run.tenant,
+        run.script,
+        run.version.unwrap_or(0)
+    );
+    println!(
+        "  job:      {} (attempt {}, {})",
+        run.job_id, run.attempt, run.trigger
+    );
+    if let Some(subject) = &run.subject {
+        println!("  subject:  {subject}");
+    }
+    println!(
+        "  started:  {} for {:.1} ms{}",
+        run.started_at,
+        run.duration_ms,
+        if run.cold_start { " (cold start)" } else { "" }
+    );
+    println!("  status:   {}", run.status);
+    if let Some(kind) = &run.failure_kind {
+        println!(
+            "  failure:  {kind}: {}",
+            run.failure_message.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(stack) = &run.failure_stack {
+        println!("  stack:\n{stack}");
+    }
+    println!(
+        "  logs:{}",
+        if run.logs_truncated {
+            " (truncated)"
+        } else {
+            ""
+        }
+    );
+    for line in run.logs.as_array().into_iter().flatten() {
+        println!(
+            "    [{}] {}",
+            line["level"].as_str().unwrap_or("?"),
+            line["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,176 @@
+//! What operators do from the command line: look at scripts and their versions, roll back,
+//! validate a file, read the run history. The `scriptd` binary against real services.
+
+mod support;
+
+use std::time::Duration;
+
+use support::TestEnv;
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_show_and_rollback_restore_the_old_behaviour() {
+    let env = TestEnv::new().await;
+    env.deploy(
+        "acme",
+        "greeter",
+        "export default () => { console.log('v1 here'); return 'v1'; }",
+        &["hello"],
+    )
+    .await;
+    env.deploy("acme", "greeter", "export default () => 'v2'", &["hello"])
+        .await;
+    let versions = json(
+        &env.daemon_command()
+            .args([
+                "scripts", "versions", "--tenant", "acme", "--name", "greeter", "--json",
+            ])
+            .output()
+            .unwrap(),
+    );
+    let listed: Vec<(i64, bool)> = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_i64().unwrap(),
+                v["current"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [(2, true), (1, false)]);
+    let shown = json(
+        &env.daemon_command()
+            .args([
+                "scripts", "show", "--tenant", "acme", "--name", "greeter", "--json", "--source",
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(shown["version"], 2);
+    assert_eq!(shown["source"], "export default () => 'v2'");
+
+    let daemon = env.start_daemon();
+    env.publish("acme", "hello", "{}").await;
+    let runs = env
+        .wait_for_runs(Duration::from_secs(30), |r| r.len() == 1)
+        .await;
+    assert_eq!(runs[0].version, Some(2));
+
+    let out = env
+        .daemon_command()
+        .args([
+            "scripts", "rollback", "--tenant", "acme", "--name", "greeter", "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = env.runs().await.len();
+        env.publish("acme", "hello", "{}").await;
+        let runs = env
+            .wait_for_runs(Duration::from_secs(30), |r| r.len() > before)
+            .await;
+        if runs.last().unwrap().version == Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rollback did not take effect"
+        );
+    }
+    let missing = env
+        .daemon_command()
+        .args([
+            "scripts", "rollback", "--tenant", "acme", "--name", "greeter", "7",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no version 7"));
+
+    // The run history: list, filter, show with logs.
+    let listed = json(
+        &env.daemon_command()
+            .args([
+                "runs", "list", "--tenant", "acme", "--script", "greeter", "--json",
+            ])
+            .output()
+            .unwrap(),
+    );
+    let runs = listed.as_array().unwrap();
+    assert!(runs.len() >= 2);
+    assert!(runs.iter().all(|r| r["status"] == "ok"));
+    let newest = &runs[0];
+    assert_eq!(newest["version"], 1);
+    let id = newest["id"].as_i64().unwrap().to_string();
+    let shown = json(
+        &env.daemon_command()
+            .args(["runs", "show", &id, "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(shown["logs"][0]["message"], "v1 here");
+    let none = json(
+        &env.daemon_command()
+            .args(["runs", "list", "--status", "dead_lettered", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(none, serde_json::json!([]));
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_reports_errors_with_line_and_column() {
+    let env = TestEnv::new().await;
+    let dir = std::env::temp_dir().join(format!("scriptd-validate-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.js");
+    std::fs::write(
+        &bad,
+        "// a comment\nexport default function () {\n  return {a: };\n}\n",
+    )
+    .unwrap();
+    let out = env
+        .daemon_command()
+        .args(["scripts", "validate"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("bad.js:3:"), "{stdout}");
+    assert!(stdout.contains("syntax"), "{stdout}");
+    let good = dir.join("good.js");
+    std::fs::write(&good, "export default () => 1;\n").unwrap();
+    let out = env
+        .daemon_command()
+        .args(["scripts", "validate"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    env.cleanup().await;
+}
