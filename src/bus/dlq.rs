@@ -64,3 +64,105 @@ pub async fn publish(
         .await?;
     Ok(ack.sequence)
 }
+
+/// A dead letter as stored: its place in the stream and its document.
+#[derive(Debug, Serialize)]
+pub struct StoredLetter {
+    pub sequence: u64,
+    pub subject: String,
+    pub stored_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub headers: HeaderMap,
+    pub letter: DeadLetter,
+}
+
+/// Which dead letters to look at.
+#[derive(Clone, Debug, Default)]
+pub struct LetterFilter {
+    pub tenant: Option<String>,
+    pub script: Option<String>,
+    pub kind: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl LetterFilter {
+    pub fn is_empty(&self) -> bool {
+        self.tenant.is_none()
+            && self.script.is_none()
+            && self.kind.is_none()
+            && self.since.is_none()
+    }
+
+    fn admits(&self, l: &StoredLetter) -> bool {
+        self.tenant.as_ref().is_none_or(|t| *t == l.letter.tenant)
+            && self.script.as_ref().is_none_or(|s| *s == l.letter.script)
+            && self
+                .kind
+                .as_ref()
+                .is_none_or(|k| *k == l.letter.failure.kind.as_str())
+            && self.since.is_none_or(|since| l.stored_at >= since)
+    }
+}
+
+/// The dead-letter stream, with a message an operator can act on when it is missing.
+pub async fn stream(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> anyhow::Result<jetstream::stream::Stream> {
+    js.get_stream(config.dlq_stream()).await.map_err(|e| {
+        anyhow::anyhow!(
+            "the dead-letter stream {} is not there ({e}): has a daemon with these [nats] settings run against {}?",
+            config.dlq_stream(),
+            config.url
+        )
+    })
+}
+
+/// One dead letter by stream sequence.
+pub async fn get(
+    stream: &jetstream::stream::Stream,
+    sequence: u64,
+) -> anyhow::Result<StoredLetter> {
+    let message = stream.get_raw_message(sequence).await.map_err(|e| {
+        anyhow::anyhow!(
+            "no dead letter at sequence {sequence} ({e}); `scriptd dlq list` shows what there is"
+        )
+    })?;
+    let letter: DeadLetter = serde_json::from_slice(&message.payload)
+        .map_err(|e| anyhow::anyhow!("sequence {sequence} is not a scriptd dead letter: {e}"))?;
+    let nanos = message.time.unix_timestamp_nanos();
+    Ok(StoredLetter {
+        sequence,
+        subject: message.subject.to_string(),
+        stored_at: DateTime::from_timestamp_nanos(nanos as i64),
+        headers: message.headers,
+        letter,
+    })
+}
+
+/// Dead letters matching `filter`, newest first, at most `limit`.
+pub async fn list(
+    stream: &mut jetstream::stream::Stream,
+    filter: &LetterFilter,
+    limit: usize,
+) -> anyhow::Result<Vec<StoredLetter>> {
+    let state = stream.info().await?.state.clone();
+    let mut found = Vec::new();
+    if state.messages == 0 {
+        return Ok(found);
+    }
+    let mut sequence = state.last_sequence;
+    while sequence >= state.first_sequence && found.len() < limit {
+        // Replayed and purged letters leave gaps; those sequences are skipped.
+        if let Ok(letter) = get(stream, sequence).await {
+            if filter.admits(&letter) {
+                found.push(letter);
+            }
+        }
+        if sequence == 0 {
+            break;
+        }
+        sequence -= 1;
+    }
+    Ok(found)
+}

@@ -140,6 +140,7 @@ impl Fanout {
                 subject: Some(msg.subject.to_string()),
                 event_id: Some(event_id.clone()),
                 event: event.clone(),
+                version: None,
             };
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", job.id.as_str());

@@ -22,6 +22,9 @@ pub struct Job {
     pub event_id: Option<String>,
     /// The first argument of the handler.
     pub event: Box<RawValue>,
+    /// Run this version rather than the current one (replays pinned to a version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// The job id of an event fanned out to a script: the event's place in its stream and the

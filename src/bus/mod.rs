@@ -4,6 +4,7 @@
 pub mod dlq;
 pub mod fanout;
 pub mod job;
+pub mod replay;
 pub mod runner;
 
 use std::time::Duration;

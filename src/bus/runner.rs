@@ -157,14 +157,18 @@ impl Runner {
             let record = record(&job, attempt, None, RunStatus::Skipped, None, Utc::now());
             return self.commit(record, Settle::Ack).await;
         };
+        let (version, source) = match self.pinned_source(&job, &script).await {
+            Ok(found) => found,
+            Err(settle) => return settle,
+        };
         let started_at = Utc::now();
         let limits = script.limits(&self.limits);
         let policy = script.retry_policy(&self.retry);
         let run = ScriptRun {
             tenant: job.tenant.clone(),
             script: job.script.clone(),
-            version: script.version,
-            source: script.source.clone(),
+            version,
+            source,
             input: job.event.clone(),
             attempt,
             limits,
@@ -172,7 +176,6 @@ impl Runner {
         let result = self.run_keeping_alive(msg, run).await;
         drop(slot);
         let decision = policy.decide(result.outcome.as_ref().map(|_| ()), attempt);
-        let version = Some(script.version as i32);
         let (status, settle) = match decision {
             Decision::Ack => {
                 self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -187,7 +190,7 @@ impl Runner {
                     tenant: job.tenant.clone(),
                     script: job.script.clone(),
                     job_id: job.id.clone(),
-                    script_version: Some(script.version),
+                    script_version: Some(version),
                     failure,
                     attempts: attempt,
                     first_attempt_at: self.first_attempt_at(&job.id).await.unwrap_or(started_at),
@@ -209,8 +212,50 @@ impl Runner {
                 (RunStatus::DeadLettered, Settle::Ack)
             }
         };
-        let record = record(&job, attempt, version, status, Some(&result), started_at);
+        let record = record(
+            &job,
+            attempt,
+            Some(version as i32),
+            status,
+            Some(&result),
+            started_at,
+        );
         self.commit(record, settle).await
+    }
+
+    /// The version a job runs and its source: the current one, or the version a replay
+    /// pinned. A pinned version that no longer exists dead-letters the job.
+    async fn pinned_source(
+        &self,
+        job: &Job,
+        script: &crate::index::IndexedScript,
+    ) -> Result<(u64, Arc<str>), Settle> {
+        let Some(pinned) = job.version.filter(|v| *v != script.version) else {
+            return Ok((script.version, script.source.clone()));
+        };
+        match self
+            .store
+            .version_source(&job.tenant, &job.script, pinned as i32)
+            .await
+        {
+            Ok(Some(source)) => Ok((pinned, Arc::from(source))),
+            Ok(None) => {
+                tracing::warn!(job = %job.id, version = pinned, "Pinned version does not exist; job skipped.");
+                let record = record(
+                    job,
+                    1,
+                    Some(pinned as i32),
+                    RunStatus::Skipped,
+                    None,
+                    Utc::now(),
+                );
+                Err(self.commit(record, Settle::Ack).await)
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot load the pinned version; the job will come back.");
+                Err(Settle::Nak(Some(Duration::from_secs(2))))
+            }
+        }
     }
 
     /// Runs the script, telling JetStream the job is still in progress so its ack wait

@@ -1,5 +1,6 @@
 //! The command line: what each subcommand does, on top of the library.
 
+mod dlq;
 mod inspect;
 mod ops;
 mod scripts;
@@ -56,6 +57,9 @@ pub enum Command {
     /// Run history.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Dead letters: inspect, replay, purge.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Measure the engine and print the numbers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -85,6 +89,19 @@ pub enum ScriptsCommand {
     Rollback(inspect::RollbackArgs),
     /// Check that a file compiles and exports a handler; errors with line and column.
     Validate(inspect::ValidateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// One line per dead letter, newest first.
+    List(dlq::ListArgs),
+    /// Everything about one dead letter, with the run records of every attempt.
+    Show(dlq::ShowArgs),
+    /// Publish dead letters again as fresh jobs; each leaves the dead-letter stream once its
+    /// replay is stored.
+    Replay(dlq::ReplayArgs),
+    /// Delete dead letters (counts only, unless --yes).
+    Purge(dlq::PurgeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +227,10 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scripts(ScriptsCommand::Validate(args)) => {
             block_on(inspect::validate(&settings, args))
         }
+        Command::Dlq(DlqCommand::List(args)) => block_on(dlq::list(&settings, args)),
+        Command::Dlq(DlqCommand::Show(args)) => block_on(dlq::show(&settings, args)),
+        Command::Dlq(DlqCommand::Replay(args)) => block_on(dlq::replay(&settings, args)),
+        Command::Dlq(DlqCommand::Purge(args)) => block_on(dlq::purge(&settings, args)),
         Command::Runs(RunsCommand::List(args)) => block_on(inspect::runs_list(&settings, args)),
         Command::Runs(RunsCommand::Show(args)) => block_on(inspect::runs_show(&settings, args)),
         Command::Scripts(ScriptsCommand::Delete(args)) => {

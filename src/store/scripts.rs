@@ -264,6 +264,27 @@ impl Store {
             .collect())
     }
 
+    /// The source of one version of a script, if it exists.
+    pub async fn version_source(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: i32,
+    ) -> anyhow::Result<Option<String>> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, tenant).await?;
+        let row = tx
+            .query_opt(
+                "SELECT v.source FROM scripts s
+                 JOIN script_versions v ON v.script_id = s.id
+                 WHERE s.tenant = $1 AND s.name = $2 AND v.version = $3",
+                &[&tenant, &name, &version],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// Makes an existing version current again; false if the script or version does not
     /// exist. Running daemons are notified like after a deploy.
     pub async fn rollback(&self, tenant: &str, name: &str, version: i32) -> anyhow::Result<bool> {
