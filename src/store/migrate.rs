@@ -27,16 +27,22 @@ pub async fn migrate(client: &mut Client) -> anyhow::Result<Vec<String>> {
 }
 
 async fn apply(client: &mut Client) -> anyhow::Result<Vec<String>> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS scriptd_migrations (
-                version integer PRIMARY KEY,
-                name text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )",
-        )
-        .await
-        .context("creating the migrations table")?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('scriptd_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        client
+            .batch_execute(
+                "CREATE TABLE scriptd_migrations (
+                    version integer PRIMARY KEY,
+                    name text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )",
+            )
+            .await
+            .context("creating the migrations table")?;
+    }
     let done: Vec<i32> = client
         .query("SELECT version FROM scriptd_migrations", &[])
         .await?
