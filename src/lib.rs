@@ -14,6 +14,7 @@ pub mod index;
 pub mod manifest;
 pub mod records;
 pub mod retry;
+pub mod schedule;
 pub mod store;
 pub mod subject;
 pub mod telemetry;

@@ -79,9 +79,12 @@ pub fn validate_spec(spec: &ScriptSpec) -> anyhow::Result<()> {
     for pattern in &spec.subjects {
         subject::validate_pattern(pattern)?;
     }
+    if let Some(cron) = &spec.cron {
+        crate::schedule::Schedule::parse(cron, &spec.timezone).map_err(anyhow::Error::msg)?;
+    }
     if spec.subjects.is_empty() && spec.cron.is_none() {
         anyhow::bail!(
-            "{}/{} has no trigger: give at least one subject pattern (--on 'order.*')",
+            "{}/{} has no trigger: give a subject pattern (--on 'order.*') or a schedule (--cron)",
             spec.tenant,
             spec.name
         );

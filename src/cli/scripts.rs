@@ -28,6 +28,13 @@ pub struct DeployArgs {
     /// Tenant-relative subject pattern the script handles (`order.*`, `user.>`); repeatable.
     #[arg(long = "on")]
     pub on: Vec<String>,
+    /// Cron schedule, six fields with seconds first (`0 */5 * * * *`). Stored and checked;
+    /// the daemon's ticker that runs schedules is not built yet.
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// IANA time zone of the schedule.
+    #[arg(long = "tz", default_value = "UTC")]
+    pub timezone: String,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Attempts in all before the job is dead-lettered.
@@ -70,8 +77,8 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
             name: args.name.clone().unwrap_or_default(),
             source,
             subjects: args.on.clone(),
-            cron: None,
-            timezone: "UTC".into(),
+            cron: args.cron.clone(),
+            timezone: args.timezone.clone(),
             limits: args.limits.overrides(),
             retry: RetryOverrides {
                 max_attempts: args.max_attempts,
@@ -82,6 +89,12 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
         validate_spec(&spec)?;
         spec
     };
+    if let Some(cron) = &spec.cron {
+        eprintln!(
+            "note: the schedule '{cron}' ({}) is stored, but this version of the daemon does not run schedules yet",
+            spec.timezone
+        );
+    }
     if let Err(failure) = check_compiles(settings, &spec).await? {
         eprintln!(
             "refused: {}/{} does not load ({}): {}",
