@@ -132,6 +132,15 @@ pub async fn run_with_stats(
         stop: shutdown.clone(),
         in_flight: Default::default(),
     });
+    let ticker = tokio::spawn(
+        crate::cron::Ticker {
+            js: js.clone(),
+            config: nats.clone(),
+            index: index.clone(),
+            store: store.clone(),
+        }
+        .run(shutdown.clone()),
+    );
     let hard_stop = CancellationToken::new();
     let fanning = tokio::spawn(bus::consume(
         fanout_consumer,
@@ -178,6 +187,7 @@ pub async fn run_with_stats(
     }
     background.cancel();
     let _ = refresher.await;
+    let _ = ticker.await;
     drop(engine);
     let _ = writer.await;
     let _ = reader.await;

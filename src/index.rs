@@ -26,6 +26,8 @@ pub struct IndexedScript {
     pub subjects: Vec<String>,
     pub cron: Option<String>,
     pub timezone: String,
+    pub overlap: crate::schedule::Overlap,
+    pub catch_up: crate::schedule::CatchUp,
     pub limits: LimitOverrides,
     pub retry: RetryOverrides,
 }
@@ -72,6 +74,8 @@ impl Snapshot {
                     subjects: r.subjects,
                     cron: r.cron,
                     timezone: r.timezone,
+                    overlap: r.overlap,
+                    catch_up: r.catch_up,
                     limits: r.limits,
                     retry: r.retry,
                 }));
@@ -90,6 +94,14 @@ impl Snapshot {
             .into_iter()
             .flatten()
             .filter(move |s| s.handles(event_type))
+    }
+
+    /// Every enabled script with a schedule.
+    pub fn scheduled(&self) -> impl Iterator<Item = &Arc<IndexedScript>> {
+        self.by_tenant
+            .values()
+            .flatten()
+            .filter(|s| s.enabled && s.cron.is_some())
     }
 
     pub fn get(&self, tenant: &str, name: &str) -> Option<&Arc<IndexedScript>> {

@@ -7,6 +7,7 @@ pub mod bench_pipeline;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod cron;
 pub mod daemon;
 pub mod dev;
 pub mod engine;

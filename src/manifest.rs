@@ -25,6 +25,10 @@ pub struct Manifest {
     #[serde(default = "utc")]
     pub timezone: String,
     #[serde(default)]
+    pub overlap: crate::schedule::Overlap,
+    #[serde(default)]
+    pub catch_up: crate::schedule::CatchUp,
+    #[serde(default)]
     pub limits: LimitOverrides,
     #[serde(default)]
     pub retry: RetryOverrides,
@@ -64,6 +68,8 @@ impl Manifest {
             subjects: manifest.on.clone(),
             cron: manifest.cron.clone(),
             timezone: manifest.timezone.clone(),
+            overlap: manifest.overlap,
+            catch_up: manifest.catch_up,
             limits: manifest.limits,
             retry: manifest.retry,
         };

@@ -9,7 +9,7 @@
 //! follow the wall clock: in the gap the missing times do not occur; in the overlap both
 //! occurrences of a repeated time run.
 
-use chrono::{DateTime, Duration, LocalResult, TimeZone, Utc};
+use chrono::{DateTime, Duration, LocalResult, SubsecRound, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
 use croner::Cron;
@@ -44,12 +44,14 @@ impl Schedule {
 
     /// The first occurrence strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let local = after.with_timezone(&self.tz);
+        // Occurrences are whole seconds; search from the whole second at or before `after`.
+        let after_second = after.trunc_subsecs(0);
+        let local = after_second.with_timezone(&self.tz);
         // Inside an autumn overlap, starting the search at `after` would skip the second
         // occurrence of a repeated wall-clock time; start before the overlap instead.
         let start = match self.tz.from_local_datetime(&local.naive_local()) {
-            LocalResult::Ambiguous(..) => after - Duration::hours(3),
-            _ => after,
+            LocalResult::Ambiguous(..) => after_second - Duration::hours(3),
+            _ => after_second,
         };
         self.cron
             .iter_after(start.with_timezone(&self.tz))
@@ -103,6 +105,26 @@ mod tests {
         assert!(err.contains("six fields"), "{err}");
         let err = Schedule::parse("0 0 * * * *", "Mars/Olympus").unwrap_err();
         assert!(err.contains("unknown time zone"), "{err}");
+    }
+
+    #[test]
+    fn occurrences_are_whole_seconds_whatever_the_start() {
+        assert_eq!(
+            next("* * * * * *", "UTC", "2026-01-01T00:00:00.750Z"),
+            "2026-01-01T00:00:01+00:00"
+        );
+        assert_eq!(
+            next("0 */5 * * * *", "UTC", "2026-01-01T00:04:59.999Z"),
+            "2026-01-01T00:05:00+00:00"
+        );
+    }
+
+    #[test]
+    fn restricted_day_fields_must_both_match() {
+        assert_eq!(
+            next("0 0 0 13 * FRI", "UTC", "2026-01-01T00:00:00Z"),
+            "2026-02-13T00:00:00+00:00"
+        );
     }
 
     #[test]
@@ -203,5 +225,75 @@ mod tests {
         );
         assert_eq!(missed.len(), 100);
         assert_eq!(missed[0].to_rfc3339(), "2026-01-01T00:00:01+00:00");
+    }
+}
+
+/// What a schedule does when an occurrence comes while its previous run is still going.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overlap {
+    /// Do not start; record the occurrence as skipped.
+    #[default]
+    Skip,
+    /// Start anyway: runs may overlap.
+    Allow,
+    /// Start when the running one ends; at most one occurrence waits, later ones are skipped.
+    QueueOne,
+}
+
+/// What a schedule does with the occurrences missed while no daemon was running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CatchUp {
+    /// Run the latest missed occurrence once, with the number missed.
+    #[default]
+    None,
+    /// Run every missed occurrence, oldest first, up to a bound.
+    All,
+}
+
+impl Overlap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlap::Skip => "skip",
+            Overlap::Allow => "allow",
+            Overlap::QueueOne => "queue-one",
+        }
+    }
+}
+
+impl std::str::FromStr for Overlap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "skip" => Ok(Overlap::Skip),
+            "allow" => Ok(Overlap::Allow),
+            "queue-one" => Ok(Overlap::QueueOne),
+            other => Err(format!(
+                "overlap {other:?} is not one of skip, allow, queue-one"
+            )),
+        }
+    }
+}
+
+impl CatchUp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::None => "none",
+            CatchUp::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for CatchUp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(CatchUp::None),
+            "all" => Ok(CatchUp::All),
+            other => Err(format!("catch-up {other:?} is not one of none, all")),
+        }
     }
 }

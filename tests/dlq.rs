@@ -34,22 +34,24 @@ fn sequences(list: &serde_json::Value) -> Vec<u64> {
         .collect()
 }
 
-async fn one_dead_letter(env: &TestEnv) -> u64 {
+/// Deploys a failing script, starts a daemon (after the deploy, so the event cannot
+/// race the daemon's index) and waits for the event's dead letter.
+async fn one_dead_letter(env: &TestEnv) -> (support::RunningDaemon, u64) {
     env.deploy("acme", "charge", FAILS, &["pay"]).await;
+    let daemon = env.start_daemon();
     env.publish("acme", "pay", r#"{"n": 7}"#).await;
     env.wait_for_runs(WAIT, |r| r.iter().any(|r| r.status == "dead_lettered"))
         .await;
     let list = json(run_cli(env, &["dlq", "list", "--json"]));
     let seqs = sequences(&list);
     assert_eq!(seqs.len(), 1);
-    seqs[0]
+    (daemon, seqs[0])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fixed_script_replays_its_dead_letter_once_and_it_leaves_the_queue() {
     let env = TestEnv::new().await;
-    let daemon = env.start_daemon();
-    let seq = one_dead_letter(&env).await;
+    let (daemon, seq) = one_dead_letter(&env).await;
     let shown = json(run_cli(&env, &["dlq", "show", &seq.to_string(), "--json"]));
     assert_eq!(shown["dead_letter"]["failure"]["kind"], "exception");
     assert_eq!(
@@ -89,8 +91,7 @@ async fn a_fixed_script_replays_its_dead_letter_once_and_it_leaves_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_replay_runs_the_old_version_and_keeps_the_chain() {
     let env = TestEnv::new().await;
-    let daemon = env.start_daemon();
-    let first = one_dead_letter(&env).await;
+    let (daemon, first) = one_dead_letter(&env).await;
     env.deploy("acme", "charge", WORKS, &["pay"]).await;
     json(run_cli(
         &env,
@@ -162,8 +163,7 @@ async fn a_pinned_replay_runs_the_old_version_and_keeps_the_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_publishes_nothing_and_changes_no_table() {
     let env = TestEnv::new().await;
-    let daemon = env.start_daemon();
-    let seq = one_dead_letter(&env).await;
+    let (daemon, seq) = one_dead_letter(&env).await;
     env.deploy("acme", "charge", WORKS, &["pay"]).await;
     let runs_before = env.runs().await.len();
     let jobs = env
@@ -266,8 +266,7 @@ async fn replay_by_filter_keeps_its_rate_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_needs_a_filter_and_confirmation() {
     let env = TestEnv::new().await;
-    let daemon = env.start_daemon();
-    let seq = one_dead_letter(&env).await;
+    let (daemon, seq) = one_dead_letter(&env).await;
     let refused = run_cli(&env, &["dlq", "purge", "--yes"]);
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refusing to purge without a filter"));

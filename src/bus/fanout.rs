@@ -141,6 +141,8 @@ impl Fanout {
                 event_id: Some(event_id.clone()),
                 event: event.clone(),
                 version: None,
+                scheduled_at: None,
+                catch_up: false,
             };
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", job.id.as_str());

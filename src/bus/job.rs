@@ -25,6 +25,13 @@ pub struct Job {
     /// Run this version rather than the current one (replays pinned to a version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// The occurrence a schedule job stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// A missed occurrence run after downtime: it waits for the schedule's running job
+    /// instead of being skipped as an overlap.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catch_up: bool,
 }
 
 /// The job id of an event fanned out to a script: the event's place in its stream and the

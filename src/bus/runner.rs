@@ -17,7 +17,8 @@ use crate::engine::{Engine, Failure, Limits, RunResult, ScriptRun};
 use crate::index::ScriptIndex;
 use crate::records::{HistoryReader, RecordWriter};
 use crate::retry::{Decision, RetryPolicy};
-use crate::store::{RunRecord, RunStatus, Store};
+use crate::schedule::Overlap;
+use crate::store::{LockOutcome, RunRecord, RunStatus, Store};
 
 /// Counters of the runner since start.
 #[derive(Debug, Default)]
@@ -157,6 +158,10 @@ impl Runner {
             let record = record(&job, attempt, None, RunStatus::Skipped, None, Utc::now());
             return self.commit(record, Settle::Ack).await;
         };
+        let locked = match self.overlap_lock(&job, &script).await {
+            Ok(locked) => locked,
+            Err(settle) => return settle,
+        };
         let (version, source) = match self.pinned_source(&job, &script).await {
             Ok(found) => found,
             Err(settle) => return settle,
@@ -212,6 +217,16 @@ impl Runner {
                 (RunStatus::DeadLettered, Settle::Ack)
             }
         };
+        tracing::debug!(
+            tenant = %job.tenant,
+            script = %job.script,
+            version,
+            attempt,
+            status = status.as_str(),
+            duration_ms = result.duration.as_secs_f64() * 1000.0,
+            job = %job.id,
+            "Run finished."
+        );
         let record = record(
             &job,
             attempt,
@@ -220,7 +235,64 @@ impl Runner {
             Some(&result),
             started_at,
         );
-        self.commit(record, settle).await
+        let settled = self.commit(record, settle).await;
+        if locked && status != RunStatus::Retrying {
+            if let Err(e) = self
+                .store
+                .unlock_schedule(&job.tenant, &job.script, &job.id)
+                .await
+            {
+                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Could not release the schedule lock; it expires by itself.");
+            }
+        }
+        settled
+    }
+
+    /// For schedule jobs whose script does not allow overlapping runs: takes the script's
+    /// schedule lock (held across retries, released when the job ends, expiring after the
+    /// timeout plus a margin if a daemon dies). Returns whether this job holds it, or how to
+    /// settle the message when it may not run now.
+    async fn overlap_lock(
+        &self,
+        job: &Job,
+        script: &crate::index::IndexedScript,
+    ) -> Result<bool, Settle> {
+        if job.trigger != "schedule" || script.overlap == Overlap::Allow {
+            return Ok(false);
+        }
+        let hold_for = script.limits(&self.limits).timeout + Duration::from_secs(30);
+        let expires_at = Utc::now() + chrono::Duration::from_std(hold_for).unwrap_or_default();
+        let queue = script.overlap == Overlap::QueueOne;
+        match self
+            .store
+            .lock_schedule(&job.tenant, &job.script, &job.id, expires_at, queue)
+            .await
+        {
+            Ok(LockOutcome::Acquired) => Ok(true),
+            Ok(LockOutcome::Waiting) => Err(Settle::Nak(Some(Duration::from_millis(500)))),
+            Ok(LockOutcome::Held) if job.catch_up => {
+                Err(Settle::Nak(Some(Duration::from_millis(500))))
+            }
+            Ok(LockOutcome::Held) => {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                let mut skipped = record(
+                    job,
+                    1,
+                    Some(script.version as i32),
+                    RunStatus::Skipped,
+                    None,
+                    Utc::now(),
+                );
+                skipped.failure_kind = Some("overlap".into());
+                skipped.failure_message =
+                    Some("the previous run of this schedule was still going".into());
+                Err(self.commit(skipped, Settle::Ack).await)
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot take the schedule lock; the job will come back.");
+                Err(Settle::Nak(Some(Duration::from_secs(2))))
+            }
+        }
     }
 
     /// The version a job runs and its source: the current one, or the version a replay
@@ -325,5 +397,6 @@ fn record(
         cold_start: result.is_some_and(|r| r.cold_start),
         started_at,
         duration_ms: result.map_or(0.0, |r| r.duration.as_secs_f64() * 1000.0),
+        scheduled_at: job.scheduled_at,
     }
 }

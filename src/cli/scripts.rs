@@ -28,13 +28,18 @@ pub struct DeployArgs {
     /// Tenant-relative subject pattern the script handles (`order.*`, `user.>`); repeatable.
     #[arg(long = "on")]
     pub on: Vec<String>,
-    /// Cron schedule, six fields with seconds first (`0 */5 * * * *`). Stored and checked;
-    /// the daemon's ticker that runs schedules is not built yet.
+    /// Cron schedule, six fields with seconds first (`0 */5 * * * *`).
     #[arg(long)]
     pub cron: Option<String>,
     /// IANA time zone of the schedule.
     #[arg(long = "tz", default_value = "UTC")]
     pub timezone: String,
+    /// When an occurrence comes while the previous run goes on: skip, allow or queue-one.
+    #[arg(long, default_value = "skip")]
+    pub overlap: crate::schedule::Overlap,
+    /// Missed occurrences after downtime: none (the latest once) or all (bounded).
+    #[arg(long, default_value = "none")]
+    pub catch_up: crate::schedule::CatchUp,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Attempts in all before the job is dead-lettered.
@@ -79,6 +84,8 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
             subjects: args.on.clone(),
             cron: args.cron.clone(),
             timezone: args.timezone.clone(),
+            overlap: args.overlap,
+            catch_up: args.catch_up,
             limits: args.limits.overrides(),
             retry: RetryOverrides {
                 max_attempts: args.max_attempts,
@@ -89,12 +96,6 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
         validate_spec(&spec)?;
         spec
     };
-    if let Some(cron) = &spec.cron {
-        eprintln!(
-            "note: the schedule '{cron}' ({}) is stored, but this version of the daemon does not run schedules yet",
-            spec.timezone
-        );
-    }
     if let Err(failure) = check_compiles(settings, &spec).await? {
         eprintln!(
             "refused: {}/{} does not load ({}): {}",

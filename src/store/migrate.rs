@@ -5,8 +5,14 @@ use anyhow::Context;
 use tokio_postgres::Client;
 
 /// (version, name, SQL), in order.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "schedules",
+        include_str!("../../migrations/0002_schedules.sql"),
+    ),
+];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.
 const LOCK_KEY: i64 = 0x5c71_9d00_0001;

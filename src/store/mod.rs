@@ -13,7 +13,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, T
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
-pub use runs::{RunFilter, RunRecord, RunStatus, StoredRun};
+pub use runs::{LockOutcome, RunFilter, RunRecord, RunStatus, StoredRun};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
 
 /// The `[database]` settings.

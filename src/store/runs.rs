@@ -50,6 +50,8 @@ pub struct RunRecord {
     pub cold_start: bool,
     pub started_at: DateTime<Utc>,
     pub duration_ms: f64,
+    /// For schedule runs: the occurrence they stand for.
+    pub scheduled_at: Option<DateTime<Utc>>,
 }
 
 impl Store {
@@ -94,16 +96,18 @@ impl Store {
         self.all_tenants_statement(
             "INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
                 event_id, status, failure_kind, failure_message, failure_stack, logs,
-                logs_truncated, cold_start, started_at, duration_ms)
+                logs_truncated, cold_start, started_at, duration_ms, scheduled_at)
              SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger, t.subject,
                 t.event_id, t.status, t.failure_kind, t.failure_message, t.failure_stack,
-                t.logs::jsonb, t.logs_truncated, t.cold_start, t.started_at, t.duration_ms
+                t.logs::jsonb, t.logs_truncated, t.cold_start, t.started_at, t.duration_ms,
+                t.scheduled_at
              FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[], $6::text[],
                 $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
-                $13::text[], $14::bool[], $15::bool[], $16::timestamptz[], $17::float8[])
+                $13::text[], $14::bool[], $15::bool[], $16::timestamptz[], $17::float8[],
+                $18::timestamptz[])
              AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                 status, failure_kind, failure_message, failure_stack, logs, logs_truncated,
-                cold_start, started_at, duration_ms)",
+                cold_start, started_at, duration_ms, scheduled_at)",
             &[
                 &column!(tenant),
                 &column!(script),
@@ -122,6 +126,7 @@ impl Store {
                 &column!(cold_start),
                 &column!(started_at),
                 &column!(duration_ms),
+                &column!(scheduled_at),
             ],
         )
         .await?;
@@ -174,6 +179,100 @@ impl Store {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+}
+
+/// What the overlap lock said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// This job holds the lock: run.
+    Acquired,
+    /// Another job holds it.
+    Held,
+    /// Another job holds it and this one is the one waiting (queue-one).
+    Waiting,
+}
+
+impl Store {
+    /// The latest occurrence of a script's schedule that has a run record.
+    pub async fn last_scheduled(
+        &self,
+        tenant: &str,
+        script: &str,
+    ) -> anyhow::Result<Option<DateTime<Utc>>> {
+        let rows = self
+            .all_tenants_query(
+                "SELECT max(scheduled_at) FROM runs
+                 WHERE tenant = $1 AND script = $2 AND scheduled_at IS NOT NULL",
+                &[&tenant, &script],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| r.get(0)))
+    }
+
+    /// Takes the overlap lock of a schedule for `job_id` until `expires_at`, unless another
+    /// job holds it and has not expired. With `queue` a job may wait as the single queued one.
+    pub async fn lock_schedule(
+        &self,
+        tenant: &str,
+        script: &str,
+        job_id: &str,
+        expires_at: DateTime<Utc>,
+        queue: bool,
+    ) -> anyhow::Result<LockOutcome> {
+        let rows = self
+            .all_tenants_query(
+                "INSERT INTO schedule_locks (tenant, script, job_id, expires_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (tenant, script) DO UPDATE
+                    SET job_id = EXCLUDED.job_id, expires_at = EXCLUDED.expires_at,
+                        queued_job = NULL
+                    WHERE schedule_locks.expires_at < now()
+                       OR schedule_locks.job_id = EXCLUDED.job_id
+                 RETURNING job_id",
+                &[&tenant, &script, &job_id, &expires_at],
+            )
+            .await?;
+        if !rows.is_empty() {
+            return Ok(LockOutcome::Acquired);
+        }
+        if !queue {
+            return Ok(LockOutcome::Held);
+        }
+        let queued = self
+            .all_tenants_query(
+                "UPDATE schedule_locks SET queued_job = $3
+                 WHERE tenant = $1 AND script = $2 AND (queued_job IS NULL OR queued_job = $3)
+                 RETURNING queued_job",
+                &[&tenant, &script, &job_id],
+            )
+            .await?;
+        Ok(if queued.is_empty() {
+            LockOutcome::Held
+        } else {
+            LockOutcome::Waiting
+        })
+    }
+
+    /// Releases the overlap lock if `job_id` holds it.
+    pub async fn unlock_schedule(
+        &self,
+        tenant: &str,
+        script: &str,
+        job_id: &str,
+    ) -> anyhow::Result<()> {
+        self.all_tenants_statement(
+            "DELETE FROM schedule_locks WHERE tenant = $1 AND script = $2 AND job_id = $3
+               AND queued_job IS NULL",
+            &[&tenant, &script, &job_id],
+        )
+        .await?;
+        self.all_tenants_statement(
+            "UPDATE schedule_locks SET expires_at = now() - interval '1 second'
+             WHERE tenant = $1 AND script = $2 AND job_id = $3",
+            &[&tenant, &script, &job_id],
+        )
+        .await
     }
 }
 

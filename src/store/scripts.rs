@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use super::{scoped, Store, ALL_TENANTS};
 use crate::engine::LimitOverrides;
 use crate::retry::RetryOverrides;
+use crate::schedule::{CatchUp, Overlap};
 
 /// What a deploy asks for.
 #[derive(Clone, Debug, Default)]
@@ -19,6 +20,8 @@ pub struct ScriptSpec {
     pub subjects: Vec<String>,
     pub cron: Option<String>,
     pub timezone: String,
+    pub overlap: Overlap,
+    pub catch_up: CatchUp,
     pub limits: LimitOverrides,
     pub retry: RetryOverrides,
 }
@@ -43,6 +46,8 @@ pub struct ScriptRow {
     pub subjects: Vec<String>,
     pub cron: Option<String>,
     pub timezone: String,
+    pub overlap: Overlap,
+    pub catch_up: CatchUp,
     pub limits: LimitOverrides,
     pub retry: RetryOverrides,
     pub sha256: String,
@@ -59,7 +64,7 @@ pub const NOTIFY_CHANNEL: &str = "scriptd_scripts";
 
 const SELECT_CURRENT: &str =
     "SELECT s.id, s.tenant, s.name, s.enabled, s.current_version, s.subjects,
-        s.cron, s.timezone, s.limits, s.retry, v.sha256, v.source
+        s.cron, s.timezone, s.limits, s.retry, v.sha256, v.source, s.overlap, s.catch_up
     FROM scripts s
     JOIN script_versions v ON v.script_id = s.id AND v.version = s.current_version";
 
@@ -108,8 +113,8 @@ impl Store {
                 let row = tx
                     .query_one(
                         "INSERT INTO scripts (tenant, name, current_version, subjects, cron,
-                            timezone, limits, retry)
-                         VALUES ($1, $2, 1, $3, $4, $5, $6, $7) RETURNING id",
+                            timezone, limits, retry, overlap, catch_up)
+                         VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
                         &[
                             &spec.tenant,
                             &spec.name,
@@ -118,6 +123,8 @@ impl Store {
                             &spec.timezone,
                             &limits,
                             &retry,
+                            &spec.overlap.as_str(),
+                            &spec.catch_up.as_str(),
                         ],
                     )
                     .await?;
@@ -211,6 +218,8 @@ impl Store {
                     retry: serde_json::from_value(r.get(9)).context("stored retry policy")?,
                     sha256: r.get(10),
                     source: r.get(11),
+                    overlap: r.get::<_, String>(12).parse().map_err(anyhow::Error::msg)?,
+                    catch_up: r.get::<_, String>(13).parse().map_err(anyhow::Error::msg)?,
                 })
             })
             .collect()

@@ -60,6 +60,10 @@ impl TestEnv {
 
     /// A world on another NATS server (one the test starts and stops itself).
     pub async fn with_nats(nats_url: &str) -> TestEnv {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_test_writer()
+            .try_init();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -182,6 +186,7 @@ impl TestEnv {
             timezone: "UTC".into(),
             limits,
             retry,
+            ..Default::default()
         };
         self.store.deploy(&spec).await.expect("deploy").version
     }
@@ -493,5 +498,50 @@ impl Drop for OwnNats {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestEnv {
+    /// Deploys a script on a cron schedule (and no subject).
+    pub async fn deploy_scheduled(
+        &self,
+        name: &str,
+        source: &str,
+        cron: &str,
+        overlap: scriptd::schedule::Overlap,
+        retry: RetryOverrides,
+    ) -> i32 {
+        let spec = ScriptSpec {
+            tenant: "acme".into(),
+            name: name.into(),
+            source: source.into(),
+            cron: Some(cron.into()),
+            timezone: "UTC".into(),
+            overlap,
+            retry,
+            ..Default::default()
+        };
+        self.store.deploy(&spec).await.expect("deploy").version
+    }
+
+    /// The scheduled instants of the recorded runs with this status, oldest first.
+    pub async fn scheduled_runs(
+        &self,
+        status: &str,
+    ) -> Vec<(chrono::DateTime<chrono::Utc>, String)> {
+        let client = scriptd::store::connect_direct(&self.settings.database.url)
+            .await
+            .unwrap();
+        client
+            .query(
+                "SELECT scheduled_at, job_id FROM runs
+                 WHERE scheduled_at IS NOT NULL AND status = $1 ORDER BY scheduled_at, id",
+                &[&status],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
     }
 }
