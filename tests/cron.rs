@@ -34,6 +34,28 @@ async fn wait_scheduled(
     }
 }
 
+/// Runs the schedule until one occurrence is recorded, stops the daemon for 3 s (the
+/// schedule misses occurrences), starts it again. Returns the new daemon, the last
+/// occurrence before the downtime, the restart time and the count of ok runs then.
+async fn run_then_restart_after_downtime(
+    env: &TestEnv,
+) -> (
+    support::RunningDaemon,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+    usize,
+) {
+    let daemon = env.start_daemon();
+    wait_scheduled(env, "ok", 1).await;
+    daemon.shutdown().await;
+    let last = env.scheduled_runs("ok").await.last().unwrap().0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarted = chrono::Utc::now();
+    let daemon = env.start_daemon();
+    let before = env.scheduled_runs("ok").await.len();
+    (daemon, last, restarted, before)
+}
+
 fn assert_consecutive_seconds(runs: &[(chrono::DateTime<chrono::Utc>, String)]) {
     for pair in runs.windows(2) {
         assert_eq!((pair[1].0 - pair[0].0).num_milliseconds(), 1000, "{runs:?}");
@@ -204,15 +226,7 @@ async fn missed_occurrences_are_caught_up_once_after_downtime() {
         Default::default(),
     )
     .await;
-    let daemon = env.start_daemon();
-    wait_scheduled(&env, "ok", 1).await;
-    daemon.shutdown().await;
-    let last = env.scheduled_runs("ok").await.last().unwrap().0;
-    // Downtime: the schedule misses a few occurrences.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let restarted = chrono::Utc::now();
-    let daemon = env.start_daemon();
-    let before = env.scheduled_runs("ok").await.len();
+    let (daemon, last, restarted, before) = run_then_restart_after_downtime(&env).await;
     wait_scheduled(&env, "ok", before + 1).await;
     daemon.shutdown().await;
     let runs = env.runs().await;
@@ -259,15 +273,8 @@ async fn catch_up_all_runs_every_missed_occurrence() {
         ..Default::default()
     };
     env.store.deploy(&spec).await.unwrap();
-    let daemon = env.start_daemon();
-    wait_scheduled(&env, "ok", 1).await;
-    daemon.shutdown().await;
-    let last = env.scheduled_runs("ok").await.last().unwrap().0;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let restarted = chrono::Utc::now();
-    let daemon = env.start_daemon();
+    let (daemon, last, restarted, before) = run_then_restart_after_downtime(&env).await;
     let missed = (restarted - last).num_seconds() as usize;
-    let before = env.scheduled_runs("ok").await.len();
     wait_scheduled(&env, "ok", before + missed).await;
     daemon.shutdown().await;
     let scheduled = env.scheduled_runs("ok").await;

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use scriptd::retry::RetryOverrides;
-use support::TestEnv;
+use support::{json, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 const FAILS: &str = "export default (e) => { throw new Error('card declined ' + e.data.n); }";
@@ -14,16 +14,6 @@ const WORKS: &str = "export default (e) => ({ charged: e.data.n })";
 
 fn run_cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
     env.daemon_command().args(args).output().expect("scriptd")
-}
-
-fn json(out: std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
 }
 
 fn sequences(list: &serde_json::Value) -> Vec<u64> {

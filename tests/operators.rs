@@ -5,17 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::TestEnv;
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
-}
+use support::{json, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_show_and_rollback_restore_the_old_behaviour() {
@@ -30,7 +20,7 @@ async fn versions_show_and_rollback_restore_the_old_behaviour() {
     env.deploy("acme", "greeter", "export default () => 'v2'", &["hello"])
         .await;
     let versions = json(
-        &env.daemon_command()
+        env.daemon_command()
             .args([
                 "scripts", "versions", "--tenant", "acme", "--name", "greeter", "--json",
             ])
@@ -50,7 +40,7 @@ async fn versions_show_and_rollback_restore_the_old_behaviour() {
         .collect();
     assert_eq!(listed, [(2, true), (1, false)]);
     let shown = json(
-        &env.daemon_command()
+        env.daemon_command()
             .args([
                 "scripts", "show", "--tenant", "acme", "--name", "greeter", "--json", "--source",
             ])
@@ -106,7 +96,7 @@ async fn versions_show_and_rollback_restore_the_old_behaviour() {
 
     // The run history: list, filter, show with logs.
     let listed = json(
-        &env.daemon_command()
+        env.daemon_command()
             .args([
                 "runs", "list", "--tenant", "acme", "--script", "greeter", "--json",
             ])
@@ -120,14 +110,14 @@ async fn versions_show_and_rollback_restore_the_old_behaviour() {
     assert_eq!(newest["version"], 1);
     let id = newest["id"].as_i64().unwrap().to_string();
     let shown = json(
-        &env.daemon_command()
+        env.daemon_command()
             .args(["runs", "show", &id, "--json"])
             .output()
             .unwrap(),
     );
     assert_eq!(shown["logs"][0]["message"], "v1 here");
     let none = json(
-        &env.daemon_command()
+        env.daemon_command()
             .args(["runs", "list", "--status", "dead_lettered", "--json"])
             .output()
             .unwrap(),

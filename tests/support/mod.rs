@@ -545,3 +545,14 @@ impl TestEnv {
             .collect()
     }
 }
+
+/// The JSON a successful `scriptd ... --json` command printed.
+pub fn json(out: std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
