@@ -61,23 +61,24 @@ impl Snapshot {
     pub fn from_rows(rows: Vec<ScriptRow>) -> Snapshot {
         let mut by_tenant: HashMap<String, Vec<Arc<IndexedScript>>> = HashMap::new();
         for r in rows {
+            let spec = r.spec;
             by_tenant
-                .entry(r.tenant.clone())
+                .entry(spec.tenant.clone())
                 .or_default()
                 .push(Arc::new(IndexedScript {
                     id: r.id,
-                    tenant: r.tenant,
-                    name: r.name,
+                    tenant: spec.tenant,
+                    name: spec.name,
                     enabled: r.enabled,
                     version: r.version as u64,
-                    source: Arc::from(r.source),
-                    subjects: r.subjects,
-                    cron: r.cron,
-                    timezone: r.timezone,
-                    overlap: r.overlap,
-                    catch_up: r.catch_up,
-                    limits: r.limits,
-                    retry: r.retry,
+                    source: Arc::from(spec.source),
+                    subjects: spec.subjects,
+                    cron: spec.cron,
+                    timezone: spec.timezone,
+                    overlap: spec.overlap,
+                    catch_up: spec.catch_up,
+                    limits: spec.limits,
+                    retry: spec.retry,
                 }));
         }
         Snapshot { by_tenant }

@@ -289,6 +289,9 @@ pub async fn runs_show(settings: &Settings, args: RunsShowArgs) -> anyhow::Resul
         run.duration_ms,
         if run.cold_start { " (cold start)" } else { "" }
     );
+    if let Some(scheduled) = run.scheduled_at {
+        println!("  scheduled: {scheduled}");
+    }
     println!("  status:   {}", run.status);
     if let Some(kind) = &run.failure_kind {
         println!(

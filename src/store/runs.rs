@@ -20,6 +20,13 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    pub const ALL: [RunStatus; 4] = [
+        RunStatus::Ok,
+        RunStatus::Retrying,
+        RunStatus::DeadLettered,
+        RunStatus::Skipped,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Ok => "ok",
@@ -27,6 +34,24 @@ impl RunStatus {
             RunStatus::DeadLettered => "dead_lettered",
             RunStatus::Skipped => "skipped",
         }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad` keeps widths like `{:<13}` in tables.
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RunStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| format!("unknown run status {s:?}"))
     }
 }
 
@@ -287,28 +312,25 @@ pub struct RunFilter {
     pub limit: i64,
 }
 
-/// A stored run, as `runs list` and `runs show` print it.
+/// A stored run, as `runs list` and `runs show` print it: the record and its row id.
 #[derive(Clone, Debug, Serialize)]
 pub struct StoredRun {
     pub id: i64,
-    pub tenant: String,
-    pub script: String,
-    pub version: Option<i32>,
-    pub job_id: String,
-    pub attempt: i32,
-    pub trigger: String,
-    pub subject: Option<String>,
-    pub event_id: Option<String>,
-    pub status: String,
-    pub failure_kind: Option<String>,
-    pub failure_message: Option<String>,
-    pub failure_stack: Option<String>,
-    pub logs: serde_json::Value,
-    pub logs_truncated: bool,
-    pub cold_start: bool,
-    pub started_at: DateTime<Utc>,
-    pub duration_ms: f64,
+    #[serde(flatten)]
+    pub run: RunRecord,
 }
+
+impl std::ops::Deref for StoredRun {
+    type Target = RunRecord;
+
+    fn deref(&self) -> &RunRecord {
+        &self.run
+    }
+}
+
+const STORED_RUN_COLUMNS: &str = "id, tenant, script, version, job_id, attempt, trigger,
+    subject, event_id, status, failure_kind, failure_message, failure_stack, logs,
+    logs_truncated, cold_start, started_at, duration_ms, scheduled_at";
 
 impl Store {
     /// Runs matching `filter`, newest first.
@@ -318,17 +340,16 @@ impl Store {
         let tx = scoped(&mut client, scope).await?;
         let rows = tx
             .query(
-                "SELECT id, tenant, script, version, job_id, attempt, trigger, subject, event_id,
-                        status, failure_kind, failure_message, failure_stack, logs,
-                        logs_truncated, cold_start, started_at, duration_ms
-                 FROM runs
+                &format!(
+                    "SELECT {STORED_RUN_COLUMNS} FROM runs
                  WHERE ($1::text IS NULL OR tenant = $1)
                    AND ($2::text IS NULL OR script = $2)
                    AND ($3::text IS NULL OR status = $3)
                    AND ($4::timestamptz IS NULL OR started_at >= $4)
                    AND ($5::text IS NULL OR job_id = $5)
                  ORDER BY started_at DESC, id DESC
-                 LIMIT $6",
+                 LIMIT $6"
+                ),
                 &[
                     &filter.tenant,
                     &filter.script,
@@ -340,7 +361,7 @@ impl Store {
             )
             .await?;
         tx.commit().await?;
-        Ok(rows.iter().map(stored_run).collect())
+        rows.iter().map(stored_run).collect()
     }
 
     /// One run by id.
@@ -349,37 +370,51 @@ impl Store {
         let tx = scoped(&mut client, ALL_TENANTS).await?;
         let row = tx
             .query_opt(
-                "SELECT id, tenant, script, version, job_id, attempt, trigger, subject, event_id,
-                        status, failure_kind, failure_message, failure_stack, logs,
-                        logs_truncated, cold_start, started_at, duration_ms
-                 FROM runs WHERE id = $1",
+                &format!("SELECT {STORED_RUN_COLUMNS} FROM runs WHERE id = $1"),
                 &[&id],
             )
             .await?;
         tx.commit().await?;
-        Ok(row.as_ref().map(stored_run))
+        row.as_ref().map(stored_run).transpose()
     }
 }
 
-fn stored_run(r: &tokio_postgres::Row) -> StoredRun {
-    StoredRun {
+fn stored_run(r: &tokio_postgres::Row) -> anyhow::Result<StoredRun> {
+    Ok(StoredRun {
         id: r.get(0),
-        tenant: r.get(1),
-        script: r.get(2),
-        version: r.get(3),
-        job_id: r.get(4),
-        attempt: r.get(5),
-        trigger: r.get(6),
-        subject: r.get(7),
-        event_id: r.get(8),
-        status: r.get(9),
-        failure_kind: r.get(10),
-        failure_message: r.get(11),
-        failure_stack: r.get(12),
-        logs: r.get(13),
-        logs_truncated: r.get(14),
-        cold_start: r.get(15),
-        started_at: r.get(16),
-        duration_ms: r.get(17),
+        run: RunRecord {
+            tenant: r.get(1),
+            script: r.get(2),
+            version: r.get(3),
+            job_id: r.get(4),
+            attempt: r.get(5),
+            trigger: r.get(6),
+            subject: r.get(7),
+            event_id: r.get(8),
+            status: r.get::<_, String>(9).parse().map_err(anyhow::Error::msg)?,
+            failure_kind: r.get(10),
+            failure_message: r.get(11),
+            failure_stack: r.get(12),
+            logs: r.get(13),
+            logs_truncated: r.get(14),
+            cold_start: r.get(15),
+            started_at: r.get(16),
+            duration_ms: r.get(17),
+            scheduled_at: r.get(18),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunStatus;
+
+    #[test]
+    fn statuses_round_trip_through_their_stored_names() {
+        for status in RunStatus::ALL {
+            assert_eq!(status.as_str().parse::<RunStatus>(), Ok(status));
+        }
+        assert!("running".parse::<RunStatus>().is_err());
+        assert_eq!(format!("[{:<8}]", RunStatus::Ok), "[ok      ]");
     }
 }

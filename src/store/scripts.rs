@@ -11,10 +11,11 @@ use crate::retry::RetryOverrides;
 use crate::schedule::{CatchUp, Overlap};
 
 /// What a deploy asks for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ScriptSpec {
     pub tenant: String,
     pub name: String,
+    #[serde(skip)]
     pub source: String,
     /// Tenant-relative subject patterns (`order.*`).
     pub subjects: Vec<String>,
@@ -39,20 +40,20 @@ pub struct Deployed {
 #[derive(Clone, Debug, Serialize)]
 pub struct ScriptRow {
     pub id: i64,
-    pub tenant: String,
-    pub name: String,
     pub enabled: bool,
     pub version: i32,
-    pub subjects: Vec<String>,
-    pub cron: Option<String>,
-    pub timezone: String,
-    pub overlap: Overlap,
-    pub catch_up: CatchUp,
-    pub limits: LimitOverrides,
-    pub retry: RetryOverrides,
     pub sha256: String,
-    #[serde(skip)]
-    pub source: String,
+    /// Tenant, name, source of the current version, triggers, limits and retry policy.
+    #[serde(flatten)]
+    pub spec: ScriptSpec,
+}
+
+impl std::ops::Deref for ScriptRow {
+    type Target = ScriptSpec;
+
+    fn deref(&self) -> &ScriptSpec {
+        &self.spec
+    }
 }
 
 pub fn sha256_hex(source: &str) -> String {
@@ -207,19 +208,21 @@ impl Store {
             .map(|r| {
                 Ok(ScriptRow {
                     id: r.get(0),
-                    tenant: r.get(1),
-                    name: r.get(2),
                     enabled: r.get(3),
                     version: r.get(4),
-                    subjects: r.get(5),
-                    cron: r.get(6),
-                    timezone: r.get(7),
-                    limits: serde_json::from_value(r.get(8)).context("stored limits")?,
-                    retry: serde_json::from_value(r.get(9)).context("stored retry policy")?,
                     sha256: r.get(10),
-                    source: r.get(11),
-                    overlap: r.get::<_, String>(12).parse().map_err(anyhow::Error::msg)?,
-                    catch_up: r.get::<_, String>(13).parse().map_err(anyhow::Error::msg)?,
+                    spec: ScriptSpec {
+                        tenant: r.get(1),
+                        name: r.get(2),
+                        source: r.get(11),
+                        subjects: r.get(5),
+                        cron: r.get(6),
+                        timezone: r.get(7),
+                        overlap: r.get::<_, String>(12).parse().map_err(anyhow::Error::msg)?,
+                        catch_up: r.get::<_, String>(13).parse().map_err(anyhow::Error::msg)?,
+                        limits: serde_json::from_value(r.get(8)).context("stored limits")?,
+                        retry: serde_json::from_value(r.get(9)).context("stored retry policy")?,
+                    },
                 })
             })
             .collect()
