@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use scriptd::retry::RetryOverrides;
 use scriptd::schedule::Overlap;
-use support::TestEnv;
+use support::{busy_script, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 const EVERY_SECOND: &str = "* * * * * *";
@@ -113,10 +113,10 @@ async fn two_daemons_run_each_occurrence_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_script_under_skip_records_skips_not_overlaps() {
     let env = TestEnv::new().await;
-    let slow = "export default () => { const end = Date.now() + 2500; while (Date.now() < end) {} return 1; }";
+    let slow = busy_script(2500, "1");
     env.deploy_scheduled(
         "slow",
-        slow,
+        &slow,
         EVERY_SECOND,
         Overlap::Skip,
         Default::default(),
@@ -287,10 +287,10 @@ async fn catch_up_all_runs_every_missed_occurrence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_one_runs_one_waiting_occurrence_after_the_running_one() {
     let env = TestEnv::new().await;
-    let slow = "export default () => { const end = Date.now() + 2000; while (Date.now() < end) {} return 1; }";
+    let slow = busy_script(2000, "1");
     env.deploy_scheduled(
         "slow",
-        slow,
+        &slow,
         EVERY_SECOND,
         Overlap::QueueOne,
         Default::default(),

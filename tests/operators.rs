@@ -130,14 +130,10 @@ async fn versions_show_and_rollback_restore_the_old_behaviour() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_reports_errors_with_line_and_column() {
     let env = TestEnv::new().await;
-    let dir = std::env::temp_dir().join(format!("scriptd-validate-{}", env.id));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.js");
-    std::fs::write(
-        &bad,
+    let bad = env.write_script(
+        "bad.js",
         "// a comment\nexport default function () {\n  return {a: };\n}\n",
-    )
-    .unwrap();
+    );
     let out = env
         .daemon_command()
         .args(["scripts", "validate"])
@@ -148,8 +144,7 @@ async fn validate_reports_errors_with_line_and_column() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("bad.js:3:"), "{stdout}");
     assert!(stdout.contains("syntax"), "{stdout}");
-    let good = dir.join("good.js");
-    std::fs::write(&good, "export default () => 1;\n").unwrap();
+    let good = env.write_script("good.js", "export default () => 1;\n");
     let out = env
         .daemon_command()
         .args(["scripts", "validate"])
@@ -161,6 +156,5 @@ async fn validate_reports_errors_with_line_and_column() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    std::fs::remove_dir_all(&dir).unwrap();
     env.cleanup().await;
 }

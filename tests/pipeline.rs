@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use scriptd::retry::RetryOverrides;
-use support::TestEnv;
+use support::{busy_script, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -206,8 +206,8 @@ async fn a_deploy_changes_the_next_event_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_loses_nothing() {
     let env = TestEnv::new().await;
-    let slow = "export default (e) => { const end = Date.now() + 50; while (Date.now() < end) {} return e.data.n; }";
-    env.deploy("acme", "slow", slow, &["work"]).await;
+    let slow = busy_script(50, "e.data.n");
+    env.deploy("acme", "slow", &slow, &["work"]).await;
     let daemon = env.start_daemon();
     for n in 0..40 {
         env.publish("acme", "work", format!(r#"{{"n": {n}}}"#))

@@ -7,7 +7,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{Relay, TestEnv};
+use support::{busy_script, Relay, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 const PROBE: &str = "export default (event) => { console.log(event.encoding, typeof event.data, JSON.stringify(event.data)); return null; }";
@@ -117,9 +117,9 @@ async fn oversized_events_are_refused_or_dead_lettered_never_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_of_a_script_disabled_or_deleted_while_they_wait_are_skipped() {
     let env = TestEnv::new().await;
-    let slow = "export default () => { const end = Date.now() + 150; while (Date.now() < end) {} return 1; }";
-    env.deploy("acme", "slow", slow, &["work"]).await;
-    env.deploy("acme", "doomed", slow, &["doom"]).await;
+    let slow = busy_script(150, "1");
+    env.deploy("acme", "slow", &slow, &["work"]).await;
+    env.deploy("acme", "doomed", &slow, &["doom"]).await;
     let daemon = env.start_daemon();
     for _ in 0..12 {
         env.publish("acme", "work", "{}").await;

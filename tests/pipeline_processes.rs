@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::TestEnv;
+use support::{busy_script, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -47,8 +47,8 @@ async fn two_daemon_processes_run_each_job_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_killed_mid_run_leaves_the_job_to_the_next() {
     let env = TestEnv::new().await;
-    let slow = "export default () => { const end = Date.now() + 1500; while (Date.now() < end) {} return 'done'; }";
-    env.deploy("acme", "slow", slow, &["work"]).await;
+    let slow = busy_script(1500, "'done'");
+    env.deploy("acme", "slow", &slow, &["work"]).await;
     let mut first = env.spawn_daemon();
     env.publish("acme", "work", "{}").await;
     env.wait_until(WAIT, "the job to be taken", || env.jobs_in_flight_is(1))
@@ -70,10 +70,7 @@ async fn a_daemon_killed_mid_run_leaves_the_job_to_the_next() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_script_that_does_not_compile_is_refused_at_deploy() {
     let env = TestEnv::new().await;
-    let dir = std::env::temp_dir().join(format!("scriptd-{}", env.id));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.js");
-    std::fs::write(&bad, "export default function () { return {a: }").unwrap();
+    let bad = env.write_script("bad.js", "export default function () { return {a: }");
     let out = env
         .daemon_command()
         .args(["scripts", "deploy"])
@@ -92,8 +89,7 @@ async fn a_script_that_does_not_compile_is_refused_at_deploy() {
         "something was stored"
     );
 
-    let good = dir.join("good.js");
-    std::fs::write(&good, "export default () => 1").unwrap();
+    let good = env.write_script("good.js", "export default () => 1");
     let out = env
         .daemon_command()
         .args(["scripts", "deploy"])
@@ -130,6 +126,5 @@ async fn a_script_that_does_not_compile_is_refused_at_deploy() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&listed.stdout).contains("good"));
-    std::fs::remove_dir_all(&dir).unwrap();
     env.cleanup().await;
 }

@@ -121,12 +121,11 @@ async fn open(
 pub async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<ExitCode> {
     let (_, mut stream) = open(settings).await?;
     let letters = dlq::list(&mut stream, &args.filter.filter()?, args.limit).await?;
-    let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &letters)?;
-        writeln!(out)?;
+        super::print_json(&letters)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let mut out = std::io::stdout().lock();
     if letters.is_empty() {
         writeln!(out, "no dead letters match")?;
         return Ok(ExitCode::SUCCESS);
@@ -186,7 +185,7 @@ pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCod
         "runs": runs,
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&document)?);
+        super::print_json(&document)?;
         return Ok(ExitCode::SUCCESS);
     }
     let d = &stored.letter;
@@ -299,7 +298,7 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+        super::print_json(&outcomes)?;
     }
     Ok(ExitCode::SUCCESS)
 }

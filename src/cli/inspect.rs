@@ -1,7 +1,6 @@
 //! Looking at what is stored: `scripts show|versions|rollback|validate` and
 //! `runs list|show`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -72,13 +71,6 @@ pub struct RunsShowArgs {
     pub json: bool,
 }
 
-fn json_out<T: serde::Serialize>(value: &T) -> anyhow::Result<ExitCode> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(ExitCode::SUCCESS)
-}
-
 pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&settings.database).await?;
     let NameArgs { tenant, name } = &args.script;
@@ -91,7 +83,8 @@ pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCod
         if args.source {
             value["source"] = script.source.clone().into();
         }
-        return json_out(&value);
+        super::print_json(&value)?;
+        return Ok(ExitCode::SUCCESS);
     }
     let effective = settings.engine.limits.with(&script.limits);
     let retry = settings.retry.with(&script.retry);
@@ -133,7 +126,8 @@ pub async fn versions(settings: &Settings, args: VersionsArgs) -> anyhow::Result
     let versions = store.versions(tenant, name).await?;
     anyhow::ensure!(!versions.is_empty(), "no script {tenant}/{name}");
     if args.json {
-        return json_out(&versions);
+        super::print_json(&versions)?;
+        return Ok(ExitCode::SUCCESS);
     }
     println!("{:>7}  {:<25}  {:<16}", "VERSION", "CREATED", "SHA256");
     for v in versions {
@@ -223,7 +217,8 @@ pub async fn runs_list(settings: &Settings, args: RunsListArgs) -> anyhow::Resul
         })
         .await?;
     if args.json {
-        return json_out(&runs);
+        super::print_json(&runs)?;
+        return Ok(ExitCode::SUCCESS);
     }
     if runs.is_empty() {
         println!("no runs match");
@@ -267,7 +262,8 @@ pub async fn runs_show(settings: &Settings, args: RunsShowArgs) -> anyhow::Resul
         .await?
         .with_context(|| format!("no run {} (see `scriptd runs list`)", args.id))?;
     if args.json {
-        return json_out(&run);
+        super::print_json(&run)?;
+        return Ok(ExitCode::SUCCESS);
     }
     println!(
         "run {} of {}/{}@v{}",

@@ -245,6 +245,15 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Prints `value` as pretty JSON on standard output (the `--json` of every command).
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
 fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
     future: F,
 ) -> anyhow::Result<ExitCode> {

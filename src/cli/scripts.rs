@@ -150,12 +150,11 @@ pub async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<ExitCod
     let scripts = store
         .scripts(args.tenant.as_deref().unwrap_or(ALL_TENANTS))
         .await?;
-    let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &scripts)?;
-        writeln!(out)?;
+        super::print_json(&scripts)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let mut out = std::io::stdout().lock();
     if scripts.is_empty() {
         writeln!(out, "no scripts")?;
         return Ok(ExitCode::SUCCESS);
@@ -234,11 +233,10 @@ pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCod
     );
     run.attempt = args.attempt;
     let result = engine.run(run).await;
-    let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &result)?;
-        writeln!(out)?;
+        super::print_json(&result)?;
     } else {
+        let mut out = std::io::stdout().lock();
         match &result.outcome {
             Ok(value) => writeln!(out, "result: {}", serde_json::to_string_pretty(value)?)?,
             Err(f) => {

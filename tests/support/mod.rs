@@ -280,6 +280,7 @@ impl TestEnv {
     }
 
     pub async fn cleanup(self) {
+        let _ = std::fs::remove_dir_all(self.files_dir());
         for stream in [
             self.settings.nats.events_stream(),
             self.settings.nats.jobs_stream(),
@@ -555,4 +556,27 @@ pub fn json(out: std::process::Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// A handler that keeps its thread busy for `ms` milliseconds, then returns `returns`
+/// (a JavaScript expression; the event is `e`).
+pub fn busy_script(ms: u64, returns: &str) -> String {
+    format!(
+        "export default (e) => {{ const end = Date.now() + {ms}; while (Date.now() < end) {{}} return {returns}; }}"
+    )
+}
+
+impl TestEnv {
+    /// Writes a script file in this test's own folder (removed by `cleanup`).
+    pub fn write_script(&self, name: &str, source: &str) -> std::path::PathBuf {
+        let dir = self.files_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, source).unwrap();
+        path
+    }
+
+    fn files_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("scriptd-{}", self.id))
+    }
 }
