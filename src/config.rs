@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::NatsConfig;
+use crate::caps::CapabilitiesConfig;
 use crate::daemon::DaemonConfig;
 use crate::engine::EngineConfig;
 use crate::retry::RetryPolicy;
@@ -27,6 +28,7 @@ pub struct Settings {
     pub database: DatabaseConfig,
     pub nats: NatsConfig,
     pub daemon: DaemonConfig,
+    pub capabilities: CapabilitiesConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -57,6 +59,16 @@ impl Default for LogConfig {
 }
 
 impl Settings {
+    /// The settings with credentials hidden, for printing.
+    pub fn redacted(&self) -> Settings {
+        let mut shown = self.clone();
+        shown.database.url = crate::store::redact(&shown.database.url);
+        if !shown.capabilities.secrets.key.is_empty() {
+            shown.capabilities.secrets.key = "(set)".into();
+        }
+        shown
+    }
+
     /// Defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Settings> {
         Self::load_from(file, std::env::vars())

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, fanout::Fanout, fanout::FanoutStats, runner::Runner, runner::RunnerStats};
+use crate::caps::Live;
 use crate::config::Settings;
 use crate::engine::Engine;
 use crate::index::{self, ScriptIndex};
@@ -98,7 +99,13 @@ pub async fn run_with_stats(
     )
     .await?;
 
-    let engine = Arc::new(Engine::start(&settings.engine)?);
+    let caps = Live::new(
+        &settings.capabilities,
+        js.clone(),
+        &nats.events_prefix,
+        store.clone(),
+    )?;
+    let engine = Arc::new(Engine::start_with(&settings.engine, Arc::new(caps))?);
     let (records, writer) = RecordWriter::start(store.clone());
     let (history, reader) = HistoryReader::start(store.clone());
     let background = CancellationToken::new();

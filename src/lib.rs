@@ -5,6 +5,7 @@ pub mod batch;
 pub mod bench;
 pub mod bench_pipeline;
 pub mod bus;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod cron;

@@ -146,8 +146,10 @@ impl Fanout {
             };
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", job.id.as_str());
-            if let Some(parent) = msg.headers.as_ref().and_then(|h| h.get("traceparent")) {
-                headers.insert("traceparent", parent.as_str());
+            for name in ["traceparent", crate::caps::DEPTH_HEADER] {
+                if let Some(value) = msg.headers.as_ref().and_then(|h| h.get(name)) {
+                    headers.insert(name, value.as_str());
+                }
             }
             let ack = self
                 .js

@@ -177,6 +177,11 @@ impl Runner {
             input: job.event.clone(),
             attempt,
             limits,
+            job: job.id.clone(),
+            traceparent: header(msg, "traceparent").map(str::to_owned),
+            depth: header(msg, crate::caps::DEPTH_HEADER)
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0),
         };
         let result = self.run_keeping_alive(msg, run).await;
         drop(slot);
@@ -366,6 +371,10 @@ impl Runner {
             .ok()
             .and_then(|runs| runs.first().map(|(_, _, at)| *at))
     }
+}
+
+fn header<'m>(msg: &'m jetstream::Message, name: &str) -> Option<&'m str> {
+    msg.headers.as_ref()?.get(name).map(|v| v.as_str())
 }
 
 fn record(

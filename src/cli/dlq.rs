@@ -332,6 +332,9 @@ async fn dry_run(
         input: job.event.clone(),
         attempt: 1,
         limits: settings.engine.limits.with(&script.limits),
+        job: job.id.clone(),
+        traceparent: None,
+        depth: 0,
     };
     let result = engine.run(run).await;
     Ok(serde_json::json!({ "dry_run": true, "version": version, "run": result }))

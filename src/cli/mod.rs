@@ -4,6 +4,7 @@ mod dlq;
 mod inspect;
 mod ops;
 mod scripts;
+mod tenants;
 
 pub use ops::cancel_on_signal;
 pub use scripts::check_compiles;
@@ -60,6 +61,12 @@ pub enum Command {
     /// Dead letters: inspect, replay, purge.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Per-tenant secrets for `ctx.secrets` (stored encrypted).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+    /// Per-tenant policy: the hosts `fetch` may call, and what a tenant uses.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
     /// Measure the engine and print the numbers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -102,6 +109,25 @@ pub enum DlqCommand {
     Replay(dlq::ReplayArgs),
     /// Delete dead letters (counts only, unless --yes).
     Purge(dlq::PurgeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Store a secret; the value is read from standard input (or --from-env).
+    Set(tenants::SecretSetArgs),
+    /// Names of a tenant's secrets (never values).
+    List(tenants::TenantArgs),
+    Delete(tenants::SecretNameArgs),
+    /// Print a new random key for capabilities.secrets.key_file.
+    GenerateKey,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// Set the hosts a tenant's scripts may fetch from (replaces the list).
+    AllowFetch(tenants::AllowFetchArgs),
+    /// A tenant's fetch allow list, key-value usage and secret names.
+    Show(tenants::TenantArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,9 +225,26 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(&settings.log)?;
     match cli.command {
         Command::Config => {
-            print!("{}", toml::to_string_pretty(&settings)?);
+            print!("{}", toml::to_string_pretty(&settings.redacted())?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Secrets(SecretsCommand::Set(args)) => {
+            block_on(tenants::secret_set(&settings, args))
+        }
+        Command::Secrets(SecretsCommand::List(args)) => {
+            block_on(tenants::secret_list(&settings, args))
+        }
+        Command::Secrets(SecretsCommand::Delete(args)) => {
+            block_on(tenants::secret_delete(&settings, args))
+        }
+        Command::Secrets(SecretsCommand::GenerateKey) => {
+            println!("{}", crate::caps::secrets::SecretBox::generate_key());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tenants(TenantsCommand::AllowFetch(args)) => {
+            block_on(tenants::allow_fetch(&settings, args))
+        }
+        Command::Tenants(TenantsCommand::Show(args)) => block_on(tenants::show(&settings, args)),
         Command::Run => block_on(ops::run_daemon(settings)),
         Command::Dev(args) => block_on(crate::dev::run(settings, args)),
         Command::Migrate => block_on(ops::migrate(&settings)),

@@ -2,7 +2,19 @@
 // that writes into the run record, the `ctx` given to handlers, and the host's entry point
 // that runs a handler and turns its result into bounded JSON. `seal()` runs once in every new
 // isolate and removes everything of the host a script must not reach.
-import { op_scriptd_log } from "ext:core/ops";
+import { core } from "ext:core/mod.js";
+import {
+  op_decode,
+  op_encode,
+  op_scriptd_fetch,
+  op_scriptd_kv_delete,
+  op_scriptd_kv_get,
+  op_scriptd_kv_list,
+  op_scriptd_kv_set,
+  op_scriptd_log,
+  op_scriptd_publish,
+  op_scriptd_secret,
+} from "ext:core/ops";
 
 const { freeze, keys } = Object;
 const SetCtor = Set;
@@ -10,6 +22,11 @@ const { stringify, parse } = JSON;
 const { isArray } = Array;
 const StringCtor = String;
 const ErrorCtor = Error;
+const TypeErrorCtor = TypeError;
+const MapCtor = Map;
+const Uint8ArrayCtor = Uint8Array;
+const ArrayBufferCtor = ArrayBuffer;
+const { isView } = ArrayBuffer;
 const hasOwn = Object.prototype.hasOwnProperty;
 const call = Function.prototype.call;
 const hasOwnProperty = (o, k) => call.call(hasOwn, o, k);
@@ -86,6 +103,144 @@ function exceedsBudget(value, budget) {
   return walk(value);
 }
 
+// Errors of the script API, by the class names the host's ops raise.
+for (const name of ["PermissionDenied", "LimitExceeded", "TimeoutError", "NotSupported"]) {
+  const ErrorClass = class extends ErrorCtor {
+    constructor(message) {
+      super(message);
+      this.name = name;
+    }
+  };
+  core.registerErrorClass(name, ErrorClass);
+}
+
+// Header pairs from a plain object, an array of pairs or a Headers-like object.
+function headerPairs(init, what) {
+  if (init === undefined || init === null) return [];
+  const pairs = [];
+  if (isArray(init)) {
+    for (const pair of init) {
+      if (!isArray(pair) || pair.length !== 2) throw new TypeErrorCtor(`${what}: headers must be [name, value] pairs`);
+      pairs.push([StringCtor(pair[0]), StringCtor(pair[1])]);
+    }
+  } else if (typeof init === "object" && typeof init.entries === "function") {
+    for (const [name, value] of init.entries()) pairs.push([StringCtor(name), StringCtor(value)]);
+  } else if (typeof init === "object") {
+    for (const name of keys(init)) pairs.push([name, StringCtor(init[name])]);
+  } else {
+    throw new TypeErrorCtor(`${what}: headers must be an object`);
+  }
+  return pairs;
+}
+
+function makeHeaders(pairs) {
+  const map = new MapCtor();
+  for (const [name, value] of pairs) {
+    const key = name.toLowerCase();
+    map.set(key, map.has(key) ? `${map.get(key)}, ${value}` : value);
+  }
+  return freeze({
+    get: (name) => map.get(StringCtor(name).toLowerCase()) ?? null,
+    has: (name) => map.has(StringCtor(name).toLowerCase()),
+    entries: () => map.entries(),
+    keys: () => map.keys(),
+    values: () => map.values(),
+    forEach: (fn) => map.forEach((value, key) => fn(value, key)),
+    [Symbol.iterator]: () => map.entries(),
+  });
+}
+
+function makeResponse(reply) {
+  let used = false;
+  const take = () => {
+    if (used) throw new TypeErrorCtor("the response body was already read");
+    used = true;
+    return reply.body;
+  };
+  return freeze({
+    status: reply.status,
+    statusText: reply.statusText,
+    ok: reply.status >= 200 && reply.status < 300,
+    url: reply.url,
+    redirected: reply.redirected,
+    headers: makeHeaders(reply.headers),
+    get bodyUsed() {
+      return used;
+    },
+    text: async () => op_decode(take()),
+    json: async () => parse(op_decode(take())),
+    arrayBuffer: async () => {
+      const bytes = take();
+      return bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
+    },
+  });
+}
+
+function bodyBytes(body) {
+  if (body === undefined || body === null) return new Uint8ArrayCtor(0);
+  if (typeof body === "string") return op_encode(body);
+  if (body instanceof ArrayBufferCtor) return new Uint8ArrayCtor(body);
+  if (isView(body)) return new Uint8ArrayCtor(body.buffer, body.byteOffset, body.byteLength);
+  throw new TypeErrorCtor("fetch: the body must be a string, an ArrayBuffer or a typed array (JSON.stringify objects)");
+}
+
+// A subset of the standard fetch: method, headers, body, redirect; the response has
+// status, statusText, ok, url, redirected, headers, text(), json() and arrayBuffer().
+async function fetch(input, init = {}) {
+  const url = typeof input === "string" ? input : input?.url ?? StringCtor(input);
+  const redirect = init.redirect ?? "follow";
+  if (redirect !== "follow" && redirect !== "manual" && redirect !== "error") {
+    throw new TypeErrorCtor(`fetch: redirect must be "follow", "manual" or "error", not ${redirect}`);
+  }
+  const headers = headerPairs(init.headers, "fetch");
+  if (typeof init.body === "string" && !headers.some(([name]) => name.toLowerCase() === "content-type")) {
+    headers.push(["content-type", "text/plain;charset=UTF-8"]);
+  }
+  const args = {
+    url: StringCtor(url),
+    method: StringCtor(init.method ?? "GET"),
+    headers,
+    redirect: redirect === "follow" ? "follow" : "manual",
+  };
+  const reply = await op_scriptd_fetch(args, bodyBytes(init.body));
+  if (redirect === "error" && reply.status >= 300 && reply.status < 400) {
+    throw new TypeErrorCtor(`fetch: ${args.url} redirected and redirect is "error"`);
+  }
+  return makeResponse(reply);
+}
+
+const keyOf = (key, what) => {
+  if (typeof key !== "string") throw new TypeErrorCtor(`${what}: keys are strings`);
+  return key;
+};
+
+const kv = freeze({
+  get: async (key) => {
+    const json = await op_scriptd_kv_get(keyOf(key, "ctx.kv.get"));
+    return json === null ? undefined : parse(json);
+  },
+  set: async (key, value) => {
+    const json = value === undefined ? undefined : stringify(value);
+    if (json === undefined) {
+      throw new TypeErrorCtor("ctx.kv.set: the value must be JSON-serialisable (use ctx.kv.delete to remove a key)");
+    }
+    await op_scriptd_kv_set(keyOf(key, "ctx.kv.set"), json);
+  },
+  delete: (key) => op_scriptd_kv_delete(keyOf(key, "ctx.kv.delete")),
+  list: (prefix = "", options = {}) => op_scriptd_kv_list(StringCtor(prefix), options?.limit ?? 0),
+});
+
+const secrets = freeze({
+  get: async (name) => (await op_scriptd_secret(StringCtor(name))) ?? undefined,
+});
+
+async function publish(type, data, options = {}) {
+  if (typeof type !== "string") throw new TypeErrorCtor("ctx.publish: the event type must be a string");
+  const json = stringify(data === undefined ? null : data);
+  const subject = await op_scriptd_publish(type, json, headerPairs(options?.headers, "ctx.publish"));
+  return { subject };
+}
+
 function makeCtx(meta) {
   return freeze({
     tenant: meta.tenant,
@@ -93,6 +248,9 @@ function makeCtx(meta) {
     version: meta.version,
     attempt: meta.attempt,
     log: logAt("info"),
+    publish,
+    kv,
+    secrets,
   });
 }
 
@@ -141,12 +299,14 @@ function seal() {
     delete globalThis.Atomics.wait;
     delete globalThis.Atomics.waitAsync;
   }
-  Object.defineProperty(globalThis, "console", {
-    value: console,
-    writable: true,
-    enumerable: false,
-    configurable: true,
-  });
+  for (const [name, value] of [["console", console], ["fetch", fetch]]) {
+    Object.defineProperty(globalThis, name, {
+      value,
+      writable: true,
+      enumerable: false,
+      configurable: true,
+    });
+  }
   return { invoke, handlerOf };
 }
 

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::failure::{Failure, FailureKind};
 use super::guard::Guard;
+use super::ops::{RunScope, SharedCapabilities};
 use super::sandbox::{self, LogBuffer, LogLine};
 use super::ScriptRun;
 use crate::units::ByteSize;
@@ -47,7 +48,10 @@ struct InvokeOutput {
 
 impl ScriptIsolate {
     /// A fresh, sealed isolate from the snapshot, with its heap limit. Runs no user code.
-    pub fn create(heap_limit: ByteSize) -> Result<ScriptIsolate, Failure> {
+    pub fn create(
+        heap_limit: ByteSize,
+        caps: &SharedCapabilities,
+    ) -> Result<ScriptIsolate, Failure> {
         let heap = heap_limit.as_usize();
         let guard = Guard::new(heap);
         let params = v8::CreateParams::default()
@@ -61,6 +65,7 @@ impl ScriptIsolate {
         })
         .map_err(|e| engine_failure(format!("the isolate could not be created: {e}")))?;
         guard.attach(runtime.v8_isolate().thread_safe_handle());
+        runtime.op_state().borrow_mut().put(caps.clone());
         let g = guard.clone();
         runtime.add_near_heap_limit_callback(move |current, _initial| {
             g.on_heap_exhausted();
@@ -140,22 +145,25 @@ impl ScriptIsolate {
         &self.guard
     }
 
-    /// Starts capturing console output into a fresh buffer.
-    pub fn capture_logs(&mut self, cap: ByteSize) {
-        self.runtime
-            .op_state()
-            .borrow_mut()
-            .put(LogBuffer::new(cap.as_usize()));
+    /// Starts a run: console output goes to a fresh buffer of `log_cap` bytes, and the
+    /// script API acts for `scope`.
+    pub fn begin_run(&mut self, log_cap: ByteSize, scope: RunScope) {
+        let state = self.runtime.op_state();
+        let mut state = state.borrow_mut();
+        state.put(LogBuffer::new(log_cap.as_usize()));
+        state.put(scope);
     }
 
-    /// Ends the current capture and returns what was written, and whether it was cut.
-    pub fn take_logs(&mut self) -> (Vec<LogLine>, bool) {
-        self.runtime
-            .op_state()
-            .borrow_mut()
+    /// Ends the run: what was written (and whether it was cut), and what the run used of
+    /// the script API.
+    pub fn end_run(&mut self) -> ((Vec<LogLine>, bool), Option<RunScope>) {
+        let state = self.runtime.op_state();
+        let mut state = state.borrow_mut();
+        let logs = state
             .try_take::<LogBuffer>()
             .map(LogBuffer::finish)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (logs, state.try_take::<RunScope>())
     }
 
     /// Runs the loaded handler once on the run's input.
@@ -313,6 +321,18 @@ fn specifier(run: &ScriptRun) -> ModuleSpecifier {
     url
 }
 
+/// The run reached its wall-clock limit (in JavaScript, or waiting for the script API).
+pub fn timeout_failure(run: &ScriptRun) -> Failure {
+    failure(
+        FailureKind::Timeout,
+        format!(
+            "the run exceeded its wall-clock limit of {}",
+            humantime::format_duration(run.limits.timeout)
+        ),
+        None,
+    )
+}
+
 fn engine_failure(message: String) -> Failure {
     failure(FailureKind::Engine, message, None)
 }
@@ -331,14 +351,7 @@ pub fn failure(kind: FailureKind, message: String, stack: Option<String>) -> Fai
 /// flags; otherwise the error's own shape decides, with `default` for JavaScript errors.
 fn classify(guard: &Guard, default: FailureKind, error: &CoreError, run: &ScriptRun) -> Failure {
     if guard.timed_out.load(std::sync::atomic::Ordering::SeqCst) {
-        return failure(
-            FailureKind::Timeout,
-            format!(
-                "the run exceeded its wall-clock limit of {}",
-                humantime::format_duration(run.limits.timeout)
-            ),
-            None,
-        );
+        return timeout_failure(run);
     }
     if guard
         .heap_exceeded

@@ -5,7 +5,9 @@ mod failure;
 mod guard;
 mod isolate;
 mod limits;
+mod ops;
 mod pool;
+mod redact;
 mod sandbox;
 mod watchdog;
 mod worker;
@@ -21,6 +23,7 @@ use tokio::sync::oneshot;
 
 pub use failure::{Failure, FailureKind};
 pub use limits::{LimitOverrides, Limits};
+pub use ops::SharedCapabilities;
 pub use sandbox::LogLine;
 
 use crate::units::ByteSize;
@@ -76,6 +79,12 @@ pub struct ScriptRun {
     /// 1 for the first attempt.
     pub attempt: u32,
     pub limits: Limits,
+    /// The job the run belongs to (the same on every attempt).
+    pub job: String,
+    /// The W3C trace context of the event, passed on to what the script publishes.
+    pub traceparent: Option<String>,
+    /// How many script publishes led to this run's event.
+    pub depth: u32,
 }
 
 impl ScriptRun {
@@ -95,6 +104,21 @@ impl ScriptRun {
             input: serde_json::value::to_raw_value(input).expect("a JSON value serialises"),
             attempt: 1,
             limits,
+            job: format!("local-{:016x}", rand::random::<u64>()),
+            traceparent: None,
+            depth: 0,
+        }
+    }
+
+    /// Who the run's script API calls act for.
+    pub fn call(&self, deadline: Instant) -> crate::caps::Call {
+        crate::caps::Call {
+            tenant: self.tenant.clone(),
+            script: self.script.clone(),
+            job: self.job.clone(),
+            traceparent: self.traceparent.clone(),
+            depth: self.depth,
+            deadline,
         }
     }
 }
@@ -181,8 +205,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the worker threads. The startup snapshot is built on first use.
+    /// An engine whose scripts have no script API (every call fails clearly): for checks
+    /// and benchmarks outside the daemon.
     pub fn start(config: &EngineConfig) -> std::io::Result<Engine> {
+        Self::start_with(config, Arc::new(crate::caps::NoCapabilities::default()))
+    }
+
+    /// Starts the worker threads, whose scripts reach `caps`. The startup snapshot is
+    /// built on first use.
+    pub fn start_with(config: &EngineConfig, caps: SharedCapabilities) -> std::io::Result<Engine> {
         let count = if config.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -190,7 +221,7 @@ impl Engine {
         };
         let stats = Arc::new(EngineStats::default());
         let workers = (0..count)
-            .map(|i| worker::spawn(i, config, stats.clone()))
+            .map(|i| worker::spawn(i, config, stats.clone(), caps.clone()))
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Engine { workers, stats })
     }

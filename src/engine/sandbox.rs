@@ -82,7 +82,16 @@ fn op_scriptd_log(state: &mut OpState, #[string] level: &str, #[string] message:
 
 deno_core::extension!(
     scriptd,
-    ops = [op_scriptd_log],
+    ops = [
+        op_scriptd_log,
+        super::ops::op_scriptd_publish,
+        super::ops::op_scriptd_kv_get,
+        super::ops::op_scriptd_kv_set,
+        super::ops::op_scriptd_kv_delete,
+        super::ops::op_scriptd_kv_list,
+        super::ops::op_scriptd_fetch,
+        super::ops::op_scriptd_secret,
+    ],
     esm_entry_point = "ext:scriptd/bootstrap.js",
     esm = [dir "src/engine", "bootstrap.js"],
 );

@@ -10,8 +10,10 @@ use futures::FutureExt;
 use tokio::sync::oneshot;
 
 use super::failure::{Failure, FailureKind};
-use super::isolate::{failure, ScriptIsolate};
+use super::isolate::{failure, timeout_failure, ScriptIsolate};
+use super::ops::{RunScope, SharedCapabilities};
 use super::pool::WarmPool;
+use super::redact;
 use super::watchdog::Watchdog;
 use super::{EngineConfig, EngineStats, RunResult, ScriptRun};
 
@@ -34,12 +36,14 @@ struct Worker {
     watchdog: Watchdog,
     stats: Arc<EngineStats>,
     retry_heap_limit: bool,
+    caps: SharedCapabilities,
 }
 
 pub fn spawn(
     index: usize,
     config: &EngineConfig,
     stats: Arc<EngineStats>,
+    caps: SharedCapabilities,
 ) -> std::io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::channel::<Task>();
     let load = Arc::new(AtomicUsize::new(0));
@@ -70,6 +74,7 @@ pub fn spawn(
                 watchdog,
                 stats,
                 retry_heap_limit,
+                caps,
             };
             while let Ok(task) = rx.recv() {
                 let result =
@@ -131,27 +136,34 @@ impl Worker {
             }
             None => {
                 self.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
-                match ScriptIsolate::create(run.limits.heap) {
+                match ScriptIsolate::create(run.limits.heap, &self.caps) {
                     Ok(isolate) => isolate,
                     Err(f) => return RunResult::failed(self.finish(f), start, true),
                 }
             }
         };
         isolate.enter();
-        isolate.capture_logs(run.limits.logs);
-        let outcome = {
+        isolate.begin_run(run.limits.logs, RunScope::new(run.call(deadline)));
+        let mut outcome = {
             let _armed = self.watchdog.arm(isolate.guard().clone(), deadline);
-            let loaded = if cold_start {
-                isolate.load(run).await
-            } else {
-                Ok(())
+            let work = async {
+                if cold_start {
+                    isolate.load(run).await?;
+                }
+                isolate.invoke(run).await
             };
-            match loaded {
-                Ok(()) => isolate.invoke(run).await,
-                Err(f) => Err(f),
-            }
+            // The watchdog stops JavaScript that runs too long; this stops a run waiting
+            // too long for the script API.
+            let waited = tokio::time::timeout_at(deadline.into(), work).await;
+            waited.unwrap_or_else(|_| {
+                isolate.guard().timed_out.store(true, Ordering::SeqCst);
+                Err(timeout_failure(run))
+            })
         };
-        let (logs, logs_truncated) = isolate.take_logs();
+        let ((mut logs, logs_truncated), scope) = isolate.end_run();
+        if let Some(scope) = &scope {
+            redact::secrets(&scope.secrets_read, &mut logs, &mut outcome);
+        }
         let reusable = isolate.is_loaded()
             && !isolate.guard().tripped()
             && match &outcome {
@@ -182,19 +194,22 @@ impl Worker {
         if let Err(f) = self.check_source(run) {
             return RunResult::failed(f, start, false);
         }
-        let mut isolate = match ScriptIsolate::create(run.limits.heap) {
+        let mut isolate = match ScriptIsolate::create(run.limits.heap, &self.caps) {
             Ok(isolate) => isolate,
             Err(f) => return RunResult::failed(self.finish(f), start, true),
         };
+        let deadline = start + run.limits.timeout;
         isolate.enter();
-        isolate.capture_logs(run.limits.logs);
+        isolate.begin_run(run.limits.logs, RunScope::new(run.call(deadline)));
         let loaded = {
-            let _armed = self
-                .watchdog
-                .arm(isolate.guard().clone(), start + run.limits.timeout);
-            isolate.load(run).await
+            let _armed = self.watchdog.arm(isolate.guard().clone(), deadline);
+            let waited = tokio::time::timeout_at(deadline.into(), isolate.load(run)).await;
+            waited.unwrap_or_else(|_| {
+                isolate.guard().timed_out.store(true, Ordering::SeqCst);
+                Err(timeout_failure(run))
+            })
         };
-        let (logs, logs_truncated) = isolate.take_logs();
+        let ((logs, logs_truncated), _) = isolate.end_run();
         RunResult {
             outcome: loaded
                 .map(|()| serde_json::Value::Null)

@@ -12,6 +12,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "schedules",
         include_str!("../../migrations/0002_schedules.sql"),
     ),
+    (
+        3,
+        "capabilities",
+        include_str!("../../migrations/0003_capabilities.sql"),
+    ),
 ];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.

@@ -2,9 +2,11 @@
 //! Every query declares the tenant it works for (`scriptd.tenant`, '*' for the daemon's
 //! cross-tenant work); row-level security enforces it for the `database.role` role.
 
+mod kv;
 mod migrate;
 mod runs;
 mod scripts;
+mod secrets;
 
 use std::time::Duration;
 
@@ -13,8 +15,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, T
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
+pub use kv::KvWrite;
 pub use runs::{LockOutcome, RunFilter, RunRecord, RunStatus, StoredRun};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
+pub use secrets::SecretInfo;
 
 /// The `[database]` settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
