@@ -1,8 +1,14 @@
-// Reacts to `order.created`: logs the order and returns the invoice it would request.
+// Reacts to `order.created`: totals the order, counts the tenant's orders per currency in
+// its key-value store, and publishes `invoice.requested` for the invoicing script.
 export default async function (event, ctx) {
   const order = event.data ?? {};
-  ctx.log("order", order.id, "for tenant", ctx.tenant);
   const total = (order.items ?? []).reduce((sum, item) => sum + item.price * item.qty, 0);
-  console.info("computed total", total);
-  return { invoice: { order: order.id, total, currency: order.currency ?? "EUR" } };
+  const currency = order.currency ?? "EUR";
+  const counter = `orders:${currency}`;
+  const count = ((await ctx.kv.get(counter)) ?? 0) + 1;
+  await ctx.kv.set(counter, count);
+  ctx.log("order", order.id, "total", total, currency, "- order", count, "in", currency);
+  const { subject } = await ctx.publish("invoice.requested", { order: order.id, total, currency });
+  console.info("published", subject);
+  return { total, currency, count };
 }

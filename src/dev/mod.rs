@@ -1,7 +1,10 @@
 //! `scriptd dev`: everything on one machine. Uses NATS and PostgreSQL at the configured URLs
 //! when they answer, otherwise starts them from binaries on PATH (throw-away data under
-//! `target/dev/`); migrates, deploys `scripts-examples/`, publishes each example's event and
-//! runs the daemon until Ctrl-C.
+//! `target/dev/`); migrates, sets up what the examples use (a secrets key, a secret, a
+//! local billing API on the tenant's fetch allow list, a key-value setting), deploys
+//! `scripts-examples/`, publishes each example's event and runs the daemon until Ctrl-C.
+
+mod billing;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -14,9 +17,13 @@ use clap::Args;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use crate::caps::secrets::SecretBox;
 use crate::config::Settings;
 use crate::manifest::Manifest;
 use crate::store::Store;
+
+/// The tenant of the bundled examples.
+const EXAMPLE_TENANT: &str = "acme";
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -75,6 +82,9 @@ async fn prepare_and_run(
         println!("dev: applied migration {applied}");
     }
     let store = Store::connect(&settings.database).await?;
+    let mut settings = settings.clone();
+    prepare_examples(&mut settings, &store, &args.data).await?;
+    let settings = &settings;
     let client = crate::bus::connect(&settings.nats).await?;
     let js = async_nats::jetstream::new(client);
     crate::bus::ensure_streams(&js, &settings.nats).await?;
@@ -117,6 +127,58 @@ async fn prepare_and_run(
     tokio::spawn(crate::cli::cancel_on_signal(shutdown.clone()));
     crate::daemon::run(settings.clone(), shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the examples' script API calls need: a secrets key (generated under the data folder
+/// unless one is configured), the example tenant's billing API key as a secret, the local
+/// billing API (loopback is allowed to fetch in dev only) on its allow list, and the API's
+/// URL in its key-value store.
+async fn prepare_examples(
+    settings: &mut Settings,
+    store: &Store,
+    data: &Path,
+) -> anyhow::Result<()> {
+    let secrets = &mut settings.capabilities.secrets;
+    if secrets.key.is_empty() && secrets.key_file.is_empty() {
+        std::fs::create_dir_all(data)?;
+        let path = data.join("secrets.key");
+        if !path.exists() {
+            std::fs::write(&path, SecretBox::generate_key())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        secrets.key_file = path.display().to_string();
+        println!("dev: secrets key in {}", path.display());
+    }
+    let secret_box = SecretBox::from_config(secrets)?.context("the secrets key")?;
+    let api_key = format!("dev-{:032x}", rand::random::<u128>());
+    let port = billing::serve(api_key.clone()).await?;
+    let billing_url = format!("http://127.0.0.1:{port}");
+    settings
+        .capabilities
+        .fetch
+        .allow_private
+        .push("127.0.0.1/32".parse().expect("static network"));
+    store
+        .secret_put(
+            EXAMPLE_TENANT,
+            "billing-api-key",
+            &secret_box.seal(EXAMPLE_TENANT, "billing-api-key", &api_key),
+        )
+        .await?;
+    store
+        .set_fetch_allow_list(EXAMPLE_TENANT, &[format!("127.0.0.1:{port}")])
+        .await?;
+    let quota = settings.capabilities.kv.max_per_tenant.0;
+    store
+        .kv_set(
+            EXAMPLE_TENANT,
+            "config:billing-url",
+            &serde_json::to_string(&billing_url)?,
+            quota,
+        )
+        .await?;
+    println!("dev: example billing API at {billing_url} (tenant {EXAMPLE_TENANT} may fetch it; its key is the secret billing-api-key)");
+    Ok(())
 }
 
 fn address(url: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
