@@ -131,13 +131,23 @@ fn set_from_env(settings: &mut toml::Table, name: &str, raw: &str) -> anyhow::Re
     if !table.contains_key(last) {
         bail!("{name} names no setting ({dotted} does not exist)");
     }
-    // A value that reads as a TOML scalar (number, boolean) is taken as one; anything else
-    // is a string ("2s", "64MiB", "json").
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .filter(|v| !v.is_table() && !v.is_array())
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    // A list setting takes comma-separated items. Otherwise a value that reads as a TOML
+    // scalar (number, boolean) is taken as one; anything else is a string ("2s", "json").
+    let value = if table[last].is_array() {
+        toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| toml::Value::String(item.to_owned()))
+                .collect(),
+        )
+    } else {
+        toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(|v| !v.is_table() && !v.is_array())
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+    };
     table.insert(last.clone(), value);
     Settings::deserialize(toml::Value::Table(settings.clone()))
         .with_context(|| format!("in the environment variable {name}={raw:?}"))?;
@@ -191,6 +201,43 @@ mod tests {
         assert_eq!(s.engine.limits.timeout, Duration::from_secs(2));
         assert_eq!(s.engine.limits.heap, ByteSize::mib(16));
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn list_settings_take_comma_separated_items_and_keys_are_not_printed() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                (
+                    "SCRIPTD_CAPABILITIES__FETCH__ALLOW_PRIVATE",
+                    "10.0.0.0/8, 127.0.0.1/32",
+                ),
+                ("SCRIPTD_CAPABILITIES__SECRETS__KEY", "c2VjcmV0"),
+            ]),
+        )
+        .unwrap();
+        let nets: Vec<String> = s
+            .capabilities
+            .fetch
+            .allow_private
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32"]);
+        let shown = toml::to_string(&s.redacted()).unwrap();
+        assert!(
+            !shown.contains("c2VjcmV0") && shown.contains("(set)"),
+            "{shown}"
+        );
+        let err = Settings::load_from(
+            None,
+            env(&[(
+                "SCRIPTD_CAPABILITIES__FETCH__ALLOW_PRIVATE",
+                "not-a-network",
+            )]),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("ALLOW_PRIVATE"), "{err:#}");
     }
 
     #[test]

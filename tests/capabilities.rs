@@ -326,3 +326,81 @@ async fn secrets_are_encrypted_at_rest_and_never_recorded() {
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_manage_secrets_and_allow_lists_from_the_command_line() {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    let env = TestEnv::new().await;
+    let cli = |args: &[&str], key: Option<&str>, stdin: &str| {
+        let mut command = env.daemon_command();
+        command.args(args);
+        match key {
+            Some(key) => command.env("SCRIPTD_CAPABILITIES__SECRETS__KEY", key),
+            None => command.env_remove("SCRIPTD_CAPABILITIES__SECRETS__KEY"),
+        };
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let refused = cli(&["secrets", "set", "acme", "api"], None, "value\n");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("generate-key"));
+
+    let key = cli(&["secrets", "generate-key"], None, "");
+    let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
+    let set = cli(
+        &["secrets", "set", "acme", "api"],
+        Some(&key),
+        "s3cret-value\n",
+    );
+    assert!(set.status.success(), "{set:?}");
+    let listed = support::json(cli(&["secrets", "list", "acme", "--json"], Some(&key), ""));
+    assert_eq!(listed[0]["name"], "api");
+    assert!(!listed.to_string().contains("s3cret"));
+    let sealed = env.store.secret_get("acme", "api").await.unwrap().unwrap();
+    let secret_box = SecretBox::new(
+        &base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &key).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        secret_box.open("acme", "api", &sealed).unwrap(),
+        "s3cret-value"
+    );
+
+    let bad = cli(&["tenants", "allow-fetch", "acme", "http://x/y"], None, "");
+    assert!(!bad.status.success());
+    let allowed = cli(
+        &[
+            "tenants",
+            "allow-fetch",
+            "acme",
+            "api.example.com",
+            "*.example.org:8443",
+        ],
+        None,
+        "",
+    );
+    assert!(allowed.status.success(), "{allowed:?}");
+    let shown = support::json(cli(&["tenants", "show", "acme", "--json"], None, ""));
+    assert_eq!(
+        shown["fetch_allow"],
+        serde_json::json!(["api.example.com", "*.example.org:8443"])
+    );
+    assert_eq!(shown["secrets"], serde_json::json!(["api"]));
+    let deleted = cli(&["secrets", "delete", "acme", "api"], None, "");
+    assert!(deleted.status.success());
+    assert!(env.store.secret_get("acme", "api").await.unwrap().is_none());
+    env.cleanup().await;
+}
