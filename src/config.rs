@@ -29,6 +29,7 @@ pub struct Settings {
     pub nats: NatsConfig,
     pub daemon: DaemonConfig,
     pub capabilities: CapabilitiesConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

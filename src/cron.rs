@@ -34,6 +34,7 @@ pub struct Ticker {
     pub config: NatsConfig,
     pub index: Arc<ScriptIndex>,
     pub store: Store,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Armed {
@@ -143,6 +144,8 @@ impl Ticker {
         tracing::info!(tenant = %script.tenant, script = %script.name, missed = missed.len(), policy = script.catch_up.as_str(), "Catching up missed occurrences.");
         match script.catch_up {
             CatchUp::None => {
+                self.metrics
+                    .schedule_skipped("missed", missed.len().saturating_sub(1) as u64);
                 if let Some(latest) = missed.last() {
                     self.publish(script, *latest, missed.len()).await;
                 }

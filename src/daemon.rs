@@ -2,7 +2,8 @@
 //! until the shutdown token is cancelled, then stops in order: stop pulling, let runs in
 //! flight finish within the grace period, hand back what remains, flush records.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -13,7 +14,9 @@ use crate::bus::{self, fanout::Fanout, fanout::FanoutStats, runner::Runner, runn
 use crate::caps::Live;
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::health::Readiness;
 use crate::index::{self, ScriptIndex};
+use crate::metrics::{Metrics, Sources};
 use crate::records::{HistoryReader, RecordWriter};
 use crate::store::Store;
 use crate::units::duration_str;
@@ -40,11 +43,15 @@ impl Default for DaemonConfig {
     }
 }
 
-/// Counters a running daemon exposes (tests and, later, metrics read them).
+/// What a running daemon exposes: its counters and metrics, its readiness, and where its
+/// HTTP endpoint listens (tests read these directly).
 #[derive(Clone, Default)]
 pub struct DaemonStats {
     pub fanout: Arc<FanoutStats>,
     pub runner: Arc<RunnerStats>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub listening: Arc<OnceLock<SocketAddr>>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
@@ -57,6 +64,23 @@ pub async fn run_with_stats(
     shutdown: CancellationToken,
     stats: DaemonStats,
 ) -> anyhow::Result<()> {
+    stats
+        .metrics
+        .set_tenant_labels(settings.telemetry.tenant_labels);
+    // The endpoint answers from the start: alive at once, ready once everything is.
+    let endpoint = CancellationToken::new();
+    let _stop_endpoint = endpoint.clone().drop_guard();
+    if !settings.telemetry.listen.is_empty() {
+        let bound = crate::health::serve(
+            &settings.telemetry.listen,
+            stats.readiness.clone(),
+            stats.metrics.clone(),
+            endpoint,
+        )
+        .await?;
+        tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
+        let _ = stats.listening.set(bound);
+    }
     let Some(store) = until_ready("PostgreSQL", &shutdown, || {
         Store::connect_all_tenants(&settings.database)
     })
@@ -77,11 +101,18 @@ pub async fn run_with_stats(
         return Ok(());
     }
     tracing::info!(scripts = index.snapshot().len(), "Script index loaded.");
+    stats.readiness.index_loaded();
 
     let client = bus::connect(&settings.nats).await?;
     let js = jetstream::new(client.clone());
     bus::ensure_streams(&js, &settings.nats).await?;
     let nats = &settings.nats;
+    stats.readiness.attach(
+        client.clone(),
+        js.clone(),
+        store.clone(),
+        vec![nats.events_stream(), nats.jobs_stream(), nats.dlq_stream()],
+    );
     let fanout_consumer = bus::durable_consumer(
         &js,
         &nats.events_stream(),
@@ -106,6 +137,14 @@ pub async fn run_with_stats(
         store.clone(),
     )?;
     let engine = Arc::new(Engine::start_with(&settings.engine, Arc::new(caps))?);
+    stats.metrics.attach(Sources {
+        fanout: stats.fanout.clone(),
+        runner: stats.runner.clone(),
+        engine: engine.clone(),
+        nats: client.clone(),
+        postgres: store.pool().clone(),
+    });
+    crate::telemetry::export_metrics(&stats.metrics);
     let (records, writer) = RecordWriter::start(store.clone());
     let (history, reader) = HistoryReader::start(store.clone());
     let background = CancellationToken::new();
@@ -134,6 +173,7 @@ pub async fn run_with_stats(
         retry: settings.retry,
         ack_wait: nats.ack_wait,
         stats: stats.runner.clone(),
+        metrics: stats.metrics.clone(),
         // Two per worker keep every worker busy while results travel back.
         slots: Arc::new(tokio::sync::Semaphore::new(2 * engine.workers())),
         stop: shutdown.clone(),
@@ -145,6 +185,7 @@ pub async fn run_with_stats(
             config: nats.clone(),
             index: index.clone(),
             store: store.clone(),
+            metrics: stats.metrics.clone(),
         }
         .run(shutdown.clone()),
     );

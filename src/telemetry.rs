@@ -1,22 +1,257 @@
-//! Logging: tracing-subscriber, human-readable or JSON lines on standard error.
+//! Logging and OpenTelemetry: tracing-subscriber (human or JSON lines on standard error),
+//! and, when an OTLP endpoint is configured, export of traces and metrics over OTLP/HTTP.
+//! W3C trace context (`traceparent`) is read from and written to message headers here.
 
-use tracing_subscriber::EnvFilter;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use serde::{Deserialize, Serialize};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat};
+use crate::metrics::Metrics;
+use crate::units::duration_str;
+
+/// The `[telemetry]` settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address of the HTTP listener serving `/healthz`, `/readyz` and `/metrics`; empty for
+    /// none.
+    pub listen: String,
+    /// OTLP/HTTP base URL (`http://collector:4318`). Empty: `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// if set, else nothing is exported.
+    pub otlp_endpoint: String,
+    /// `http/protobuf` or `http/json`. Empty: `OTEL_EXPORTER_OTLP_PROTOCOL`, else protobuf.
+    pub otlp_protocol: String,
+    /// Empty: `OTEL_SERVICE_NAME`, else `scriptd`.
+    pub service_name: String,
+    /// How often metrics are exported over OTLP.
+    #[serde(with = "duration_str")]
+    pub metrics_interval: Duration,
+    /// Label run metrics with the tenant (one series per tenant: only with few tenants).
+    pub tenant_labels: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: "127.0.0.1:9464".into(),
+            otlp_endpoint: String::new(),
+            otlp_protocol: String::new(),
+            service_name: String::new(),
+            metrics_interval: Duration::from_secs(15),
+            tenant_labels: false,
+        }
+    }
+}
+
+/// Flushes and stops the exporters when dropped.
+#[derive(Default)]
+pub struct TelemetryGuard {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(tracer) = self.tracer.take() {
+            if let Err(e) = tracer.shutdown() {
+                eprintln!("scriptd: flushing traces failed: {e}");
+            }
+        }
+        if let Some(meter) = self.meter.take() {
+            if let Err(e) = meter.shutdown() {
+                eprintln!("scriptd: flushing metrics failed: {e}");
+            }
+        }
+    }
+}
 
 /// Installs the global subscriber. `RUST_LOG`, when set, replaces the configured filter.
-/// Standard output stays free for command output.
-pub fn init(config: &LogConfig) -> anyhow::Result<()> {
+/// Standard output stays free for command output. With `export`, and an OTLP endpoint
+/// configured, spans and metrics are exported too. Call outside any async runtime.
+pub fn init(
+    log: &LogConfig,
+    telemetry: &TelemetryConfig,
+    export: bool,
+) -> anyhow::Result<TelemetryGuard> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = match std::env::var("RUST_LOG") {
         Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env)?,
-        _ => EnvFilter::try_new(&config.filter)?,
+        _ => EnvFilter::try_new(&log.filter)?,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let installed = match config.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // The log filter decides what is printed, not which spans are exported.
+    let fmt = match log.format {
+        LogFormat::Human => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
-    installed.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+    let mut guard = TelemetryGuard::default();
+    let otel = match export
+        .then(|| otlp_target(telemetry))
+        .transpose()?
+        .flatten()
+    {
+        Some(target) => {
+            let (tracer, meter) = start_exporters(telemetry, &target)?;
+            let spans = Targets::new().with_target("scriptd", tracing::Level::INFO);
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer.tracer("scriptd"))
+                .with_filter(spans);
+            opentelemetry::global::set_tracer_provider(tracer.clone());
+            opentelemetry::global::set_meter_provider(meter.clone());
+            guard.tracer = Some(tracer);
+            guard.meter = Some(meter);
+            Some(layer)
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))?;
+    Ok(guard)
+}
+
+struct Target {
+    /// Base URL; `None` lets the exporter read `OTEL_EXPORTER_OTLP_*` itself.
+    base: Option<String>,
+    protocol: Protocol,
+}
+
+fn otlp_target(config: &TelemetryConfig) -> anyhow::Result<Option<Target>> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    let base = if !config.otlp_endpoint.is_empty() {
+        Some(config.otlp_endpoint.trim_end_matches('/').to_owned())
+    } else if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+    {
+        None
+    } else {
+        return Ok(None);
+    };
+    let protocol = match config.otlp_protocol.as_str() {
+        "" => env("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|| "http/protobuf".into()),
+        p => p.to_owned(),
+    };
+    let protocol = match protocol.as_str() {
+        "http/protobuf" => Protocol::HttpBinary,
+        "http/json" => Protocol::HttpJson,
+        other => bail!("OTLP protocol {other:?} is not supported: use http/protobuf or http/json"),
+    };
+    Ok(Some(Target { base, protocol }))
+}
+
+fn start_exporters(
+    config: &TelemetryConfig,
+    target: &Target,
+) -> anyhow::Result<(SdkTracerProvider, SdkMeterProvider)> {
+    let service = if !config.service_name.is_empty() {
+        config.service_name.clone()
+    } else {
+        std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "scriptd".into())
+    };
+    let resource = Resource::builder()
+        .with_service_name(service)
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut spans = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(target.protocol);
+    let mut metrics = opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_protocol(target.protocol);
+    if let Some(base) = &target.base {
+        spans = spans.with_endpoint(format!("{base}/v1/traces"));
+        metrics = metrics.with_endpoint(format!("{base}/v1/metrics"));
+    }
+    let tracer = SdkTracerProvider::builder()
+        .with_batch_exporter(spans.build().context("the OTLP span exporter")?)
+        .with_resource(resource.clone())
+        .build();
+    let reader = PeriodicReader::builder(metrics.build().context("the OTLP metric exporter")?)
+        .with_interval(config.metrics_interval)
+        .build();
+    let meter = SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(resource)
+        .build();
+    Ok((tracer, meter))
+}
+
+/// Exports the daemon's metrics through the global meter provider (a no-op provider when
+/// nothing is exported). Counters and gauges are observed from `metrics` at each export.
+pub fn export_metrics(metrics: &Arc<Metrics>) {
+    let meter = opentelemetry::global::meter("scriptd");
+    let mut names: Vec<(&'static str, &'static str, bool)> = metrics
+        .samples()
+        .iter()
+        .map(|s| (s.name, s.help, s.counter))
+        .collect();
+    names.dedup_by_key(|n| n.0);
+    for (name, help, counter) in names {
+        let m = metrics.clone();
+        let observe = move |observer: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
+            for sample in m.samples().into_iter().filter(|s| s.name == name) {
+                let attributes: Vec<KeyValue> = sample
+                    .labels
+                    .into_iter()
+                    .map(|(k, v)| KeyValue::new(k, v))
+                    .collect();
+                observer.observe(sample.value, &attributes);
+            }
+        };
+        // OpenTelemetry names counters without Prometheus' `_total` suffix.
+        let otel_name = name.strip_suffix("_total").unwrap_or(name);
+        if counter {
+            meter
+                .f64_observable_counter(otel_name)
+                .with_description(help)
+                .with_callback(move |o| observe(o))
+                .build();
+        } else {
+            meter
+                .f64_observable_gauge(otel_name)
+                .with_description(help)
+                .with_callback(move |o| observe(o))
+                .build();
+        }
+    }
+    metrics.export_histograms(&meter);
+}
+
+/// The trace context in `traceparent`, as a parent for a span.
+pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(parent);
+}
+
+/// The `traceparent` naming `span`, when spans are exported.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.remove("traceparent")
 }

@@ -9,12 +9,15 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::dlq::{self, DeadLetter};
 use super::job::{headers_as_json, Job};
 use super::NatsConfig;
 use crate::engine::{Engine, Failure, Limits, RunResult, ScriptRun};
 use crate::index::ScriptIndex;
+use crate::metrics::Metrics;
 use crate::records::{HistoryReader, RecordWriter};
 use crate::retry::{Decision, RetryPolicy};
 use crate::schedule::Overlap;
@@ -43,6 +46,7 @@ pub struct Runner {
     pub retry: RetryPolicy,
     pub ack_wait: Duration,
     pub stats: Arc<RunnerStats>,
+    pub metrics: Arc<Metrics>,
     /// One permit per engine worker: a job waits here, not in the engine's queue, so that
     /// on shutdown the jobs not yet started are handed back at once.
     pub slots: Arc<tokio::sync::Semaphore>,
@@ -115,7 +119,6 @@ impl Runner {
     }
 
     async fn process(&self, msg: &jetstream::Message) -> Settle {
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let job: Job = match serde_json::from_slice(&msg.payload) {
             Ok(job) => job,
             Err(e) => {
@@ -123,6 +126,25 @@ impl Runner {
                 return Settle::Term;
             }
         };
+        // One span per delivery, a child of the publisher's trace: retries and the dead
+        // letter of one event share its trace.
+        let span = tracing::info_span!(
+            "scriptd.run",
+            tenant = %job.tenant,
+            script = %job.script,
+            job = %job.id,
+            trigger = %job.trigger,
+            attempt = Empty,
+            version = Empty,
+            outcome = Empty,
+        );
+        crate::telemetry::set_parent(&span, header(msg, "traceparent"));
+        self.process_job(msg, job).instrument(span).await
+    }
+
+    async fn process_job(&self, msg: &jetstream::Message, job: Job) -> Settle {
+        let span = tracing::Span::current();
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         // The records say which attempt this is and whether the job already ended: a
         // redelivery may follow a retry, a hand-back at shutdown, a crash or a lost ack, and
         // NATS servers before 2.10 sometimes deliver a message again as if it were new
@@ -130,9 +152,11 @@ impl Runner {
         let attempt = match self.history.history(&job.id).await {
             Ok((_, true)) => {
                 tracing::info!(job = %job.id, delivered, "Job delivered again after it ended; acknowledged without running it.");
+                span.record("outcome", "already_ended");
                 return Settle::Ack;
             }
             Ok((retried, false)) => retried + 1,
+
             Err(e) => {
                 self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(job = %job.id, error = %e, "Cannot read the job's history; it will come back.");
@@ -152,8 +176,12 @@ impl Runner {
             }
         };
         let script = self.index.snapshot().get(&job.tenant, &job.script).cloned();
+        span.record("attempt", attempt);
         let Some(script) = script.filter(|s| s.enabled) else {
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .run_finished(&job.tenant, "skipped", None, None);
+            span.record("outcome", "skipped");
             tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, "Job skipped: the script was deleted or disabled.");
             let record = record(&job, attempt, None, RunStatus::Skipped, None, Utc::now());
             return self.commit(record, Settle::Ack).await;
@@ -167,6 +195,12 @@ impl Runner {
             Err(settle) => return settle,
         };
         let started_at = Utc::now();
+        span.record("version", version);
+        self.metrics.run_started();
+        if let (Some(at), 1) = (job.scheduled_at, attempt) {
+            self.metrics
+                .schedule_started((started_at - at).to_std().unwrap_or_default());
+        }
         let limits = script.limits(&self.limits);
         let policy = script.retry_policy(&self.retry);
         let run = ScriptRun {
@@ -178,7 +212,10 @@ impl Runner {
             attempt,
             limits,
             job: job.id.clone(),
-            traceparent: header(msg, "traceparent").map(str::to_owned),
+            // What the script publishes continues this run's span when spans are exported,
+            // else the event's trace.
+            traceparent: crate::telemetry::traceparent_of(&span)
+                .or_else(|| header(msg, "traceparent").map(str::to_owned)),
             depth: header(msg, crate::caps::DEPTH_HEADER)
                 .and_then(|d| d.parse().ok())
                 .unwrap_or(0),
@@ -211,8 +248,10 @@ impl Runner {
                         Err(_) => return Settle::Nak(Some(Duration::from_secs(1))),
                     },
                 };
-                if let Err(e) =
-                    dlq::publish(&self.js, &self.config, &letter, msg.headers.as_ref()).await
+                let dead_letter = tracing::info_span!("scriptd.dead_letter", kind = %letter.failure.kind, attempts = attempt);
+                if let Err(e) = dlq::publish(&self.js, &self.config, &letter, msg.headers.as_ref())
+                    .instrument(dead_letter)
+                    .await
                 {
                     tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Dead-letter publish failed; the job will come back.");
                     return Settle::Nak(Some(Duration::from_secs(1)));
@@ -222,6 +261,10 @@ impl Runner {
                 (RunStatus::DeadLettered, Settle::Ack)
             }
         };
+        let kind = result.outcome.as_ref().err().map(|f| f.kind.as_str());
+        self.metrics
+            .run_finished(&job.tenant, status.as_str(), kind, Some(result.duration));
+        span.record("outcome", status.as_str());
         tracing::debug!(
             tenant = %job.tenant,
             script = %job.script,
@@ -280,6 +323,9 @@ impl Runner {
             }
             Ok(LockOutcome::Held) => {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .run_finished(&job.tenant, "skipped", Some("overlap"), None);
+                self.metrics.schedule_skipped("overlap", 1);
                 let mut skipped = record(
                     job,
                     1,

@@ -222,7 +222,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(format) = cli.log_format {
         settings.log.format = format;
     }
-    crate::telemetry::init(&settings.log)?;
+    // Spans and metrics are exported by the long-running commands only.
+    let export = matches!(cli.command, Command::Run | Command::Dev(_));
+    let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry, export)?;
     match cli.command {
         Command::Config => {
             print!("{}", toml::to_string_pretty(&settings.redacted())?);

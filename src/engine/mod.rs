@@ -186,6 +186,8 @@ pub struct EngineStats {
     pub evictions: AtomicU64,
     /// Isolates dropped after a run that left them unfit for reuse (timeout, heap limit, ...).
     pub discarded: AtomicU64,
+    /// Warm isolates kept now, all workers together.
+    pub warm_isolates: AtomicU64,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -196,6 +198,9 @@ pub struct StatsSnapshot {
     pub warm_hits: u64,
     pub evictions: u64,
     pub discarded: u64,
+    pub warm_isolates: u64,
+    /// Runs queued on or running in a worker now.
+    pub in_flight: u64,
 }
 
 /// The engine: a fixed set of worker threads, each with its own warm isolates.
@@ -285,6 +290,12 @@ impl Engine {
             warm_hits: s.warm_hits.load(Ordering::Relaxed),
             evictions: s.evictions.load(Ordering::Relaxed),
             discarded: s.discarded.load(Ordering::Relaxed),
+            warm_isolates: s.warm_isolates.load(Ordering::Relaxed),
+            in_flight: self
+                .workers
+                .iter()
+                .map(|w| w.load.load(Ordering::Relaxed) as u64)
+                .sum(),
         }
     }
 }

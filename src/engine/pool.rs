@@ -80,4 +80,8 @@ impl WarmPool {
     pub fn clear(&mut self) {
         self.entries.clear();
     }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
 }

@@ -76,9 +76,16 @@ pub fn spawn(
                 retry_heap_limit,
                 caps,
             };
+            let mut warm = 0;
             while let Ok(task) = rx.recv() {
                 let result =
                     runtime.block_on(worker.execute_guarded(&task.run, task.validate_only));
+                let now = worker.pool.len() as u64;
+                if now != warm {
+                    let stats = &worker.stats.warm_isolates;
+                    stats.fetch_add(now.wrapping_sub(warm), Ordering::Relaxed);
+                    warm = now;
+                }
                 their_load.fetch_sub(1, Ordering::SeqCst);
                 let _ = task.reply.send(result);
             }

@@ -137,6 +137,10 @@ impl Store {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
 }
 
 /// A transaction working for `tenant` (or [`ALL_TENANTS`]).

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod otlp;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -102,6 +103,8 @@ impl TestEnv {
             max_attempts: 3,
         };
         settings.daemon.shutdown_grace = Duration::from_secs(10);
+        // Tests that want the HTTP endpoint ask for a free port.
+        settings.telemetry.listen = String::new();
         Store::migrate(&settings.database)
             .await
             .expect("migrations");
@@ -154,6 +157,7 @@ impl TestEnv {
             .env("SCRIPTD_RETRY__INITIAL", "100ms")
             .env("SCRIPTD_RETRY__RANDOMIZATION", "0")
             .env("SCRIPTD_LOG__FILTER", "warn")
+            .env("SCRIPTD_TELEMETRY__LISTEN", "")
             .env_remove("RUST_LOG");
         c
     }
