@@ -137,6 +137,9 @@ pub async fn run_with_stats(
         store.clone(),
     )?;
     let engine = Arc::new(Engine::start_with(&settings.engine, Arc::new(caps))?);
+    if !engine.wait_ready(Duration::from_secs(30)).await {
+        tracing::warn!("Not every engine host is up after 30s; runs wait for those that are.");
+    }
     stats.metrics.attach(Sources {
         fanout: stats.fanout.clone(),
         runner: stats.runner.clone(),

@@ -12,7 +12,7 @@ use scriptd::caps::{
     Call, CapResult, Capabilities, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp, KvReply,
     Publish,
 };
-use scriptd::engine::{Engine, EngineConfig, FailureKind};
+use scriptd::engine::{Engine, EngineConfig, FailureKind, Isolation};
 use serde_json::json;
 
 use common::{limits, run, value};
@@ -65,6 +65,9 @@ impl Capabilities for Recorder {
 fn engine(recorder: Arc<Recorder>) -> Engine {
     Engine::start_with(
         &EngineConfig {
+            // The op layer in this process; the script API through engine hosts is covered
+            // by the daemon tests in capabilities.rs.
+            isolation: Isolation::Thread,
             workers: 1,
             ..Default::default()
         },

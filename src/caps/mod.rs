@@ -12,6 +12,7 @@ pub mod secrets;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
 pub use config::{CapabilitiesConfig, FetchConfig, KvConfig, PublishConfig, SecretsConfig};
 pub use live::{Live, DEPTH_HEADER};
@@ -33,7 +34,7 @@ pub struct Call {
 }
 
 /// A message a script publishes with `ctx.publish`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Publish {
     /// The event type, appended to the tenant's event subject.
     pub event_type: String,
@@ -46,7 +47,7 @@ pub struct Publish {
 }
 
 /// A key-value operation on the calling tenant's keys. Values are JSON text.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum KvOp {
     Get(String),
     Set(String, String),
@@ -54,7 +55,7 @@ pub enum KvOp {
     List { prefix: String, limit: usize },
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum KvReply {
     Value(Option<String>),
     Done,
@@ -63,17 +64,18 @@ pub enum KvReply {
 }
 
 /// An HTTP request from `fetch`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FetchRequest {
     pub url: String,
     pub method: String,
     pub headers: Vec<(String, String)>,
+    #[serde(with = "base64_bytes")]
     pub body: Vec<u8>,
     /// Follow redirects (re-checking each target) rather than failing on them.
     pub follow_redirects: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FetchResponse {
     pub status: u16,
     pub status_text: String,
@@ -81,18 +83,36 @@ pub struct FetchResponse {
     pub url: String,
     pub redirected: bool,
     pub headers: Vec<(String, String)>,
+    #[serde(with = "base64_bytes")]
     pub body: Vec<u8>,
 }
 
+/// Bytes as base64 text: bodies cross the engine host boundary as JSON.
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Why a capability call failed; becomes a JavaScript error the script can catch.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{message}")]
 pub struct CapError {
     pub kind: CapErrorKind,
     pub message: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CapErrorKind {
     /// Bad arguments (`TypeError`).
     Invalid,

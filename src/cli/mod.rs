@@ -72,6 +72,9 @@ pub enum Command {
     Bench(BenchCommand),
     /// Print the effective configuration (defaults, file and environment merged) as TOML.
     Config,
+    /// An engine host process; started by the daemon, not by hand.
+    #[command(hide = true)]
+    EngineHost,
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,6 +229,10 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let export = matches!(cli.command, Command::Run | Command::Dev(_));
     let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry, export)?;
     match cli.command {
+        Command::EngineHost => {
+            crate::engine::host_main()?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config => {
             print!("{}", toml::to_string_pretty(&settings.redacted())?);
             Ok(ExitCode::SUCCESS)

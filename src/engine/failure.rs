@@ -30,12 +30,14 @@ pub enum FailureKind {
     ResultNotSerialisable,
     /// The engine itself failed (isolate could not be created, worker gone).
     Engine,
+    /// The engine host process running the script died (killed, crashed, out of memory).
+    EngineCrashed,
     /// The trigger's input cannot be handed to a script (an event over the size limit).
     BadInput,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 11] = [
+    pub const ALL: [FailureKind; 12] = [
         FailureKind::Syntax,
         FailureKind::NoHandler,
         FailureKind::SourceTooLarge,
@@ -46,6 +48,7 @@ impl FailureKind {
         FailureKind::ResultTooLarge,
         FailureKind::ResultNotSerialisable,
         FailureKind::Engine,
+        FailureKind::EngineCrashed,
         FailureKind::BadInput,
     ];
 
@@ -55,7 +58,10 @@ impl FailureKind {
     /// setting (`engine.retry_heap_limit`).
     pub fn retryable(self, heap_limit_retryable: bool) -> bool {
         match self {
-            FailureKind::Exception | FailureKind::Timeout | FailureKind::Engine => true,
+            FailureKind::Exception
+            | FailureKind::Timeout
+            | FailureKind::Engine
+            | FailureKind::EngineCrashed => true,
             FailureKind::HeapLimit => heap_limit_retryable,
             FailureKind::Syntax
             | FailureKind::NoHandler
@@ -79,6 +85,7 @@ impl FailureKind {
             FailureKind::ResultTooLarge => "result_too_large",
             FailureKind::ResultNotSerialisable => "result_not_serialisable",
             FailureKind::Engine => "engine",
+            FailureKind::EngineCrashed => "engine_crashed",
             FailureKind::BadInput => "bad_input",
         }
     }

@@ -131,7 +131,10 @@ impl ScriptIsolate {
         }
         .await;
         let namespace = loaded.map_err(|(kind, error)| classify(&self.guard, kind, &error, run))?;
-        self.handler = Some(find_handler(runtime, &self.host, namespace).await?);
+        // The deadline may pass while the handler is looked up: a termination then is the
+        // timeout's (or the heap limit's), not an engine fault.
+        let handler = find_handler(runtime, &self.host, namespace).await;
+        self.handler = Some(handler.map_err(|f| tripped(&self.guard, run).unwrap_or(f))?);
         self.source = Some(run.source.clone());
         Ok(())
     }
@@ -143,6 +146,11 @@ impl ScriptIsolate {
 
     pub fn guard(&self) -> &Arc<Guard> {
         &self.guard
+    }
+
+    /// Why the isolate was stopped from outside during `run`, if it was.
+    pub fn stopped(&self, run: &ScriptRun) -> Option<Failure> {
+        tripped(&self.guard, run)
     }
 
     /// Starts a run: console output goes to a fresh buffer of `log_cap` bytes, and the
@@ -321,6 +329,24 @@ fn specifier(run: &ScriptRun) -> ModuleSpecifier {
     url
 }
 
+/// Why the isolate was stopped from outside, if it was.
+fn tripped(guard: &Guard, run: &ScriptRun) -> Option<Failure> {
+    if guard.timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+        return Some(timeout_failure(run));
+    }
+    if guard
+        .heap_exceeded
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Some(failure(
+            FailureKind::HeapLimit,
+            format!("the isolate reached its heap limit of {}", run.limits.heap),
+            None,
+        ));
+    }
+    None
+}
+
 /// The run reached its wall-clock limit (in JavaScript, or waiting for the script API).
 pub fn timeout_failure(run: &ScriptRun) -> Failure {
     failure(
@@ -350,18 +376,8 @@ pub fn failure(kind: FailureKind, message: String, stack: Option<String>) -> Fai
 /// Turns an engine error into a failure. A termination we caused says why by the guard's
 /// flags; otherwise the error's own shape decides, with `default` for JavaScript errors.
 fn classify(guard: &Guard, default: FailureKind, error: &CoreError, run: &ScriptRun) -> Failure {
-    if guard.timed_out.load(std::sync::atomic::Ordering::SeqCst) {
-        return timeout_failure(run);
-    }
-    if guard
-        .heap_exceeded
-        .load(std::sync::atomic::Ordering::SeqCst)
-    {
-        return failure(
-            FailureKind::HeapLimit,
-            format!("the isolate reached its heap limit of {}", run.limits.heap),
-            None,
-        );
+    if let Some(f) = tripped(guard, run) {
+        return f;
     }
     match &*error.0 {
         // QuickJS refuses a single allocation past the limit with a catchable OOM error

@@ -3,6 +3,7 @@
 
 mod failure;
 mod guard;
+mod host;
 mod isolate;
 mod limits;
 mod ops;
@@ -22,6 +23,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 pub use failure::{Failure, FailureKind};
+pub use host::{host_main, rss_of, HostsConfig};
 pub use limits::{LimitOverrides, Limits};
 pub use ops::SharedCapabilities;
 pub use sandbox::LogLine;
@@ -36,11 +38,27 @@ pub const ENGINE_NAME: &str = if cfg!(feature = "quickjs") {
     "v8 (deno_core)"
 };
 
+/// Where the daemon's isolates live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// In engine host processes (`[engine.hosts]`): a crash or leak costs a host.
+    #[default]
+    Process,
+    /// On worker threads of the daemon itself (`engine.workers`).
+    Thread,
+}
+
 /// Engine settings (the `[engine]` table of the configuration).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Engine worker threads, each running one isolate at a time. 0 means one per core.
+    /// Where the daemon runs isolates. Commands other than the daemon (`scripts test`,
+    /// deploy checks, benchmarks) always use threads.
+    pub isolation: Isolation,
+    pub hosts: HostsConfig,
+    /// Engine worker threads with `isolation = "thread"`, each running one isolate at a
+    /// time. 0 means one per core.
     pub workers: usize,
     /// Warm isolates kept per worker.
     pub warm_isolates_per_worker: usize,
@@ -57,6 +75,8 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
+            isolation: Isolation::Process,
+            hosts: HostsConfig::default(),
             workers: 0,
             warm_isolates_per_worker: 64,
             warm_memory_per_worker: ByteSize::mib(256),
@@ -191,7 +211,7 @@ pub struct EngineStats {
 }
 
 /// A point-in-time copy of [`EngineStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
     pub runs: u64,
     pub cold_starts: u64,
@@ -201,24 +221,49 @@ pub struct StatsSnapshot {
     pub warm_isolates: u64,
     /// Runs queued on or running in a worker now.
     pub in_flight: u64,
+    /// Engine hosts replaced after their isolate or memory budget.
+    pub host_recycles: u64,
+    /// Engine hosts that died.
+    pub host_crashes: u64,
 }
 
-/// The engine: a fixed set of worker threads, each with its own warm isolates.
+/// The engine: worker threads with their own warm isolates, here or in host processes.
 pub struct Engine {
     workers: Vec<WorkerHandle>,
+    hosts: Option<host::HostPool>,
     stats: Arc<EngineStats>,
+}
+
+/// Builds what every isolate starts from (the startup snapshot) now rather than at the
+/// first run.
+pub fn prepare() {
+    sandbox::snapshot();
 }
 
 impl Engine {
     /// An engine whose scripts have no script API (every call fails clearly): for checks
     /// and benchmarks outside the daemon.
+    /// Always on threads of this process.
     pub fn start(config: &EngineConfig) -> std::io::Result<Engine> {
-        Self::start_with(config, Arc::new(crate::caps::NoCapabilities::default()))
+        let threads = EngineConfig {
+            isolation: Isolation::Thread,
+            ..config.clone()
+        };
+        Self::start_with(&threads, Arc::new(crate::caps::NoCapabilities::default()))
     }
 
     /// Starts the worker threads, whose scripts reach `caps`. The startup snapshot is
     /// built on first use.
+    /// With `isolation = "process"` the isolates run in host processes started here
+    /// (within a tokio runtime); otherwise on threads of this process.
     pub fn start_with(config: &EngineConfig, caps: SharedCapabilities) -> std::io::Result<Engine> {
+        if config.isolation == Isolation::Process {
+            return Ok(Engine {
+                workers: Vec::new(),
+                hosts: Some(host::HostPool::start(config, caps)?),
+                stats: Arc::default(),
+            });
+        }
         let count = if config.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -228,11 +273,40 @@ impl Engine {
         let workers = (0..count)
             .map(|i| worker::spawn(i, config, stats.clone(), caps.clone()))
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Engine { workers, stats })
+        Ok(Engine {
+            workers,
+            hosts: None,
+            stats,
+        })
     }
 
+    /// Runs the engine can execute at once.
     pub fn workers(&self) -> usize {
-        self.workers.len()
+        match &self.hosts {
+            Some(hosts) => hosts.capacity(),
+            None => self.workers.len(),
+        }
+    }
+
+    /// Waits until every engine host is up (at once with thread isolation); whether they
+    /// came up within `limit`.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let Some(hosts) = &self.hosts else {
+            return true;
+        };
+        let deadline = Instant::now() + limit;
+        while !hosts.all_ready() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Process ids of the engine hosts (none with thread isolation).
+    pub fn host_pids(&self) -> Vec<u32> {
+        self.hosts.as_ref().map(|h| h.pids()).unwrap_or_default()
     }
 
     /// Runs a script. Never panics on script behaviour: every way a script can fail ends in
@@ -247,7 +321,11 @@ impl Engine {
         self.submit(run, true).await.outcome.map(|_| ())
     }
 
-    async fn submit(&self, run: ScriptRun, validate_only: bool) -> RunResult {
+    /// Runs `run`, or with `validate_only` only loads it; the whole result either way.
+    pub(crate) async fn submit(&self, run: ScriptRun, validate_only: bool) -> RunResult {
+        if let Some(hosts) = &self.hosts {
+            return hosts.submit(run, validate_only).await;
+        }
         let start = Instant::now();
         let worker = self.place(&run);
         let (reply, receive) = oneshot::channel();
@@ -283,6 +361,9 @@ impl Engine {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
+        if let Some(hosts) = &self.hosts {
+            return hosts.stats();
+        }
         let s = &self.stats;
         StatsSnapshot {
             runs: s.runs.load(Ordering::Relaxed),
@@ -296,6 +377,8 @@ impl Engine {
                 .iter()
                 .map(|w| w.load.load(Ordering::Relaxed) as u64)
                 .sum(),
+            host_recycles: 0,
+            host_crashes: 0,
         }
     }
 }

@@ -167,6 +167,12 @@ impl Worker {
                 Err(timeout_failure(run))
             })
         };
+        // A termination that surfaced as an engine error is still the timeout's.
+        if matches!(&outcome, Err(f) if f.kind == FailureKind::Engine) {
+            if let Some(stopped) = isolate.stopped(run) {
+                outcome = Err(stopped);
+            }
+        }
         let ((mut logs, logs_truncated), scope) = isolate.end_run();
         if let Some(scope) = &scope {
             redact::secrets(&scope.secrets_read, &mut logs, &mut outcome);

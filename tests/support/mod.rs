@@ -95,6 +95,10 @@ impl TestEnv {
         settings.nats.stream_prefix = id.to_uppercase();
         settings.nats.ack_wait = Duration::from_secs(5);
         settings.engine.workers = 2;
+        // Scripts run in engine host processes, as in production: the hosts are this
+        // package's binary (the test binary itself cannot be one).
+        settings.engine.hosts.count = 2;
+        settings.engine.hosts.binary = env!("CARGO_BIN_EXE_scriptd").into();
         settings.retry = RetryPolicy {
             initial: Duration::from_millis(100),
             multiplier: 2.0,

@@ -1,0 +1,202 @@
+//! What the daemon and an engine host process say to each other: length-delimited frames
+//! of JSON on a Unix socket (fd 3 in the host). Runs go down, results come back; a script's
+//! API calls come back up and their replies go down.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio_util::codec::LengthDelimitedCodec;
+
+use crate::caps::{
+    Call, CapError, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp, KvReply, Publish,
+};
+use crate::engine::{EngineConfig, Failure, Limits, LogLine, RunResult, ScriptRun, StatsSnapshot};
+
+/// The host's end of the socket.
+pub const HOST_FD: i32 = 3;
+
+/// Frames up to this size: results, sources and fetch bodies are bounded well below it.
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(256 * 1024 * 1024)
+        .new_codec()
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToHost {
+    /// First frame: how to run the engine and what the script API allows.
+    Init {
+        engine: EngineConfig,
+        caps: CapabilitiesConfig,
+    },
+    Run {
+        id: u64,
+        run: WireRun,
+        validate_only: bool,
+    },
+    CapReply {
+        call: u64,
+        reply: Result<CapValue, CapError>,
+    },
+    /// Take no more runs; exit once those in flight are done.
+    Drain,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FromHost {
+    Ready {
+        pid: u32,
+    },
+    Done {
+        id: u64,
+        result: WireResult,
+        stats: StatsSnapshot,
+    },
+    Cap {
+        call: u64,
+        from: WireCall,
+        request: CapRequest,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct WireRun {
+    pub tenant: String,
+    pub script: String,
+    pub version: u64,
+    pub source: String,
+    pub input: Box<RawValue>,
+    pub attempt: u32,
+    pub limits: Limits,
+    pub job: String,
+    pub traceparent: Option<String>,
+    pub depth: u32,
+}
+
+impl From<&ScriptRun> for WireRun {
+    fn from(r: &ScriptRun) -> Self {
+        WireRun {
+            tenant: r.tenant.clone(),
+            script: r.script.clone(),
+            version: r.version,
+            source: r.source.to_string(),
+            input: r.input.clone(),
+            attempt: r.attempt,
+            limits: r.limits,
+            job: r.job.clone(),
+            traceparent: r.traceparent.clone(),
+            depth: r.depth,
+        }
+    }
+}
+
+impl From<WireRun> for ScriptRun {
+    fn from(w: WireRun) -> Self {
+        ScriptRun {
+            tenant: w.tenant,
+            script: w.script,
+            version: w.version,
+            source: w.source.into(),
+            input: w.input,
+            attempt: w.attempt,
+            limits: w.limits,
+            job: w.job,
+            traceparent: w.traceparent,
+            depth: w.depth,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct WireResult {
+    pub outcome: Result<serde_json::Value, Failure>,
+    pub logs: Vec<LogLine>,
+    pub logs_truncated: bool,
+    pub duration_us: u64,
+    pub cold_start: bool,
+}
+
+impl From<RunResult> for WireResult {
+    fn from(r: RunResult) -> Self {
+        WireResult {
+            outcome: r.outcome,
+            logs: r.logs,
+            logs_truncated: r.logs_truncated,
+            duration_us: r.duration.as_micros() as u64,
+            cold_start: r.cold_start,
+        }
+    }
+}
+
+impl From<WireResult> for RunResult {
+    fn from(w: WireResult) -> Self {
+        RunResult {
+            outcome: w.outcome,
+            logs: w.logs,
+            logs_truncated: w.logs_truncated,
+            duration: Duration::from_micros(w.duration_us),
+            cold_start: w.cold_start,
+        }
+    }
+}
+
+/// A [`Call`] with its deadline as the time left.
+#[derive(Serialize, Deserialize)]
+pub struct WireCall {
+    pub tenant: String,
+    pub script: String,
+    pub job: String,
+    pub traceparent: Option<String>,
+    pub depth: u32,
+    pub remaining_us: u64,
+}
+
+impl From<Call> for WireCall {
+    fn from(c: Call) -> Self {
+        WireCall {
+            remaining_us: c
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .as_micros() as u64,
+            tenant: c.tenant,
+            script: c.script,
+            job: c.job,
+            traceparent: c.traceparent,
+            depth: c.depth,
+        }
+    }
+}
+
+impl From<WireCall> for Call {
+    fn from(w: WireCall) -> Self {
+        Call {
+            tenant: w.tenant,
+            script: w.script,
+            job: w.job,
+            traceparent: w.traceparent,
+            depth: w.depth,
+            deadline: Instant::now() + Duration::from_micros(w.remaining_us),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapRequest {
+    Publish(Publish),
+    Kv(KvOp),
+    Fetch(FetchRequest),
+    Secret(String),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapValue {
+    Published(String),
+    Kv(KvReply),
+    Fetched(FetchResponse),
+    Secret(Option<String>),
+}

@@ -1,0 +1,196 @@
+//! Isolates in engine host processes: runs and warm isolates through hosts, a host killed
+//! mid-run, recycling under load, memory held by recycling across thousands of timeouts,
+//! and hosts that cannot open files or sockets.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use scriptd::engine::{Engine, EngineConfig, FailureKind, HostsConfig, Isolation};
+use serde_json::json;
+
+use common::{run, value};
+
+fn hosts(count: usize, max_isolates: u64) -> Engine {
+    Engine::start_with(
+        &EngineConfig {
+            isolation: Isolation::Process,
+            hosts: HostsConfig {
+                count,
+                max_isolates,
+                binary: env!("CARGO_BIN_EXE_scriptd").into(),
+                ..HostsConfig::default()
+            },
+            ..EngineConfig::default()
+        },
+        Arc::new(scriptd::caps::NoCapabilities::default()),
+    )
+    .expect("hosts start")
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    scriptd::engine::rss_of(pid).unwrap_or(0) as f64 / (1024.0 * 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_go_through_hosts_and_find_their_warm_isolate() {
+    let engine = hosts(2, 200);
+    assert!(engine.wait_ready(Duration::from_secs(30)).await);
+    for i in 0..50 {
+        let v = value(
+            engine
+                .run(run("export default (e) => e.n * 2", json!({ "n": i })))
+                .await,
+        );
+        assert_eq!(v, json!(i * 2));
+    }
+    let pids = engine.host_pids();
+    assert_eq!(pids.len(), 2);
+    assert!(!pids.contains(&std::process::id()));
+    let stats = engine.stats();
+    assert_eq!(stats.runs, 50);
+    assert_eq!(
+        stats.cold_starts, 1,
+        "affinity keeps one script on its warm isolate"
+    );
+    assert_eq!(stats.warm_hits, 49);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_host_fails_its_run_as_engine_crashed_and_is_replaced() {
+    let engine = Arc::new(hosts(1, 200));
+    value(engine.run(run("export default () => 1", json!({}))).await);
+    let before = engine.host_pids();
+    let mut busy = run("export default () => { for (;;) {} }", json!({}));
+    busy.limits.timeout = Duration::from_secs(20);
+    let running = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run(busy).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().in_flight == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // SAFETY: kill takes plain integers.
+    unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
+    let started = Instant::now();
+    let result = running.await.unwrap();
+    let f = result.outcome.unwrap_err();
+    assert_eq!(f.kind, FailureKind::EngineCrashed, "{f}");
+    assert!(f.retryable);
+    assert!(f.message.contains("signal: 9"), "{}", f.message);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "detected at once"
+    );
+    let v = value(
+        engine
+            .run(run("export default () => 'after'", json!({})))
+            .await,
+    );
+    assert_eq!(v, json!("after"));
+    assert_ne!(engine.host_pids(), before);
+    assert_eq!(engine.stats().host_crashes, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_recycled_under_load_loses_no_run() {
+    let engine = Arc::new(hosts(2, 10));
+    let runs = (0..240).map(|i| {
+        let engine = engine.clone();
+        async move {
+            // 40 scripts: hosts reach their budget of 10 isolates often.
+            let source = format!("export default (e) => e.i + {}", i % 40);
+            let mut r = run(&source, json!({ "i": i }));
+            r.script = format!("s{}", i % 40);
+            engine.run(r).await
+        }
+    });
+    let results = join_all(runs).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(value(result), json!(i + i % 40));
+    }
+    let stats = engine.stats();
+    assert!(stats.host_recycles >= 4, "{stats:?}");
+    assert_eq!(stats.host_crashes, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_timeouts_stay_within_a_memory_bound() {
+    const RUNS: usize = 3000;
+    const MAX_ISOLATES: u64 = 200;
+    let engine = Arc::new(hosts(2, MAX_ISOLATES));
+    let start = Instant::now();
+    let mut timed_out = 0;
+    for chunk in 0..RUNS / 4 {
+        let batch = (0..4).map(|i| {
+            let engine = engine.clone();
+            async move {
+                let mut r = run(
+                    "export default () => { for (;;) {} }",
+                    json!({ "i": chunk * 4 + i }),
+                );
+                r.limits.timeout = Duration::from_millis(5);
+                engine.run(r).await
+            }
+        });
+        for result in join_all(batch).await {
+            let f = result.outcome.unwrap_err();
+            if f.kind == FailureKind::Timeout {
+                timed_out += 1;
+            } else {
+                println!("not a timeout: {f:?}");
+            }
+        }
+    }
+    assert_eq!(timed_out, RUNS);
+    let hosts_mib: f64 = engine.host_pids().into_iter().map(rss_mib).sum();
+    let own_mib = rss_mib(std::process::id());
+    let stats = engine.stats();
+    println!(
+        "{RUNS} timeouts in {:.1}s: hosts {hosts_mib:.0} MiB, this process {own_mib:.0} MiB, {} recycles",
+        start.elapsed().as_secs_f64(),
+        stats.host_recycles
+    );
+    assert!(
+        stats.host_recycles as usize >= RUNS / MAX_ISOLATES as usize - 2,
+        "{stats:?}"
+    );
+    // Each host holds at most MAX_ISOLATES isolates' worth of leaked memory (~1 MiB each)
+    // on top of its base; without recycling 3000 would leave ~2.5 GiB.
+    assert!(hosts_mib < 2.0 * 450.0, "hosts use {hosts_mib:.0} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_run_without_their_environment() {
+    // SAFETY: set before any host starts; this test binary reads no such variable.
+    unsafe { std::env::set_var("SCRIPTD_TEST_SECRET", "do-not-leak") };
+    let engine = hosts(1, 200);
+    // Scripts cannot name the environment, files or sockets; the hosts' own limits are
+    // checked by the daemon test suite running every script through hosts.
+    let v = value(
+        engine
+            .run(run("export default () => typeof process", json!({})))
+            .await,
+    );
+    assert_eq!(v, json!("undefined"));
+    let pid = engine.host_pids()[0];
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains("SCRIPTD_TEST_SECRET"), "{environ}");
+    assert!(environ.contains("TZ=UTC"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "a seccomp filter is installed");
+}
