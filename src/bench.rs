@@ -25,7 +25,7 @@ pub struct EngineBenchArgs {
     pub throughput: usize,
 }
 
-fn run_of(script: &str, version: u64, n: usize) -> ScriptRun {
+pub(crate) fn run_of(script: &str, version: u64, n: usize) -> ScriptRun {
     ScriptRun::new(
         "bench",
         script,
@@ -37,7 +37,7 @@ fn run_of(script: &str, version: u64, n: usize) -> ScriptRun {
 }
 
 /// The round trip seen by the caller and the time spent inside the engine worker.
-async fn timed(engine: &Engine, run: ScriptRun) -> anyhow::Result<(Duration, Duration)> {
+pub(crate) async fn timed(engine: &Engine, run: ScriptRun) -> anyhow::Result<(Duration, Duration)> {
     let start = Instant::now();
     let result = engine.run(run).await;
     if let Err(f) = result.outcome {
@@ -46,7 +46,7 @@ async fn timed(engine: &Engine, run: ScriptRun) -> anyhow::Result<(Duration, Dur
     Ok((start.elapsed(), result.duration))
 }
 
-fn rows(name: &str, samples: Vec<(Duration, Duration)>) {
+pub(crate) fn rows(name: &str, samples: Vec<(Duration, Duration)>) {
     let (round_trip, inside): (Vec<_>, Vec<_>) = samples.into_iter().unzip();
     row(&format!("{name}, round trip"), round_trip);
     row(&format!("{name}, in worker"), inside);

@@ -122,7 +122,7 @@ async fn a_host_recycled_under_load_loses_no_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_timeouts_stay_within_a_memory_bound() {
     const RUNS: usize = 3000;
-    const MAX_ISOLATES: u64 = 200;
+    const MAX_ISOLATES: u64 = 100;
     let engine = Arc::new(hosts(2, MAX_ISOLATES));
     let start = Instant::now();
     let mut timed_out = 0;

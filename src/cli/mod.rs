@@ -151,6 +151,9 @@ pub enum EventsCommand {
 pub enum BenchCommand {
     /// Cold start, warm run latency and throughput of the engine.
     Engine(crate::bench::EngineBenchArgs),
+    /// Engine hosts beside in-process isolates: round trips, throughput, memory over
+    /// isolate create/drop cycles with recycling.
+    Hosts(crate::bench_hosts::HostsBenchArgs),
     /// Raw JetStream rate beside scriptd's end-to-end rate and latency (uses the
     /// configured NATS and PostgreSQL, with throw-away streams and database).
     Pipeline(crate::bench_pipeline::PipelineBenchArgs),
@@ -293,6 +296,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Engine(args)) => {
             block_on(crate::bench::engine(&settings.engine, args))
+        }
+        Command::Bench(BenchCommand::Hosts(args)) => {
+            block_on(crate::bench_hosts::hosts(&settings.engine, args))
         }
     }
 }

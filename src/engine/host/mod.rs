@@ -54,7 +54,7 @@ impl Default for HostsConfig {
         HostsConfig {
             count: 0,
             workers_per_host: 1,
-            max_isolates: 200,
+            max_isolates: 100,
             max_rss: ByteSize::mib(768),
             binary: String::new(),
             seccomp: true,
