@@ -180,7 +180,7 @@ impl Remote {
             .insert(call, reply);
         let sent = self.out.send(FromHost::Cap {
             call,
-            from: from.into(),
+            job: from.job,
             request,
         });
         Box::pin(async move {

@@ -2,14 +2,14 @@
 //! of JSON on a Unix socket (fd 3 in the host). Runs go down, results come back; a script's
 //! API calls come back up and their replies go down.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::caps::{
-    Call, CapError, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp, KvReply, Publish,
+    CapError, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp, KvReply, Publish,
 };
 use crate::engine::{EngineConfig, Failure, Limits, LogLine, RunResult, ScriptRun, StatsSnapshot};
 
@@ -55,9 +55,10 @@ pub enum FromHost {
         result: WireResult,
         stats: StatsSnapshot,
     },
+    /// A script API call of the run of `job`; the daemon acts as that run's tenant.
     Cap {
         call: u64,
-        from: WireCall,
+        job: String,
         request: CapRequest,
     },
 }
@@ -139,46 +140,6 @@ impl From<WireResult> for RunResult {
             logs_truncated: w.logs_truncated,
             duration: Duration::from_micros(w.duration_us),
             cold_start: w.cold_start,
-        }
-    }
-}
-
-/// A [`Call`] with its deadline as the time left.
-#[derive(Serialize, Deserialize)]
-pub struct WireCall {
-    pub tenant: String,
-    pub script: String,
-    pub job: String,
-    pub traceparent: Option<String>,
-    pub depth: u32,
-    pub remaining_us: u64,
-}
-
-impl From<Call> for WireCall {
-    fn from(c: Call) -> Self {
-        WireCall {
-            remaining_us: c
-                .deadline
-                .saturating_duration_since(Instant::now())
-                .as_micros() as u64,
-            tenant: c.tenant,
-            script: c.script,
-            job: c.job,
-            traceparent: c.traceparent,
-            depth: c.depth,
-        }
-    }
-}
-
-impl From<WireCall> for Call {
-    fn from(w: WireCall) -> Self {
-        Call {
-            tenant: w.tenant,
-            script: w.script,
-            job: w.job,
-            traceparent: w.traceparent,
-            depth: w.depth,
-            deadline: Instant::now() + Duration::from_micros(w.remaining_us),
         }
     }
 }
