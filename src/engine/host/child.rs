@@ -80,7 +80,14 @@ async fn serve() -> anyhow::Result<()> {
     let mut draining = false;
     loop {
         let frame = tokio::select! {
-            frame = next(&mut frames) => frame?,
+            frame = next(&mut frames) => match frame {
+                Ok(frame) => frame,
+                // The daemon's end of the socket went away (it was killed): so do we.
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "The daemon's socket failed; leaving.");
+                    None
+                }
+            },
             _ = drained.notified(), if draining => break,
         };
         match frame {
