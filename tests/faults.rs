@@ -115,10 +115,9 @@ async fn a_rolling_restart_under_load_loses_nothing_and_duplicates_nothing() {
         async move { publish_load(env).await }
     };
     let restarting = async {
-        for i in 0..3 {
+        for (i, slot) in replicas.iter_mut().enumerate() {
             wait_for_ok_jobs(&env, ((i + 1) * EVENTS / 5) as i64).await;
-            let old = std::mem::replace(&mut replicas[i], replica(&env));
-            let mut old = old;
+            let mut old = std::mem::replace(slot, replica(&env));
             // SAFETY: kill takes plain integers.
             unsafe { libc::kill(old.0.id() as i32, libc::SIGTERM) };
             let status = old.0.wait().unwrap();
