@@ -135,6 +135,14 @@ async fn publish_refuses_escapes_reserved_headers_and_runaway_chains() {
             "ctx.publish('x', {}, { headers: { traceparent: 'x' } })",
             "TypeError",
         ),
+        (
+            "ctx.publish('x', {}, { headers: { 'x-a': 'v\\r\\nNats-Msg-Id: forged' } })",
+            "TypeError",
+        ),
+        (
+            "ctx.publish('x', {}, { headers: { 'bad name': 'v' } })",
+            "TypeError",
+        ),
         ("ctx.publish('x', 'y'.repeat(300 * 1024))", "LimitExceeded"),
     ] {
         let v = value(engine.run(run(&attempt(call), json!({}))).await);

@@ -100,7 +100,12 @@ pub async fn op_scriptd_publish(
                 scope.call.depth, config.max_chain_depth
             )));
         }
-        for (name, _) in &headers {
+        for (name, value) in &headers {
+            if value.contains(['\r', '\n']) {
+                return Err(CapError::invalid(format!(
+                    "ctx.publish: the value of header {name:?} contains a line break"
+                )));
+            }
             let lower = name.to_ascii_lowercase();
             if lower.starts_with("nats-")
                 || lower.starts_with("scriptd-")
@@ -281,9 +286,9 @@ pub async fn op_scriptd_secret(
     #[string] name: String,
 ) -> Result<Option<String>, JsErrorBox> {
     let (caps, call) = begin(&state, |_, _| {
-        if name.is_empty() || name.len() > 256 {
+        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
             return Err(CapError::invalid(
-                "ctx.secrets.get: names are 1 to 256 characters",
+                "ctx.secrets.get: names are 1 to 256 characters without control characters",
             ));
         }
         Ok(())
