@@ -404,3 +404,42 @@ async fn operators_manage_secrets_and_allow_lists_from_the_command_line() {
     assert!(env.store.secret_get("acme", "api").await.unwrap().is_none());
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_test_gives_scripts_a_local_api() {
+    let env = TestEnv::new().await;
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts-examples/order-created.js"
+    );
+    let out = env
+        .daemon_command()
+        .args(["scripts", "test", example, "--tenant", "acme", "--json"])
+        .args([
+            "--event",
+            r#"{"data": {"id": "o-9", "items": [{"price": 2, "qty": 3}]}}"#,
+        ])
+        .args(["--kv", "orders:EUR=2"])
+        .output()
+        .unwrap();
+    let shown = support::json(out);
+    assert_eq!(shown["status"], "ok", "{shown}");
+    assert_eq!(
+        shown["result"],
+        serde_json::json!({ "total": 6, "currency": "EUR", "count": 3 })
+    );
+    assert_eq!(shown["kv"]["orders:EUR"], 3);
+    let published = &shown["published"][0];
+    assert!(
+        published["subject"]
+            .as_str()
+            .unwrap()
+            .ends_with(".acme.invoice.requested"),
+        "{published}"
+    );
+    assert_eq!(published["data"]["order"], "o-9");
+    // Nothing reached the real stream.
+    let subject = format!("{}.acme.invoice.requested", env.settings.nats.events_prefix);
+    assert_eq!(count_on(&env, &subject).await, 0);
+    env.cleanup().await;
+}

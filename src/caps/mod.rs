@@ -6,6 +6,7 @@
 mod config;
 pub mod fetch;
 mod live;
+pub mod local;
 pub mod net;
 pub mod secrets;
 

@@ -175,6 +175,16 @@ pub struct TestArgs {
     pub attempt: u32,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// A key-value entry the script finds (`KEY=JSON`); repeatable. Writes stay in memory
+    /// and are printed after the run.
+    #[arg(long = "kv", value_name = "KEY=JSON")]
+    pub kv: Vec<String>,
+    /// A secret the script can read (`NAME=VALUE`); repeatable.
+    #[arg(long = "secret", value_name = "NAME=VALUE")]
+    pub secrets: Vec<String>,
+    /// A host `fetch` may call (as in a tenant's allow list); repeatable. None by default.
+    #[arg(long = "allow-fetch", value_name = "HOST")]
+    pub allow_fetch: Vec<String>,
     /// Print the whole result as JSON.
     #[arg(long)]
     pub json: bool,

@@ -10,8 +10,10 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{LimitArgs, TestArgs};
+use crate::caps::local::Local;
+use crate::caps::net::HostRule;
 use crate::config::Settings;
-use crate::engine::{Engine, EngineConfig, ScriptRun, ENGINE_NAME};
+use crate::engine::{Engine, EngineConfig, Isolation, ScriptRun, ENGINE_NAME};
 use crate::manifest::{validate_spec, Manifest};
 use crate::retry::RetryOverrides;
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
@@ -218,10 +220,15 @@ pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCod
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "script".into())
     });
-    let engine = Engine::start(&EngineConfig {
-        workers: 1,
-        ..settings.engine.clone()
-    })?;
+    let local = Arc::new(local_api(settings, &args)?);
+    let engine = Engine::start_with(
+        &EngineConfig {
+            isolation: Isolation::Thread,
+            workers: 1,
+            ..settings.engine.clone()
+        },
+        local.clone(),
+    )?;
     let limits = settings.engine.limits.with(&args.limits.overrides());
     let mut run = ScriptRun::new(
         &args.tenant,
@@ -233,8 +240,12 @@ pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCod
     );
     run.attempt = args.attempt;
     let result = engine.run(run).await;
+    let (published, kv) = (local.published(), local.kv());
     if args.json {
-        super::print_json(&result)?;
+        let mut shown = serde_json::to_value(&result)?;
+        shown["published"] = serde_json::to_value(&published)?;
+        shown["kv"] = serde_json::to_value(&kv)?;
+        super::print_json(&shown)?;
     } else {
         let mut out = std::io::stdout().lock();
         match &result.outcome {
@@ -249,6 +260,19 @@ pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCod
                 if let Some(stack) = &f.stack {
                     writeln!(out, "stack:\n{stack}")?;
                 }
+            }
+        }
+        for message in &published {
+            writeln!(
+                out,
+                "published (not sent): {} {}",
+                message.subject, message.data
+            )?;
+        }
+        if !kv.is_empty() {
+            writeln!(out, "kv after the run (in memory):")?;
+            for (key, value) in &kv {
+                writeln!(out, "  {key} = {value}")?;
             }
         }
         if result.logs.is_empty() {
@@ -275,4 +299,38 @@ pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCod
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The script API of `scripts test`, from its command line.
+fn local_api(settings: &Settings, args: &TestArgs) -> anyhow::Result<Local> {
+    let pair = |flag: &str, item: &str| {
+        item.split_once('=')
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .with_context(|| format!("--{flag} {item:?}: expected NAME=VALUE"))
+    };
+    let mut kv = std::collections::BTreeMap::new();
+    for item in &args.kv {
+        let (key, value) = pair("kv", item)?;
+        let value: serde_json::Value = serde_json::from_str(&value).with_context(|| {
+            format!("--kv {key}: the value is not JSON (quote strings: '\"text\"')")
+        })?;
+        kv.insert(key, value.to_string());
+    }
+    let secrets = args
+        .secrets
+        .iter()
+        .map(|item| pair("secret", item))
+        .collect::<anyhow::Result<_>>()?;
+    let allow = args
+        .allow_fetch
+        .iter()
+        .map(|h| HostRule::parse(h).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Local::new(
+        &settings.capabilities,
+        &settings.nats.events_prefix,
+        allow,
+        kv,
+        secrets,
+    )
 }
