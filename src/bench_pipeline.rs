@@ -26,6 +26,9 @@ pub struct PipelineBenchArgs {
     /// Events for the latency figure, published at half the measured end-to-end rate.
     #[arg(long, default_value_t = 1000)]
     pub latency_events: usize,
+    /// Distinct scripts deployed and run once each for the memory figure.
+    #[arg(long, default_value_t = 1000)]
+    pub scripts: usize,
 }
 
 const PAYLOAD: &[u8] = br#"{"id":"o-1","amount":42}"#;
@@ -75,7 +78,7 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
         .await?;
-    let (rate, p50, p99, paced) = result?;
+    let (rate, p50, p99, paced, three, rss) = result?;
     println!(
         "scriptd end to end, 1 matching script: {rate:.0} events/s ({} events)",
         args.events
@@ -84,6 +87,15 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
     println!(
         "publish -> run start at {paced:.0} events/s: p50 {p50:.2?}, p99 {p99:.2?} ({} events)",
         args.latency_events
+    );
+    println!(
+        "scriptd end to end, 3 matching scripts: {three:.0} events/s ({:.0} runs/s; ratio to raw {:.3})",
+        three * 3.0,
+        three / raw
+    );
+    println!(
+        "RSS after {} distinct scripts ran once each: daemon {:.0} MiB + engine hosts {:.0} MiB",
+        args.scripts, rss.0, rss.1
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -170,11 +182,16 @@ async fn publish_many(
     Ok(sent)
 }
 
+/// End-to-end rate with one matching script, p50/p99 publish→start at half that rate and
+/// the rate paced at, the rate with three matching scripts, and (daemon, hosts) RSS in MiB
+/// after many distinct scripts ran.
+type EndToEnd = (f64, Duration, Duration, f64, f64, (f64, f64));
+
 async fn end_to_end(
     s: &Settings,
     js: &jetstream::Context,
     args: &PipelineBenchArgs,
-) -> anyhow::Result<(f64, Duration, Duration, f64)> {
+) -> anyhow::Result<EndToEnd> {
     Store::migrate(&s.database).await?;
     let store = Store::connect(&s.database).await?;
     store
@@ -246,6 +263,52 @@ async fn end_to_end(
         })
         .collect();
     latencies.sort();
+
+    // Three scripts matching every event.
+    for name in ["second", "third"] {
+        store
+            .deploy(&ScriptSpec {
+                tenant: "bench".into(),
+                name: name.into(),
+                source: TRIVIAL.into(),
+                subjects: vec!["order.*".into()],
+                timezone: "UTC".into(),
+                ..Default::default()
+            })
+            .await?;
+    }
+    // The index follows deploys by notification, within moments.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut done = done;
+    publish_many(js, 1, |_| subject.clone()).await?;
+    done += 3;
+    wait_for(&stats, done).await?;
+    let start = Instant::now();
+    publish_many(js, args.events, |_| subject.clone()).await?;
+    done += 3 * args.events as u64;
+    wait_for(&stats, done).await?;
+    let three = args.events as f64 / start.elapsed().as_secs_f64();
+
+    // Many distinct scripts, one event each.
+    for i in 0..args.scripts {
+        store
+            .deploy(&ScriptSpec {
+                tenant: "bench".into(),
+                name: format!("s{i}"),
+                source: format!("export default (event) => ({{ script: {i}, id: event.data.id }})"),
+                subjects: vec![format!("many.s{i}")],
+                timezone: "UTC".into(),
+                ..Default::default()
+            })
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let prefix = s.nats.events_prefix.clone();
+    publish_many(js, args.scripts, |i| format!("{prefix}.bench.many.s{i}")).await?;
+    done += args.scripts as u64;
+    wait_for(&stats, done).await?;
+    let rss = (rss_mib(std::process::id()), children_rss_mib());
+
     stop.cancel();
     running.await??;
     let p = |q: f64| {
@@ -254,7 +317,34 @@ async fn end_to_end(
             .copied()
             .unwrap_or_default()
     };
-    Ok((rate, p(0.5), p(0.99), paced))
+    Ok((rate, p(0.5), p(0.99), paced, three, rss))
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    crate::engine::rss_of(pid).unwrap_or(0) as f64 / 1048576.0
+}
+
+/// RSS of this process's children (the engine hosts), from /proc.
+fn children_rss_mib() -> f64 {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The parent is the 2nd field after the parenthesised command name.
+                    let after = stat.rsplit_once(')')?.1;
+                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(me)
+        })
+        .map(rss_mib)
+        .sum()
 }
 
 async fn wait_for(stats: &DaemonStats, runs: u64) -> anyhow::Result<()> {
