@@ -72,15 +72,32 @@ fn row(name: &str, mut samples: Vec<Duration>) {
 
 /// Resident memory of this process, from /proc (Linux); 0 elsewhere.
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    crate::engine::rss_of(std::process::id()).unwrap_or(0)
+}
+
+/// Runs of a trivial script from two callers per worker (or host worker), `total` in all
+/// (rounded up to a multiple of the callers): how many ran, and in what time.
+pub(crate) async fn throughput(
+    engine: &Arc<Engine>,
+    total: usize,
+) -> anyhow::Result<(usize, Duration)> {
+    let callers = engine.workers() * 2;
+    let per_caller = total.div_ceil(callers).max(1);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..callers {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_caller {
+                timed(&engine, run_of(&format!("throughput-{t}"), 1, i)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok((per_caller * callers, start.elapsed()))
 }
 
 pub async fn engine(config: &EngineConfig, args: EngineBenchArgs) -> anyhow::Result<ExitCode> {
@@ -111,24 +128,8 @@ pub async fn engine(config: &EngineConfig, args: EngineBenchArgs) -> anyhow::Res
     }
     rows("warm run", warm);
 
-    let per_task = args.throughput.div_ceil(workers * 2).max(1);
-    let start = Instant::now();
     let engine = Arc::new(engine);
-    let mut tasks = Vec::new();
-    for t in 0..workers * 2 {
-        let engine = engine.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..per_task {
-                timed(&engine, run_of(&format!("throughput-{t}"), 1, i)).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let elapsed = start.elapsed();
-    let total = per_task * workers * 2;
+    let (total, elapsed) = throughput(&engine, args.throughput).await?;
     println!(
         "throughput, all workers: {:.0} runs/s ({total} runs in {elapsed:.2?})",
         total as f64 / elapsed.as_secs_f64()

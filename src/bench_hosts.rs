@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::bench::{rows, rss_bytes, run_of, timed};
+use crate::bench::{rows, rss_bytes, run_of, throughput, timed};
 use crate::engine::{rss_of, Engine, EngineConfig, Isolation};
 
 #[derive(Debug, Args)]
@@ -22,26 +22,6 @@ pub struct HostsBenchArgs {
     /// Isolates created and dropped (a new script version each run) through hosts.
     #[arg(long, default_value_t = 10000)]
     pub cycles: usize,
-}
-
-async fn throughput(engine: &Arc<Engine>, total: usize) -> anyhow::Result<f64> {
-    let tasks_n = engine.workers() * 2;
-    let per_task = total.div_ceil(tasks_n).max(1);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for t in 0..tasks_n {
-        let engine = engine.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..per_task {
-                timed(&engine, run_of(&format!("throughput-{t}"), 1, i)).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    Ok((per_task * tasks_n) as f64 / start.elapsed().as_secs_f64())
 }
 
 fn total_rss_mib(engine: &Engine) -> f64 {
@@ -82,8 +62,11 @@ pub async fn hosts(config: &EngineConfig, args: HostsBenchArgs) -> anyhow::Resul
         rows(&format!("warm {name}"), warm);
     }
     for (name, engine) in [("in-process", &threads), ("through hosts", &hosts)] {
-        let rate = throughput(engine, args.throughput).await?;
-        println!("throughput {name}: {rate:.0} runs/s");
+        let (runs, took) = throughput(engine, args.throughput).await?;
+        println!(
+            "throughput {name}: {:.0} runs/s",
+            runs as f64 / took.as_secs_f64()
+        );
     }
     drop(threads);
     println!("create/drop cycles through hosts (a new isolate per run):");

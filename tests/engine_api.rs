@@ -34,22 +34,7 @@ impl Capabilities for Recorder {
         Box::pin(async move { Ok(subject) })
     }
     fn kv(&self, _: Call, op: KvOp) -> BoxFuture<'static, CapResult<KvReply>> {
-        let mut kv = self.kv.lock().unwrap();
-        let reply = match op {
-            KvOp::Get(k) => KvReply::Value(kv.get(&k).cloned()),
-            KvOp::Set(k, v) => {
-                kv.insert(k, v);
-                KvReply::Done
-            }
-            KvOp::Delete(k) => KvReply::Deleted(kv.remove(&k).is_some()),
-            KvOp::List { prefix, limit } => KvReply::Keys(
-                kv.keys()
-                    .filter(|k| k.starts_with(&prefix))
-                    .take(limit)
-                    .cloned()
-                    .collect(),
-            ),
-        };
+        let reply = op.apply_in_memory(&mut self.kv.lock().unwrap());
         Box::pin(async move { Ok(reply) })
     }
     fn fetch(&self, _: Call, _: FetchRequest) -> BoxFuture<'static, CapResult<FetchResponse>> {

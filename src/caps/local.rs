@@ -95,22 +95,7 @@ impl Capabilities for Local {
     }
 
     fn kv(&self, _: Call, op: KvOp) -> BoxFuture<'static, CapResult<KvReply>> {
-        let mut kv = self.kv.lock().unwrap_or_else(|e| e.into_inner());
-        let reply = match op {
-            KvOp::Get(key) => KvReply::Value(kv.get(&key).cloned()),
-            KvOp::Set(key, value) => {
-                kv.insert(key, value);
-                KvReply::Done
-            }
-            KvOp::Delete(key) => KvReply::Deleted(kv.remove(&key).is_some()),
-            KvOp::List { prefix, limit } => KvReply::Keys(
-                kv.keys()
-                    .filter(|k| k.starts_with(&prefix))
-                    .take(limit)
-                    .cloned()
-                    .collect(),
-            ),
-        };
+        let reply = op.apply_in_memory(&mut self.kv.lock().unwrap_or_else(|e| e.into_inner()));
         Box::pin(async move { Ok(reply) })
     }
 

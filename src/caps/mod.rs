@@ -56,6 +56,28 @@ pub enum KvOp {
     List { prefix: String, limit: usize },
 }
 
+impl KvOp {
+    /// Carries the operation out on keys and JSON values held in memory (`scripts test`,
+    /// and test backends).
+    pub fn apply_in_memory(self, kv: &mut std::collections::BTreeMap<String, String>) -> KvReply {
+        match self {
+            KvOp::Get(key) => KvReply::Value(kv.get(&key).cloned()),
+            KvOp::Set(key, value) => {
+                kv.insert(key, value);
+                KvReply::Done
+            }
+            KvOp::Delete(key) => KvReply::Deleted(kv.remove(&key).is_some()),
+            KvOp::List { prefix, limit } => KvReply::Keys(
+                kv.keys()
+                    .filter(|k| k.starts_with(&prefix))
+                    .take(limit)
+                    .cloned()
+                    .collect(),
+            ),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum KvReply {
     Value(Option<String>),
