@@ -43,23 +43,24 @@ async fn wait_for_ok_jobs(env: &TestEnv, at_least: i64) -> (i64, i64) {
 }
 
 fn replica(env: &TestEnv) -> Child {
-    Child(
-        env.daemon_command()
-            .arg("run")
-            .env("SCRIPTD_ENGINE__HOSTS__COUNT", "1")
-            .env("SCRIPTD_DAEMON__SHUTDOWN_GRACE", "20s")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("spawn scriptd run"),
-    )
+    replica_with(env, &[])
+}
+
+/// A `scriptd run` replica with one engine host, and settings of its own on top.
+fn replica_with(env: &TestEnv, settings: &[(&str, &str)]) -> Child {
+    let mut command = env.daemon_command();
+    command
+        .arg("run")
+        .env("SCRIPTD_ENGINE__HOSTS__COUNT", "1")
+        .env("SCRIPTD_DAEMON__SHUTDOWN_GRACE", "20s")
+        .envs(settings.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    Child(command.spawn().expect("spawn scriptd run"))
 }
 
 async fn publish_load(env: &TestEnv) {
-    for n in 0..EVENTS {
-        env.publish("acme", "load.item", format!(r#"{{"n": {n}}}"#))
-            .await;
-    }
+    publish_retrying(env, 0..EVENTS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,16 +199,7 @@ async fn replicas_record_every_run_after_a_database_outage_mid_load() {
         .url
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
     let replicas: Vec<Child> = (0..3)
-        .map(|_| {
-            let mut command = env.daemon_command();
-            command
-                .arg("run")
-                .env("SCRIPTD_ENGINE__HOSTS__COUNT", "1")
-                .env("SCRIPTD_DATABASE__URL", &database)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
-            Child(command.spawn().expect("spawn scriptd run"))
-        })
+        .map(|_| replica_with(&env, &[("SCRIPTD_DATABASE__URL", &database)]))
         .collect();
     let publishing = publish_retrying(&env, 0..N);
     let outage = async {
