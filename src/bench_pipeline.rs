@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::daemon::{self, DaemonStats};
+use crate::procstat::{self, CpuUse};
 use crate::store::{ScriptSpec, Store};
 
 #[derive(Debug, Args)]
@@ -39,11 +40,14 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
     let client = crate::bus::connect(&settings.nats).await?;
     let js = jetstream::new(client.clone());
 
+    let cpu_start = CpuUse::now();
     let raw = raw_rate(&js, &id, args.events).await?;
+    let cpu_raw = CpuUse::now().since(cpu_start);
     println!(
         "raw JetStream publish + pull + ack: {raw:.0} msgs/s ({} messages)",
         args.events
     );
+    println!("  CPU per message: {}", cpu_raw.per_item(args.events));
 
     let mut s = settings.clone();
     let db_name = format!("scriptd_{id}");
@@ -78,12 +82,25 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
         .await?;
-    let (rate, p50, p99, paced, three, rss) = result?;
+    let EndToEnd {
+        rate,
+        p50,
+        p99,
+        paced,
+        three,
+        rss,
+        cpu_one,
+        cpu_three,
+    } = result?;
     println!(
         "scriptd end to end, 1 matching script: {rate:.0} events/s ({} events)",
         args.events
     );
     println!("ratio end-to-end / raw: {:.2}", rate / raw);
+    println!(
+        "  CPU per event, 1 script: {}",
+        cpu_one.per_item(args.events)
+    );
     println!(
         "publish -> run start at {paced:.0} events/s: p50 {p50:.2?}, p99 {p99:.2?} ({} events)",
         args.latency_events
@@ -92,6 +109,10 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
         "scriptd end to end, 3 matching scripts: {three:.0} events/s ({:.0} runs/s; ratio to raw {:.3})",
         three * 3.0,
         three / raw
+    );
+    println!(
+        "  CPU per event, 3 scripts: {}",
+        cpu_three.per_item(args.events)
     );
     println!(
         "RSS after {} distinct scripts ran once each: daemon {:.0} MiB + engine hosts {:.0} MiB",
@@ -182,10 +203,22 @@ async fn publish_many(
     Ok(sent)
 }
 
-/// End-to-end rate with one matching script, p50/p99 publish→start at half that rate and
-/// the rate paced at, the rate with three matching scripts, and (daemon, hosts) RSS in MiB
-/// after many distinct scripts ran.
-type EndToEnd = (f64, Duration, Duration, f64, f64, (f64, f64));
+/// What the end-to-end part measures.
+struct EndToEnd {
+    /// Events per second with one matching script.
+    rate: f64,
+    /// Publish→run start at `paced` events per second.
+    p50: Duration,
+    p99: Duration,
+    paced: f64,
+    /// Events per second with three matching scripts.
+    three: f64,
+    /// RSS in MiB of (the daemon, its engine hosts) after many distinct scripts ran.
+    rss: (f64, f64),
+    /// CPU time by component over the one- and three-script phases.
+    cpu_one: CpuUse,
+    cpu_three: CpuUse,
+}
 
 async fn end_to_end(
     s: &Settings,
@@ -219,9 +252,11 @@ async fn end_to_end(
     wait_for(&stats, 1).await?;
 
     let start = Instant::now();
+    let cpu_start = CpuUse::now();
     publish_many(js, args.events, |_| subject.clone()).await?;
     wait_for(&stats, 1 + args.events as u64).await?;
     let rate = args.events as f64 / start.elapsed().as_secs_f64();
+    let cpu_one = CpuUse::now().since(cpu_start);
 
     // Latency at half that rate: publish on a fixed schedule, then join each event's
     // publish instant with its run's start time from the run records.
@@ -284,10 +319,12 @@ async fn end_to_end(
     done += 3;
     wait_for(&stats, done).await?;
     let start = Instant::now();
+    let cpu_start = CpuUse::now();
     publish_many(js, args.events, |_| subject.clone()).await?;
     done += 3 * args.events as u64;
     wait_for(&stats, done).await?;
     let three = args.events as f64 / start.elapsed().as_secs_f64();
+    let cpu_three = CpuUse::now().since(cpu_start);
 
     // Many distinct scripts, one event each.
     for i in 0..args.scripts {
@@ -307,7 +344,10 @@ async fn end_to_end(
     publish_many(js, args.scripts, |i| format!("{prefix}.bench.many.s{i}")).await?;
     done += args.scripts as u64;
     wait_for(&stats, done).await?;
-    let rss = (rss_mib(std::process::id()), children_rss_mib());
+    let rss = (
+        rss_mib(std::process::id()),
+        procstat::children().into_iter().map(rss_mib).sum(),
+    );
 
     stop.cancel();
     running.await??;
@@ -317,34 +357,20 @@ async fn end_to_end(
             .copied()
             .unwrap_or_default()
     };
-    Ok((rate, p(0.5), p(0.99), paced, three, rss))
+    Ok(EndToEnd {
+        rate,
+        p50: p(0.5),
+        p99: p(0.99),
+        paced,
+        three,
+        rss,
+        cpu_one,
+        cpu_three,
+    })
 }
 
 fn rss_mib(pid: u32) -> f64 {
     crate::engine::rss_of(pid).unwrap_or(0) as f64 / 1048576.0
-}
-
-/// RSS of this process's children (the engine hosts), from /proc.
-fn children_rss_mib() -> f64 {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // The parent is the 2nd field after the parenthesised command name.
-                    let after = stat.rsplit_once(')')?.1;
-                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(me)
-        })
-        .map(rss_mib)
-        .sum()
 }
 
 async fn wait_for(stats: &DaemonStats, runs: u64) -> anyhow::Result<()> {

@@ -17,6 +17,7 @@ pub mod health;
 pub mod index;
 pub mod manifest;
 pub mod metrics;
+pub mod procstat;
 pub mod records;
 pub mod retry;
 pub mod schedule;
