@@ -16,6 +16,9 @@ use crate::store::DatabaseConfig;
 
 /// Environment variables with this prefix are settings.
 pub const ENV_PREFIX: &str = "SCRIPTD_";
+/// Settings that are maps: the environment may add keys to them (lowercased, like every
+/// name taken from a variable: `SCRIPTD_TENANTS__CONCURRENT_RUNS__ACME=16`).
+const MAP_SETTINGS: [&str; 1] = ["tenants.concurrent_runs"];
 /// Variables with the prefix that are not settings (read by the command line parser).
 const NOT_SETTINGS: [&str; 2] = ["SCRIPTD_CONFIG", "SCRIPTD_LOG_FORMAT"];
 
@@ -27,6 +30,7 @@ pub struct Settings {
     pub retry: RetryPolicy,
     pub database: DatabaseConfig,
     pub nats: NatsConfig,
+    pub tenants: crate::bus::lanes::TenantsConfig,
     pub daemon: DaemonConfig,
     pub capabilities: CapabilitiesConfig,
     pub telemetry: crate::telemetry::TelemetryConfig,
@@ -129,12 +133,13 @@ fn set_from_env(settings: &mut toml::Table, name: &str, raw: &str) -> anyhow::Re
             _ => bail!("{name} names no setting ({dotted} does not exist)"),
         };
     }
-    if !table.contains_key(last) {
+    let in_map = MAP_SETTINGS.contains(&parents.join(".").as_str());
+    if !table.contains_key(last) && !in_map {
         bail!("{name} names no setting ({dotted} does not exist)");
     }
     // A list setting takes comma-separated items. Otherwise a value that reads as a TOML
     // scalar (number, boolean) is taken as one; anything else is a string ("2s", "json").
-    let value = if table[last].is_array() {
+    let value = if table.get(last).is_some_and(toml::Value::is_array) {
         toml::Value::Array(
             raw.split(',')
                 .map(str::trim)
@@ -202,6 +207,22 @@ mod tests {
         assert_eq!(s.engine.limits.timeout, Duration::from_secs(2));
         assert_eq!(s.engine.limits.heap, ByteSize::mib(16));
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn map_settings_take_new_keys_from_the_environment() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SCRIPTD_TENANTS__CONCURRENT_RUNS__ACME", "16"),
+                ("SCRIPTD_TENANTS__MAX_CONCURRENT_RUNS", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.tenants.concurrent_runs.get("acme"), Some(&16));
+        assert_eq!(s.tenants.cap("acme", 4), 16);
+        assert_eq!(s.tenants.cap("other", 4), 2);
+        assert!(Settings::load_from(None, env(&[("SCRIPTD_TENANTS__NOPE", "1")])).is_err());
     }
 
     #[test]

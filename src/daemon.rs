@@ -119,14 +119,7 @@ pub async fn run_with_stats(
         bus::FANOUT_CONSUMER,
         nats.ack_wait,
         nats.max_in_flight * 4,
-    )
-    .await?;
-    let runner_consumer = bus::durable_consumer(
-        &js,
-        &nats.jobs_stream(),
-        bus::RUNNER_CONSUMER,
-        nats.ack_wait,
-        nats.max_in_flight,
+        None,
     )
     .await?;
 
@@ -179,6 +172,7 @@ pub async fn run_with_stats(
         metrics: stats.metrics.clone(),
         // Two per worker keep every worker busy while results travel back.
         slots: Arc::new(tokio::sync::Semaphore::new(2 * engine.workers())),
+        tenant_slots: bus::lanes::TenantSlots::new(settings.tenants.clone(), 2 * engine.workers()),
         stop: shutdown.clone(),
         in_flight: Default::default(),
     });
@@ -195,7 +189,7 @@ pub async fn run_with_stats(
     let hard_stop = CancellationToken::new();
     let fanning = tokio::spawn(bus::consume(
         fanout_consumer,
-        nats.max_in_flight * 4,
+        nats.max_in_flight,
         shutdown.clone(),
         move |m| {
             let fanout = fanout.clone();
@@ -204,9 +198,11 @@ pub async fn run_with_stats(
     ));
     let running = {
         let hard_stop = hard_stop.clone();
-        tokio::spawn(bus::consume(
-            runner_consumer,
-            nats.max_in_flight,
+        tokio::spawn(bus::lanes::run(
+            js.clone(),
+            nats.clone(),
+            settings.tenants.clone(),
+            index.clone(),
             shutdown.clone(),
             move |m| {
                 let runner = runner.clone();

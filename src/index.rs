@@ -109,6 +109,11 @@ impl Snapshot {
         self.by_tenant.get(tenant)?.iter().find(|s| s.name == name)
     }
 
+    /// Every tenant with at least one script (enabled or not).
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.by_tenant.keys().map(String::as_str)
+    }
+
     pub fn len(&self) -> usize {
         self.by_tenant.values().map(Vec::len).sum()
     }
@@ -119,13 +124,29 @@ impl Snapshot {
 }
 
 /// The shared, swappable index.
-#[derive(Default)]
 pub struct ScriptIndex {
     current: RwLock<Arc<Snapshot>>,
     loaded: AtomicBool,
+    /// Counts replacements, so others can wait for the next one.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for ScriptIndex {
+    fn default() -> Self {
+        ScriptIndex {
+            current: RwLock::default(),
+            loaded: AtomicBool::default(),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl ScriptIndex {
+    /// A receiver that sees every later replacement of the snapshot.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current
             .read()
@@ -140,6 +161,7 @@ impl ScriptIndex {
     pub fn replace(&self, snapshot: Snapshot) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
         self.loaded.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     pub async fn reload(&self, store: &Store) -> anyhow::Result<usize> {

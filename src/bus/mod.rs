@@ -4,6 +4,7 @@
 pub mod dlq;
 pub mod fanout;
 pub mod job;
+pub mod lanes;
 pub mod replay;
 pub mod runner;
 
@@ -35,7 +36,8 @@ pub struct NatsConfig {
     /// How long events and jobs are kept in their streams at most.
     #[serde(with = "duration_str")]
     pub max_age: Duration,
-    /// Jobs in flight per replica (pulled and not yet acknowledged).
+    /// Events being fanned out per replica (pulled and not yet acknowledged). Jobs are
+    /// pulled per tenant: see `[tenants]`.
     pub max_in_flight: usize,
     /// Largest event payload fanned out; larger ones are dead-lettered as `bad_input`.
     pub max_event_size: ByteSize,
@@ -55,7 +57,7 @@ impl Default for NatsConfig {
             stream_prefix: "SCRIPTD".into(),
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
-            max_in_flight: 64,
+            max_in_flight: 256,
             max_event_size: ByteSize::kib(512),
             ack_wait: Duration::from_secs(30),
         }
@@ -151,7 +153,8 @@ pub async fn consume<F, Fut>(
     tracker.wait().await;
 }
 
-/// Durable consumer names, shared by every replica.
+/// Durable consumer names, shared by every replica: the fan-out's, and the prefix of the
+/// tenant lanes' (`scriptd-runner-<tenant>`).
 pub const FANOUT_CONSUMER: &str = "scriptd-fanout";
 pub const RUNNER_CONSUMER: &str = "scriptd-runner";
 
@@ -200,11 +203,18 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> any
         ),
     ];
     for (name, subject, description) in streams {
+        // Jobs are a work queue: a job leaves the stream when it is acknowledged, which lets
+        // each tenant have its own consumer (see `lanes`).
+        let retention = if name == config.jobs_stream() {
+            stream::RetentionPolicy::WorkQueue
+        } else {
+            stream::RetentionPolicy::Limits
+        };
         let wanted = stream::Config {
             name: name.clone(),
             subjects: vec![subject],
             description: Some(description.into()),
-            retention: stream::RetentionPolicy::Limits,
+            retention,
             storage: stream::StorageType::File,
             duplicate_window: config.duplicate_window,
             max_age: if name == config.dlq_stream() {
@@ -216,7 +226,14 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> any
             ..Default::default()
         };
         match js.get_stream(&name).await {
-            Ok(_) => {
+            Ok(mut existing) => {
+                let found = existing.info().await?.config.retention;
+                anyhow::ensure!(
+                    found == retention,
+                    "stream {name} has {found:?} retention, this scriptd needs {retention:?}: \
+                     it was made by an earlier scriptd. Stop every replica, let them finish \
+                     their jobs, delete the stream (nats stream rm {name}) and start again"
+                );
                 js.update_stream(&wanted)
                     .await
                     .with_context(|| format!("updating stream {name}"))?;
@@ -238,6 +255,7 @@ pub async fn durable_consumer(
     name: &str,
     ack_wait: Duration,
     max_ack_pending: usize,
+    filter_subject: Option<String>,
 ) -> anyhow::Result<consumer::PullConsumer> {
     let stream = js
         .get_stream(stream_name)
@@ -251,6 +269,7 @@ pub async fn durable_consumer(
         // message that can never be handled.
         max_deliver: 1000,
         max_ack_pending: max_ack_pending as i64,
+        filter_subject: filter_subject.unwrap_or_default(),
         ..Default::default()
     };
     match stream.get_consumer::<consumer::pull::Config>(name).await {

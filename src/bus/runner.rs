@@ -50,6 +50,9 @@ pub struct Runner {
     /// One permit per engine worker: a job waits here, not in the engine's queue, so that
     /// on shutdown the jobs not yet started are handed back at once.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// Each tenant's share of the engine: its runs take one of these before an engine slot,
+    /// so the engine's (first come, first served) queue holds few runs of any one tenant.
+    pub tenant_slots: super::lanes::TenantSlots,
     /// The daemon's shutdown signal.
     pub stop: CancellationToken,
     /// Stream sequences of the jobs being handled here. JetStream can hand the same message
@@ -89,7 +92,7 @@ impl Runner {
             return;
         };
         let settle = tokio::select! {
-            settle = self.process(&msg) => settle,
+            settle = self.keeping_alive(&msg, self.process(&msg)) => settle,
             _ = hard_stop.cancelled() => {
                 self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 Settle::Nak(None)
@@ -166,9 +169,9 @@ impl Runner {
         // Wait for an engine slot before looking the script up: what the job runs is decided
         // when it can start, so a disable or deploy meanwhile takes effect.
         let slot = tokio::select! {
-            slot = self.slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return Settle::Nak(None),
+            slot = self.engine_slot(&job.tenant) => match slot {
+                Some(slot) => slot,
+                None => return Settle::Nak(None),
             },
             _ = self.stop.cancelled() => {
                 self.stats.returned.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +223,7 @@ impl Runner {
                 .and_then(|d| d.parse().ok())
                 .unwrap_or(0),
         };
-        let result = self.run_keeping_alive(msg, run).await;
+        let result = self.engine.run(run).await;
         drop(slot);
         let decision = policy.decide(result.outcome.as_ref().map(|_| ()), attempt);
         let (status, settle) = match decision {
@@ -294,6 +297,19 @@ impl Runner {
             }
         }
         settled
+    }
+
+    /// One of the tenant's run permits, then one of the engine's.
+    async fn engine_slot(
+        &self,
+        tenant: &str,
+    ) -> Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let own = self.tenant_slots.acquire(tenant).await?;
+        let engine = self.slots.clone().acquire_owned().await.ok()?;
+        Some((own, engine))
     }
 
     /// For schedule jobs whose script does not allow overlapping runs: takes the script's
@@ -381,16 +397,22 @@ impl Runner {
         }
     }
 
-    /// Runs the script, telling JetStream the job is still in progress so its ack wait
-    /// never runs out during a long run.
-    async fn run_keeping_alive(&self, msg: &jetstream::Message, run: ScriptRun) -> RunResult {
-        let running = self.engine.run(run);
-        tokio::pin!(running);
+    /// Drives `work`, telling JetStream every third of the ack wait that the job is still
+    /// being handled: waiting for its tenant's permit or an engine slot, running, or
+    /// waiting for its record. A job held here never expires and goes to another replica
+    /// meanwhile (which ran jobs twice when replicas held more jobs than they could start
+    /// within the ack wait).
+    async fn keeping_alive<T>(
+        &self,
+        msg: &jetstream::Message,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
         let mut progress = tokio::time::interval(self.ack_wait / 3);
         progress.tick().await;
         loop {
             tokio::select! {
-                result = &mut running => return result,
+                out = &mut work => return out,
                 _ = progress.tick() => {
                     let _ = msg.ack_with(AckKind::Progress).await;
                 }

@@ -333,22 +333,20 @@ impl TestEnv {
         )
     }
 
-    /// Jobs handed to a runner and not yet acknowledged.
+    /// Jobs handed to a runner and not yet acknowledged, over every tenant's lane.
     pub async fn jobs_in_flight(&self) -> usize {
+        use futures::StreamExt;
         let stream = self
             .js
             .get_stream(self.settings.nats.jobs_stream())
             .await
             .unwrap();
-        match stream
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                scriptd::bus::RUNNER_CONSUMER,
-            )
-            .await
-        {
-            Ok(mut c) => c.info().await.map(|i| i.num_ack_pending).unwrap_or(0),
-            Err(_) => 0,
+        let mut consumers = stream.consumers();
+        let mut pending = 0;
+        while let Some(Ok(info)) = consumers.next().await {
+            pending += info.num_ack_pending;
         }
+        pending
     }
 
     /// Whether exactly `n` jobs are taken and not yet acknowledged.
