@@ -12,6 +12,11 @@ struct State {
     /// The run being watched: its generation, deadline and the isolate to stop.
     armed: Option<(u64, Instant, Arc<Guard>)>,
     generation: u64,
+    /// When the watching thread wakes by itself: `None` while it waits for a run to be
+    /// armed. Arming a later deadline than this, or ending a run, need not wake it: it
+    /// looks again then. So a busy worker costs the thread about one wake-up per deadline,
+    /// not two per run (a run's arm and end each woke it before: two context switches).
+    wakes_at: Option<Instant>,
     /// Set when the owning worker goes away; the thread then exits.
     shutdown: bool,
 }
@@ -45,7 +50,9 @@ impl Watchdog {
         state.generation += 1;
         let generation = state.generation;
         state.armed = Some((generation, deadline, guard));
-        cvar.notify_one();
+        if state.wakes_at.is_none_or(|at| deadline < at) {
+            cvar.notify_one();
+        }
         Armed {
             watchdog: self,
             generation,
@@ -55,11 +62,12 @@ impl Watchdog {
 
 impl Drop for Armed<'_> {
     fn drop(&mut self) {
-        let (lock, cvar) = &*self.watchdog.shared;
+        let (lock, _) = &*self.watchdog.shared;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(state.armed, Some((g, _, _)) if g == self.generation) {
+            // The guard (and its isolate handle) is let go at once; the thread finds
+            // nothing armed when it next wakes.
             state.armed = None;
-            cvar.notify_one();
         }
     }
 }
@@ -77,6 +85,7 @@ fn watch(shared: &(Mutex<State>, Condvar)) {
     let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
     while !state.shutdown {
         let Some((_, deadline, guard)) = &state.armed else {
+            state.wakes_at = None;
             state = cvar.wait(state).unwrap_or_else(|e| e.into_inner());
             continue;
         };
@@ -87,6 +96,7 @@ fn watch(shared: &(Mutex<State>, Condvar)) {
             continue;
         }
         let wait = *deadline - now;
+        state.wakes_at = Some(*deadline);
         state = cvar
             .wait_timeout(state, wait)
             .unwrap_or_else(|e| e.into_inner())
