@@ -117,6 +117,16 @@ async fn a_host_recycled_under_load_loses_no_run() {
     let stats = engine.stats();
     assert!(stats.host_recycles >= 4, "{stats:?}");
     assert_eq!(stats.host_crashes, 0, "{stats:?}");
+    // Recycled hosts leave and no slot gets two replacements: two processes remain.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while engine.host_processes() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} engine host processes after recycling, for 2 slots",
+            engine.host_processes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

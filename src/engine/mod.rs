@@ -305,6 +305,11 @@ impl Engine {
     }
 
     /// Process ids of the engine hosts (none with thread isolation).
+    /// Engine host processes started and not yet gone (0 in-process).
+    pub fn host_processes(&self) -> usize {
+        self.hosts.as_ref().map_or(0, |h| h.processes())
+    }
+
     pub fn host_pids(&self) -> Vec<u32> {
         self.hosts.as_ref().map(|h| h.pids()).unwrap_or_default()
     }

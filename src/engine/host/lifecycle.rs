@@ -63,6 +63,10 @@ pub(super) fn spawn_host(shared: &Arc<Shared>, slot: usize) -> std::io::Result<(
         });
     }
     let child = command.spawn()?;
+    {
+        let _slots = shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+        shared.starting.lock().unwrap_or_else(|e| e.into_inner())[slot] += 1;
+    }
     drop(theirs);
     ours.set_nonblocking(true)?;
     let stream = tokio::net::UnixStream::from_std(ours)?;
@@ -100,10 +104,11 @@ async fn run_host(
             None => Err("it exited".to_owned()),
         }
     };
-    if let Err(why) = tokio::time::timeout(READY_WAIT, ready)
+    let started = tokio::time::timeout(READY_WAIT, ready)
         .await
-        .unwrap_or_else(|_| Err("no answer".into()))
-    {
+        .unwrap_or_else(|_| Err("no answer".into()));
+    if let Err(why) = started {
+        started_or_failed(&shared, slot);
         let status = child.wait().await.ok();
         tracing::error!(pid, slot, %why, ?status, "An engine host did not start; trying again in a second.");
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -137,10 +142,14 @@ async fn run_host(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(host.clone());
-    if shared.closed.load(Ordering::SeqCst) {
-        host.drain();
-    } else {
-        shared.slots.lock().unwrap_or_else(|e| e.into_inner())[slot] = Some(host.clone());
+    {
+        let mut slots = shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+        shared.starting.lock().unwrap_or_else(|e| e.into_inner())[slot] -= 1;
+        if shared.closed.load(Ordering::SeqCst) {
+            host.drain();
+        } else {
+            slots[slot] = Some(host.clone());
+        }
     }
     shared.room.notify_waiters();
     tracing::debug!(pid, slot, "Engine host ready.");
@@ -200,12 +209,21 @@ async fn run_host(
 
 /// Starts a new host for `slot` if `gone` still holds it (a recycled host's slot was
 /// handed to its replacement already) and the pool is open.
+fn started_or_failed(shared: &Shared, slot: usize) {
+    let _slots = shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+    shared.starting.lock().unwrap_or_else(|e| e.into_inner())[slot] -= 1;
+}
+
 fn respawn(shared: &Arc<Shared>, slot: usize, gone: Option<&Arc<Host>>) {
     {
         let mut slots = shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // An empty slot with a host starting for it is taken care of: a recycled host that
+        // exits before its replacement is up must not start another (each such one was
+        // left running without work, holding its memory, until the daemon stopped).
+        let starting = shared.starting.lock().unwrap_or_else(|e| e.into_inner())[slot];
         let holds = match (&slots[slot], gone) {
             (Some(current), Some(gone)) => Arc::ptr_eq(current, gone),
-            (None, _) => true,
+            (None, _) => starting == 0,
             (Some(_), None) => false,
         };
         if !holds {

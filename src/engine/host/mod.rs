@@ -83,6 +83,10 @@ struct Shared {
     caps: SharedCapabilities,
     binary: PathBuf,
     slots: Mutex<Vec<Option<Arc<Host>>>>,
+    /// Hosts started for each slot and not yet up (or failed); changed under `slots`'s
+    /// lock, so a slot that is empty because its replacement is still starting is told
+    /// from one that needs a host.
+    starting: Mutex<Vec<usize>>,
     /// Every host not yet gone, draining ones included (for their counters).
     all: Mutex<Vec<Arc<Host>>>,
     /// Signalled whenever a host finishes a run or comes up.
@@ -134,6 +138,7 @@ impl HostPool {
             caps,
             binary,
             slots: Mutex::new(vec![None; count]),
+            starting: Mutex::new(vec![0; count]),
             all: Mutex::new(Vec::new()),
             room: tokio::sync::Notify::new(),
             retired: Mutex::new(StatsSnapshot::default()),
@@ -169,6 +174,26 @@ impl HostPool {
     }
 
     /// Process ids of the hosts up now.
+    /// Host processes started and not yet gone: live, starting and draining ones.
+    pub fn processes(&self) -> usize {
+        let slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let starting: usize = self
+            .shared
+            .starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .sum();
+        drop(slots);
+        starting
+            + self
+                .shared
+                .all
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len()
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.live().iter().map(|h| h.pid).collect()
     }
