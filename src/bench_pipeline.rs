@@ -27,6 +27,9 @@ pub struct PipelineBenchArgs {
     /// Events for the latency figure, published at half the measured end-to-end rate.
     #[arg(long, default_value_t = 1000)]
     pub latency_events: usize,
+    /// Jobs one tenant floods the daemon with for the fairness and memory-under-flood figures.
+    #[arg(long, default_value_t = 10000)]
+    pub backlog: usize,
     /// Distinct scripts deployed and run once each for the memory figure.
     #[arg(long, default_value_t = 1000)]
     pub scripts: usize,
@@ -91,6 +94,7 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
         rss,
         cpu_one,
         cpu_three,
+        fairness,
     } = result?;
     println!(
         "scriptd end to end, 1 matching script: {rate:.0} events/s ({} events)",
@@ -114,9 +118,20 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
         "  CPU per event, 3 scripts: {}",
         cpu_three.per_item(args.events)
     );
+    fairness.print();
+    let list = |mibs: &[f64]| {
+        mibs.iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    };
     println!(
-        "RSS after {} distinct scripts ran once each: daemon {:.0} MiB + engine hosts {:.0} MiB",
-        args.scripts, rss.0, rss.1
+        "RSS after {} distinct scripts ran once each: daemon {:.0} MiB; engine hosts {} MiB \
+         (draining ones included), once drained {} MiB",
+        args.scripts,
+        rss.0,
+        list(&rss.1),
+        list(&rss.2)
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -180,7 +195,7 @@ async fn raw_rate(js: &jetstream::Context, id: &str, n: usize) -> anyhow::Result
 
 /// Publishes with up to 256 acknowledgements outstanding; returns each message's stream
 /// sequence and the instant its publish began.
-async fn publish_many(
+pub(crate) async fn publish_many(
     js: &jetstream::Context,
     n: usize,
     subject: impl Fn(usize) -> String,
@@ -213,11 +228,14 @@ struct EndToEnd {
     paced: f64,
     /// Events per second with three matching scripts.
     three: f64,
-    /// RSS in MiB of (the daemon, its engine hosts) after many distinct scripts ran.
-    rss: (f64, f64),
+    /// RSS after many distinct scripts ran.
+    /// (The daemon, every engine host right then, the live hosts once the draining ones
+    /// left), MiB.
+    rss: (f64, Vec<f64>, Vec<f64>),
     /// CPU time by component over the one- and three-script phases.
     cpu_one: CpuUse,
     cpu_three: CpuUse,
+    fairness: crate::bench_fairness::Fairness,
 }
 
 async fn end_to_end(
@@ -326,6 +344,9 @@ async fn end_to_end(
     let three = args.events as f64 / start.elapsed().as_secs_f64();
     let cpu_three = CpuUse::now().since(cpu_start);
 
+    let fairness = crate::bench_fairness::flood(s, js, &store, &stats, args.backlog).await?;
+    done += args.backlog as u64 + 1;
+
     // Many distinct scripts, one event each.
     for i in 0..args.scripts {
         store
@@ -344,9 +365,21 @@ async fn end_to_end(
     publish_many(js, args.scripts, |i| format!("{prefix}.bench.many.s{i}")).await?;
     done += args.scripts as u64;
     wait_for(&stats, done).await?;
+    // Right after, hosts recycled on the way are still draining beside their
+    // replacements; the figure is taken at once and again once only the live ones remain.
+    let at_once: Vec<f64> = procstat::children().into_iter().map(rss_mib).collect();
+    let live = match s.engine.hosts.count {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let settle = Instant::now() + Duration::from_secs(20);
+    while procstat::children().len() > live && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let rss = (
         rss_mib(std::process::id()),
-        procstat::children().into_iter().map(rss_mib).sum(),
+        at_once,
+        procstat::children().into_iter().map(rss_mib).collect(),
     );
 
     stop.cancel();
@@ -366,6 +399,7 @@ async fn end_to_end(
         rss,
         cpu_one,
         cpu_three,
+        fairness,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod bench_fairness;
 pub mod bench_hosts;
 pub mod bench_pipeline;
 pub mod bus;

@@ -1,0 +1,138 @@
+//! The fairness and flood part of `scriptd bench pipeline`: one tenant floods the daemon
+//! with jobs; how long does another tenant's single job wait, and how large does the
+//! daemon grow meanwhile?
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+
+use crate::config::Settings;
+use crate::daemon::DaemonStats;
+use crate::store::{ScriptSpec, Store};
+
+/// What the flood showed.
+pub struct Fairness {
+    pub backlog: usize,
+    /// From the quiet tenant's publish to its run's start.
+    pub quiet_wait: Duration,
+    /// Noisy runs that finished meanwhile.
+    pub noisy_meanwhile: u64,
+    /// The noisy script's median run time.
+    pub noisy_run: Duration,
+    /// The daemon's RSS before the flood and at most during it, MiB.
+    pub rss_before: f64,
+    pub rss_peak: f64,
+}
+
+/// Each noisy run keeps its worker busy this long.
+const NOISY: &str =
+    "export default () => { const end = Date.now() + 1; while (Date.now() < end) {} return 1; }";
+
+pub async fn flood(
+    s: &Settings,
+    js: &jetstream::Context,
+    store: &Store,
+    stats: &DaemonStats,
+    backlog: usize,
+) -> anyhow::Result<Fairness> {
+    for (tenant, source, on) in [
+        ("noisy", NOISY, "flood"),
+        ("quiet", "export default () => 1", "ping"),
+    ] {
+        store
+            .deploy(&ScriptSpec {
+                tenant: tenant.into(),
+                name: "bench".into(),
+                source: source.into(),
+                subjects: vec![on.into()],
+                timezone: "UTC".into(),
+                ..Default::default()
+            })
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = || crate::engine::rss_of(std::process::id()).unwrap_or(0) as f64 / 1048576.0;
+    let rss_before = rss();
+    let mut rss_peak = rss_before;
+    let jobs_before = stats.fanout.jobs.load(Ordering::Relaxed);
+    let flood_subject = format!("{}.noisy.flood", s.nats.events_prefix);
+    crate::bench_pipeline::publish_many(js, backlog, |_| flood_subject.clone()).await?;
+    rss_peak = rss_peak.max(rss());
+    // The whole backlog is queued as jobs before the quiet tenant's event.
+    while stats.fanout.jobs.load(Ordering::Relaxed) < jobs_before + backlog as u64 {
+        rss_peak = rss_peak.max(rss());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let db = crate::store::connect_direct(&s.database.url).await?;
+    let done_before = stats.runner.succeeded.load(Ordering::Relaxed);
+    let published = Instant::now();
+    js.publish(
+        format!("{}.quiet.ping", s.nats.events_prefix),
+        Bytes::from_static(b"{}"),
+    )
+    .await?
+    .await?;
+    let deadline = published + Duration::from_secs(120);
+    loop {
+        let started = db
+            .query_opt("SELECT 1 FROM runs WHERE tenant = 'quiet'", &[])
+            .await?;
+        if started.is_some() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the quiet tenant's job did not run within 2 minutes"
+        );
+        rss_peak = rss_peak.max(rss());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The record is written after the run; its start is what is measured.
+    let row = db
+        .query_one(
+            "SELECT extract(epoch FROM (clock_timestamp() - started_at))::float8 FROM runs
+             WHERE tenant = 'quiet'",
+            &[],
+        )
+        .await?;
+    let since_start = Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0));
+    let quiet_wait = published.elapsed().saturating_sub(since_start);
+    let noisy_meanwhile = stats.runner.succeeded.load(Ordering::Relaxed) - done_before;
+    while stats.fanout.jobs.load(Ordering::Relaxed) > stats.runner.succeeded.load(Ordering::Relaxed)
+    {
+        rss_peak = rss_peak.max(rss());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let median: f64 = db
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) FROM runs
+             WHERE tenant = 'noisy'",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(Fairness {
+        backlog,
+        quiet_wait,
+        noisy_meanwhile,
+        noisy_run: Duration::from_secs_f64(median / 1000.0),
+        rss_before,
+        rss_peak,
+    })
+}
+
+impl Fairness {
+    pub fn print(&self) {
+        println!(
+            "fairness: another tenant's single job behind a {}-job backlog started {:.1?} after \
+             its publish; {} backlog runs finished meanwhile (one takes {:.2?})",
+            self.backlog, self.quiet_wait, self.noisy_meanwhile, self.noisy_run
+        );
+        println!(
+            "admission: daemon RSS {:.0} MiB before the flood, at most {:.0} MiB during it",
+            self.rss_before, self.rss_peak
+        );
+    }
+}
