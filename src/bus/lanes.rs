@@ -105,8 +105,12 @@ async fn queued_tenants(
     let skip = config.jobs_prefix.split('.').count();
     while let Some(entry) = subjects.next().await {
         let (subject, _) = entry?;
-        if let Some(tenant) = subject.split('.').nth(skip) {
-            tenants.insert(tenant.to_owned());
+        // Anyone may publish under the prefix: a token that is no tenant name gets no lane.
+        match subject.split('.').nth(skip) {
+            Some(tenant) if crate::subject::validate_name("tenant", tenant).is_ok() => {
+                tenants.insert(tenant.to_owned());
+            }
+            _ => tracing::debug!(%subject, "A job subject without a valid tenant; no lane."),
         }
     }
     Ok(tenants)
@@ -141,6 +145,7 @@ pub async fn run<F, Fut>(
             .chain(queued.iter().cloned())
             .filter(|t| !open.contains(t))
             .collect();
+        let mut failed = false;
         for tenant in wanted {
             match open_lane(&js, &config, &tenants, &tenant).await {
                 Ok(consumer) => {
@@ -154,6 +159,7 @@ pub async fn run<F, Fut>(
                     open.insert(tenant);
                 }
                 Err(e) => {
+                    failed = true;
                     tracing::warn!(tenant = %tenant, error = %format!("{e:#}"), "Cannot open the tenant's lane; trying again.");
                 }
             }
@@ -161,6 +167,7 @@ pub async fn run<F, Fut>(
         tokio::select! {
             _ = stop.cancelled() => break,
             changed = changes.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if failed => {}
             _ = scan.tick() => match queued_tenants(&js, &config).await {
                 Ok(found) => queued = found,
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "Cannot list the tenants with queued jobs."),
