@@ -123,3 +123,42 @@ async fn a_tenants_cap_bounds_its_runs_at_once() {
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_tenant_without_scripts_still_get_a_lane() {
+    let env = TestEnv::new().await;
+    // A job queued for a tenant that has no script (deleted, or a replay of an old dead
+    // letter): no lane opens for it from the script index, only from the queued jobs.
+    let job = scriptd::bus::job::Job {
+        id: format!("{}-orphan-1", env.id),
+        tenant: "gone".into(),
+        script: "old".into(),
+        trigger: "replay".into(),
+        subject: None,
+        event_id: None,
+        event: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+        version: None,
+        scheduled_at: None,
+        catch_up: false,
+    };
+    scriptd::bus::ensure_streams(&env.js, &env.settings.nats)
+        .await
+        .unwrap();
+    env.js
+        .publish(
+            env.settings.nats.job_subject("gone", "old"),
+            serde_json::to_vec(&job).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let daemon = env.start_daemon();
+    let runs = env.wait_for_runs(WAIT, |runs| !runs.is_empty()).await;
+    assert_eq!(
+        (runs[0].tenant.as_str(), runs[0].status.as_str()),
+        ("gone", "skipped")
+    );
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
