@@ -187,7 +187,7 @@ pub async fn run_with_stats(
         .run(shutdown.clone()),
     );
     let hard_stop = CancellationToken::new();
-    let fanning = tokio::spawn(bus::consume(
+    let fanning = tokio::spawn(bus::pull(
         fanout_consumer,
         nats.max_in_flight,
         shutdown.clone(),

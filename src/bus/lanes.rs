@@ -150,7 +150,7 @@ pub async fn run<F, Fut>(
             match open_lane(&js, &config, &tenants, &tenant).await {
                 Ok(consumer) => {
                     tracing::debug!(tenant = %tenant, "Lane opened.");
-                    lanes.spawn(pull_lane(
+                    lanes.spawn(super::pull(
                         consumer,
                         tenants.pull_window.max(1),
                         stop.clone(),
@@ -176,102 +176,6 @@ pub async fn run<F, Fut>(
     }
     lanes.close();
     lanes.wait().await;
-}
-
-/// How long a request for the next job of an idle lane waits at the server. The client
-/// gives up on it 5 s later if the server's end-of-request never came (a server restart
-/// forgets requests), so this also bounds how long a lane can stay deaf.
-const LONG_POLL: Duration = Duration::from_secs(10);
-
-/// How long a fetch (answered at once by a live server) may take to answer.
-const FETCH_ANSWER: Duration = Duration::from_secs(5);
-
-/// Pulls one lane with at most `window` jobs in hand until `stop`, then waits for them.
-///
-/// JetStream is asked for exactly as many jobs as there are free places: what is there at
-/// once (no wait), or, when the lane is empty, the next one job (a long poll). So every job
-/// received is handled at once and kept alive by its handler; none waits unseen in a client
-/// buffer, where its ack wait could run out and JetStream hand it to another replica too
-/// (a prefetching pull ran jobs twice in the rolling-restart test that way).
-async fn pull_lane<F, Fut>(
-    consumer: jetstream::consumer::PullConsumer,
-    window: usize,
-    stop: CancellationToken,
-    handler: F,
-) where
-    F: Fn(jetstream::Message) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let tracker = tokio_util::task::TaskTracker::new();
-    let places = Arc::new(Semaphore::new(window));
-    let mut idle = false;
-    'lane: while !stop.is_cancelled() {
-        let first = tokio::select! {
-            _ = stop.cancelled() => break,
-            place = places.clone().acquire_owned() => match place {
-                Ok(place) => place,
-                Err(_) => break,
-            },
-        };
-        let mut hand = vec![first];
-        while let Ok(place) = places.clone().try_acquire_owned() {
-            hand.push(place);
-        }
-        let request = if idle {
-            consumer
-                .batch()
-                .max_messages(1)
-                .expires(LONG_POLL)
-                .messages()
-                .await
-        } else {
-            consumer.fetch().max_messages(hand.len()).messages().await
-        };
-        let mut jobs = match request {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot pull jobs; trying again.");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        let mut received = 0;
-        // A request that gets no answer (sent just as the server restarted) ends here: a
-        // long poll by the client's own timer, a fetch after this long.
-        let quiet_limit = if idle { LONG_POLL * 2 } else { FETCH_ANSWER };
-        loop {
-            let next = tokio::select! {
-                // Jobs already delivered and not taken come back after their ack wait.
-                _ = stop.cancelled() => break 'lane,
-                next = tokio::time::timeout(quiet_limit, jobs.next()) => next,
-            };
-            let Ok(next) = next else {
-                tracing::debug!("A pull request got no answer; asking again.");
-                break;
-            };
-            match next {
-                Some(Ok(job)) => {
-                    received += 1;
-                    let place = hand.pop();
-                    let work = handler(job);
-                    tracker.spawn(async move {
-                        work.await;
-                        drop(place);
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "Pull request ended.");
-                    break;
-                }
-                None => break,
-            }
-        }
-        idle = received == 0;
-    }
-    tracker.close();
-    tracker.wait().await;
 }
 
 async fn open_lane(

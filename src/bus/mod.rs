@@ -8,11 +8,15 @@ pub mod lanes;
 pub mod replay;
 pub mod runner;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::units::{duration_str, ByteSize};
 
@@ -82,72 +86,99 @@ impl NatsConfig {
     }
 }
 
-/// Pulls messages from `consumer` and hands each to `handler`, at most `concurrency` at a
-/// time, until `stop` is cancelled; then waits for the handlers in flight. A broken message
-/// stream (server restart, lost heartbeats) is opened again.
-pub async fn consume<F, Fut>(
-    consumer: consumer::PullConsumer,
-    concurrency: usize,
-    stop: tokio_util::sync::CancellationToken,
+/// How long a request for the next message of an idle consumer waits at the server. The client
+/// gives up on it 5 s later if the server's end-of-request never came (a server restart
+/// forgets requests), so this also bounds how long a consumer can stay deaf.
+const LONG_POLL: Duration = Duration::from_secs(10);
+
+/// How long a fetch (answered at once by a live server) may take to answer.
+const FETCH_ANSWER: Duration = Duration::from_secs(5);
+
+/// Pulls `consumer` with at most `window` messages in hand until `stop`, handing each to
+/// `handler`; then waits for the handlers in flight.
+///
+/// JetStream is asked for exactly as many messages as there are free places: what is there
+/// at once (no wait), or, when nothing is, the next one (a long poll). So every message
+/// received is handled at once (and a job kept alive by its handler); none waits unseen in
+/// a client buffer, where its ack wait could run out and JetStream hand it to another
+/// replica too (a prefetching pull ran jobs twice in the rolling-restart test that way).
+/// A request that fails (server restart, lost connection) is made again.
+pub async fn pull<F, Fut>(
+    consumer: jetstream::consumer::PullConsumer,
+    window: usize,
+    stop: CancellationToken,
     handler: F,
 ) where
     F: Fn(jetstream::Message) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    use futures::StreamExt;
-
     let tracker = tokio_util::task::TaskTracker::new();
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    'open: while !stop.is_cancelled() {
-        let opened = consumer
-            .stream()
-            .max_messages_per_batch(concurrency.max(1))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match opened {
-            Ok(m) => m,
+    let places = Arc::new(Semaphore::new(window));
+    let mut idle = false;
+    'pull: while !stop.is_cancelled() {
+        let first = tokio::select! {
+            _ = stop.cancelled() => break,
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+        };
+        let mut hand = vec![first];
+        while let Ok(place) = places.clone().try_acquire_owned() {
+            hand.push(place);
+        }
+        let request = if idle {
+            consumer
+                .batch()
+                .max_messages(1)
+                .expires(LONG_POLL)
+                .messages()
+                .await
+        } else {
+            consumer.fetch().max_messages(hand.len()).messages().await
+        };
+        let mut messages = match request {
+            Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot pull messages; trying again.");
                 tokio::select! {
-                    _ = stop.cancelled() => break 'open,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'open,
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
         };
+        let mut received = 0;
+        // A request that gets no answer (sent just as the server restarted) ends here: a
+        // long poll by the client's own timer, a fetch after this long.
+        let quiet_limit = if idle { LONG_POLL * 2 } else { FETCH_ANSWER };
         loop {
-            let permit = tokio::select! {
-                _ = stop.cancelled() => break 'open,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break 'open,
-                },
-            };
             let next = tokio::select! {
-                _ = stop.cancelled() => break 'open,
-                next = messages.next() => next,
+                // Messages already delivered and not taken come back after their ack wait.
+                _ = stop.cancelled() => break 'pull,
+                next = tokio::time::timeout(quiet_limit, messages.next()) => next,
+            };
+            let Ok(next) = next else {
+                tracing::debug!("A pull request got no answer; asking again.");
+                break;
             };
             match next {
                 Some(Ok(message)) => {
+                    received += 1;
+                    let place = hand.pop();
                     let work = handler(message);
                     tracker.spawn(async move {
                         work.await;
-                        drop(permit);
+                        drop(place);
                     });
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "Message stream error.");
+                    tracing::debug!(error = %e, "Pull request ended.");
+                    break;
                 }
-                None => {
-                    tracing::warn!("Message stream ended; opening it again.");
-                    tokio::select! {
-                        _ = stop.cancelled() => break 'open,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'open,
-                    }
-                }
+                None => break,
             }
         }
+        idle = received == 0;
     }
     tracker.close();
     tracker.wait().await;
