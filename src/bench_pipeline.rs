@@ -85,55 +85,51 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
         .await?;
-    let EndToEnd {
-        rate,
-        p50,
-        p99,
-        paced,
-        three,
-        rss,
-        cpu_one,
-        cpu_three,
-        fairness,
-    } = result?;
-    println!(
-        "scriptd end to end, 1 matching script: {rate:.0} events/s ({} events)",
-        args.events
-    );
-    println!("ratio end-to-end / raw: {:.2}", rate / raw);
-    println!(
-        "  CPU per event, 1 script: {}",
-        cpu_one.per_item(args.events)
-    );
-    println!(
-        "publish -> run start at {paced:.0} events/s: p50 {p50:.2?}, p99 {p99:.2?} ({} events)",
-        args.latency_events
-    );
-    println!(
-        "scriptd end to end, 3 matching scripts: {three:.0} events/s ({:.0} runs/s; ratio to raw {:.3})",
-        three * 3.0,
-        three / raw
-    );
-    println!(
-        "  CPU per event, 3 scripts: {}",
-        cpu_three.per_item(args.events)
-    );
-    fairness.print();
-    let list = |mibs: &[f64]| {
-        mibs.iter()
-            .map(|m| format!("{m:.0}"))
-            .collect::<Vec<_>>()
-            .join(" + ")
-    };
-    println!(
-        "RSS after {} distinct scripts ran once each: daemon {:.0} MiB; engine hosts {} MiB \
-         (draining ones included), once drained {} MiB",
-        args.scripts,
-        rss.0,
-        list(&rss.1),
-        list(&rss.2)
-    );
+    result?.print(raw, &args);
     Ok(ExitCode::SUCCESS)
+}
+
+impl EndToEnd {
+    fn print(&self, raw: f64, args: &PipelineBenchArgs) {
+        println!(
+            "scriptd end to end, 1 matching script: {:.0} events/s ({} events)",
+            self.rate, args.events
+        );
+        println!("ratio end-to-end / raw: {:.2}", self.rate / raw);
+        println!(
+            "  CPU per event, 1 script: {}",
+            self.cpu_one.per_item(args.events)
+        );
+        println!(
+            "publish -> run start at {:.0} events/s: p50 {:.2?}, p99 {:.2?} ({} events)",
+            self.paced, self.p50, self.p99, args.latency_events
+        );
+        println!(
+            "scriptd end to end, 3 matching scripts: {:.0} events/s ({:.0} runs/s; ratio to raw {:.3})",
+            self.three,
+            self.three * 3.0,
+            self.three / raw
+        );
+        println!(
+            "  CPU per event, 3 scripts: {}",
+            self.cpu_three.per_item(args.events)
+        );
+        self.fairness.print();
+        let list = |mibs: &[f64]| {
+            mibs.iter()
+                .map(|m| format!("{m:.0}"))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        };
+        println!(
+            "RSS after {} distinct scripts ran once each: daemon {:.0} MiB; engine hosts {} MiB \
+             (draining ones included), once drained {} MiB",
+            args.scripts,
+            self.rss.0,
+            list(&self.rss.1),
+            list(&self.rss.2)
+        );
+    }
 }
 
 fn replace_dbname(url: &str, name: &str) -> String {
