@@ -106,7 +106,9 @@ impl Store {
         self.all_tenants_query(sql, params).await.map(drop)
     }
 
-    /// Inserts a batch of run records in one statement.
+    /// Inserts a batch of run records in one statement. A record already there (same job,
+    /// attempt and start) is not inserted again: a batch whose commit was lost with its
+    /// connection is sent again, and must not record those runs twice.
     pub async fn insert_runs(&self, records: &[RunRecord]) -> anyhow::Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -132,7 +134,9 @@ impl Store {
                 $18::timestamptz[])
              AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                 status, failure_kind, failure_message, failure_stack, logs, logs_truncated,
-                cold_start, started_at, duration_ms, scheduled_at)",
+                cold_start, started_at, duration_ms, scheduled_at)
+             WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.job_id = t.job_id
+                AND r.attempt = t.attempt AND r.started_at = t.started_at)",
             &[
                 &column!(tenant),
                 &column!(script),
