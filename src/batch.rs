@@ -3,6 +3,7 @@
 //! Under load batches grow by themselves; when idle each item goes alone, without delay.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -23,7 +24,21 @@ impl<T, R> Clone for Batcher<T, R> {
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     /// Starts the task; `handle` answers a batch with one result per item, in order. The
     /// task ends when every `Batcher` clone is dropped.
-    pub fn start<F, Fut>(max: usize, mut handle: F) -> (Self, tokio::task::JoinHandle<()>)
+    pub fn start<F, Fut>(max: usize, handle: F) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        F: FnMut(Vec<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<R>> + Send,
+    {
+        Self::start_lingering(max, Duration::ZERO, handle)
+    }
+
+    /// Like `start`, but a batch that is not full waits up to `linger` for more items:
+    /// fewer, larger batches when each item's answer may come a little later.
+    pub fn start_lingering<F, Fut>(
+        max: usize,
+        linger: Duration,
+        mut handle: F,
+    ) -> (Self, tokio::task::JoinHandle<()>)
     where
         F: FnMut(Vec<T>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<R>> + Send,
@@ -32,6 +47,17 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         let task = tokio::spawn(async move {
             let mut pending = Vec::with_capacity(max);
             while rx.recv_many(&mut pending, max).await > 0 {
+                if !linger.is_zero() && pending.len() < max {
+                    let until = tokio::time::Instant::now() + linger;
+                    while pending.len() < max {
+                        let more = max - pending.len();
+                        match tokio::time::timeout_at(until, rx.recv_many(&mut pending, more)).await
+                        {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                    }
+                }
                 let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = pending.drain(..).unzip();
                 for (reply, result) in replies.into_iter().zip(handle(items).await) {
                     let _ = reply.send(result);

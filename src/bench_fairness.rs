@@ -56,12 +56,14 @@ pub async fn flood(
     let rss = || crate::engine::rss_of(std::process::id()).unwrap_or(0) as f64 / 1048576.0;
     let rss_before = rss();
     let mut rss_peak = rss_before;
-    let jobs_before = stats.fanout.jobs.load(Ordering::Relaxed);
+    let settled_before = stats.fanout.settled.load(Ordering::Relaxed);
+    let succeeded_before = stats.runner.succeeded.load(Ordering::Relaxed);
     let flood_subject = format!("{}.noisy.flood", s.nats.events_prefix);
     crate::bench_pipeline::publish_many(js, backlog, |_| flood_subject.clone()).await?;
     rss_peak = rss_peak.max(rss());
-    // The whole backlog is queued as jobs before the quiet tenant's event.
-    while stats.fanout.jobs.load(Ordering::Relaxed) < jobs_before + backlog as u64 {
+    // The whole backlog is fanned out (run, or queued as jobs) before the quiet tenant's
+    // event.
+    while stats.fanout.settled.load(Ordering::Relaxed) < settled_before + backlog as u64 {
         rss_peak = rss_peak.max(rss());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -100,8 +102,7 @@ pub async fn flood(
     let since_start = Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0));
     let quiet_wait = published.elapsed().saturating_sub(since_start);
     let noisy_meanwhile = stats.runner.succeeded.load(Ordering::Relaxed) - done_before;
-    while stats.fanout.jobs.load(Ordering::Relaxed) > stats.runner.succeeded.load(Ordering::Relaxed)
-    {
+    while stats.runner.succeeded.load(Ordering::Relaxed) < succeeded_before + backlog as u64 + 1 {
         rss_peak = rss_peak.max(rss());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

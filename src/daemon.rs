@@ -151,12 +151,6 @@ pub async fn run_with_stats(
         background.clone(),
     ));
 
-    let fanout = Arc::new(Fanout {
-        js: js.clone(),
-        config: nats.clone(),
-        index: index.clone(),
-        stats: stats.fanout.clone(),
-    });
     let runner = Arc::new(Runner {
         js: js.clone(),
         config: nats.clone(),
@@ -176,6 +170,14 @@ pub async fn run_with_stats(
         stop: shutdown.clone(),
         in_flight: Default::default(),
     });
+    let fanout = Arc::new(Fanout {
+        js: js.clone(),
+        config: nats.clone(),
+        index: index.clone(),
+        stats: stats.fanout.clone(),
+        direct: nats.direct_runs.then(|| runner.clone()),
+        in_flight: Default::default(),
+    });
     let ticker = tokio::spawn(
         crate::cron::Ticker {
             js: js.clone(),
@@ -187,15 +189,19 @@ pub async fn run_with_stats(
         .run(shutdown.clone()),
     );
     let hard_stop = CancellationToken::new();
-    let fanning = tokio::spawn(bus::pull(
-        fanout_consumer,
-        nats.max_in_flight,
-        shutdown.clone(),
-        move |m| {
-            let fanout = fanout.clone();
-            async move { fanout.handle(m).await }
-        },
-    ));
+    let fanning = {
+        let hard_stop = hard_stop.clone();
+        tokio::spawn(bus::pull(
+            fanout_consumer,
+            nats.max_in_flight,
+            shutdown.clone(),
+            move |m| {
+                let fanout = fanout.clone();
+                let hard_stop = hard_stop.clone();
+                async move { fanout.handle(m, hard_stop).await }
+            },
+        ))
+    };
     let running = {
         let hard_stop = hard_stop.clone();
         tokio::spawn(bus::lanes::run(

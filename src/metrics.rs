@@ -280,10 +280,24 @@ impl Metrics {
         );
         push(
             "scriptd_jobs_created_total",
-            "Jobs created by fanning events out to scripts.",
+            "Jobs published by the fan-out: runs queued in their lane, and retries of direct runs.",
             true,
             vec![],
             load(&s.fanout.jobs),
+        );
+        push(
+            "scriptd_direct_runs_total",
+            "First attempts run straight from the fan-out, without a job.",
+            true,
+            vec![],
+            load(&s.fanout.direct),
+        );
+        push(
+            "scriptd_direct_overflows_total",
+            "Runs queued in their lane because no permit or engine slot came within nats.direct_wait.",
+            true,
+            vec![],
+            load(&s.fanout.overflowed),
         );
         for (reason, counter) in [
             ("unmatched", &s.fanout.unmatched),
@@ -292,7 +306,7 @@ impl Metrics {
         ] {
             push(
                 "scriptd_events_dropped_total",
-                "Events that made no job, by reason.",
+                "Events that made no run, by reason.",
                 true,
                 vec![("reason", reason.into())],
                 load(counter),

@@ -10,6 +10,9 @@ use crate::store::{RunRecord, Store};
 
 /// Records or lookups per statement, at most.
 const MAX_BATCH: usize = 500;
+/// How long a batch of records waits for more: its runs' messages are settled this much
+/// later, in exchange for fewer statements and commits.
+const LINGER: Duration = Duration::from_millis(1);
 /// Tries per batch of records before the callers are told it failed (they then leave their
 /// messages unacknowledged, so nothing is lost).
 const TRIES: u32 = 3;
@@ -22,13 +25,14 @@ pub struct RecordWriter {
 impl RecordWriter {
     /// Starts the writer task; it ends when every `RecordWriter` clone is dropped.
     pub fn start(store: Store) -> (RecordWriter, tokio::task::JoinHandle<()>) {
-        let (batcher, task) = Batcher::start(MAX_BATCH, move |records: Vec<RunRecord>| {
-            let store = store.clone();
-            async move {
-                let outcome = insert_with_retries(&store, &records).await;
-                vec![outcome; records.len()]
-            }
-        });
+        let (batcher, task) =
+            Batcher::start_lingering(MAX_BATCH, LINGER, move |records: Vec<RunRecord>| {
+                let store = store.clone();
+                async move {
+                    let outcome = insert_with_retries(&store, &records).await;
+                    vec![outcome; records.len()]
+                }
+            });
         (RecordWriter { batcher }, task)
     }
 
@@ -44,6 +48,13 @@ impl RecordWriter {
 async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(), String> {
     let mut last = String::new();
     for attempt in 1..=TRIES {
+        // A try whose answer was lost with its connection may have been committed: sent
+        // again, it would record those runs twice.
+        if let (true, Some(first)) = (attempt > 1, records.first()) {
+            if store.run_recorded(first).await.unwrap_or(false) {
+                return Ok(());
+            }
+        }
         match store.insert_runs(records).await {
             Ok(()) => return Ok(()),
             Err(e) => {

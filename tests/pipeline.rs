@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use scriptd::retry::RetryOverrides;
@@ -57,6 +58,41 @@ async fn an_event_runs_the_tenants_matching_scripts_only() {
         ]
     );
     assert!(runs.iter().all(|r| r.tenant == "acme" && r.attempt == 1));
+    // Each ran straight from the fan-out, without a job.
+    let fanout = &daemon.stats.fanout;
+    assert_eq!(fanout.direct.load(Ordering::Relaxed), 4);
+    assert_eq!(fanout.jobs.load(Ordering::Relaxed), 0);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_direct_runs_off_every_run_is_a_job_in_its_lane() {
+    let env = TestEnv::new().await;
+    let flaky = "export default (event, ctx) => { if (ctx.attempt < 2) throw new Error('once'); return 1; }";
+    env.deploy("acme", "flaky", flaky, &["pay.*"]).await;
+    env.deploy("acme", "fine", "export default () => 2", &["pay.*"])
+        .await;
+    let mut settings = env.settings.clone();
+    settings.nats.direct_runs = false;
+    let daemon = env.start_daemon_with(settings);
+    for i in 0..5 {
+        env.publish("acme", "pay.in", format!("{{\"i\":{i}}}"))
+            .await;
+    }
+    let runs = env
+        .wait_for_runs(WAIT, |runs| {
+            runs.iter().filter(|r| r.status == "ok").count() == 10
+        })
+        .await;
+    assert_eq!(
+        runs.len(),
+        15,
+        "5 ok + 5 failed first attempts + 5 ok: {runs:#?}"
+    );
+    let fanout = &daemon.stats.fanout;
+    assert_eq!(fanout.direct.load(Ordering::Relaxed), 0);
+    assert_eq!(fanout.jobs.load(Ordering::Relaxed), 10);
     daemon.shutdown().await;
     env.cleanup().await;
 }
@@ -97,6 +133,10 @@ async fn a_script_that_fails_twice_is_retried_with_growing_delays() {
     assert!(second_gap > first_gap, "{first_gap} then {second_gap}");
     assert!(second_gap.num_milliseconds() >= 600, "{second_gap}");
     assert!(env.dead_letters().await.is_empty());
+    // The first attempt ran in the fan-out; the retries went through one job in the lane.
+    let fanout = &daemon.stats.fanout;
+    assert_eq!(fanout.direct.load(Ordering::Relaxed), 1);
+    assert_eq!(fanout.jobs.load(Ordering::Relaxed), 1);
     daemon.shutdown().await;
     env.cleanup().await;
 }

@@ -51,7 +51,8 @@ async fn a_daemon_killed_mid_run_leaves_the_job_to_the_next() {
     env.deploy("acme", "slow", &slow, &["work"]).await;
     let mut first = env.spawn_daemon();
     env.publish("acme", "work", "{}").await;
-    env.wait_until(WAIT, "the job to be taken", || env.jobs_in_flight_is(1))
+    // The event's run starts straight from the fan-out: the event is what is held.
+    env.wait_until(WAIT, "the event to be taken", || env.events_in_flight_is(1))
         .await;
     first.0.kill().expect("SIGKILL");
     first.0.wait().unwrap();

@@ -1,5 +1,7 @@
-//! Fan-out: each event on `<events_prefix>.<tenant>.<type>` becomes one job per matching
-//! script of that tenant. The event is acknowledged once every job is stored.
+//! Fan-out: each event on `<events_prefix>.<tenant>.<type>` is handed to every matching
+//! script of that tenant, as a first attempt run here at once (direct runs) or as a job in
+//! the tenant's lane. The event is acknowledged once every run is recorded or its job is
+//! stored; retries always go through the lanes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,10 +11,13 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::Utc;
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::dlq::{self, DeadLetter};
 use super::job::{event_job_id, headers_as_json, payload_as_json, EventView, Job};
-use super::NatsConfig;
+use super::runner::{run_span, Runner, Settle, RETRY_AT_HEADER};
+use super::{Claims, NatsConfig};
 use crate::engine::{Failure, FailureKind};
 use crate::index::ScriptIndex;
 use crate::subject;
@@ -21,7 +26,15 @@ use crate::subject;
 #[derive(Debug, Default)]
 pub struct FanoutStats {
     pub events: AtomicU64,
+    /// Events acknowledged: every run recorded or its job stored (or nothing to run).
+    pub settled: AtomicU64,
+    /// Jobs published: runs that could not start here soon, and retries of direct runs.
     pub jobs: AtomicU64,
+    /// First attempts run straight from the fan-out.
+    pub direct: AtomicU64,
+    /// Runs queued in their lane because no permit or engine slot came within
+    /// `nats.direct_wait` (or the daemon was stopping).
+    pub overflowed: AtomicU64,
     /// Events of a tenant with no matching script.
     pub unmatched: AtomicU64,
     /// Events whose subject has no tenant or type.
@@ -35,15 +48,32 @@ pub struct Fanout {
     pub config: NatsConfig,
     pub index: Arc<ScriptIndex>,
     pub stats: Arc<FanoutStats>,
+    /// Runs first attempts in the fan-out when set (`nats.direct_runs`).
+    pub direct: Option<Arc<Runner>>,
+    /// The events being handled here.
+    pub in_flight: Claims,
 }
 
 impl Fanout {
-    /// Handles one event message, ending with its ack (or nak when a job could not be
-    /// stored, so the event comes back).
-    pub async fn handle(&self, msg: jetstream::Message) {
+    /// Handles one event message, ending with its ack (or nak when a run could not be
+    /// recorded or a job stored, so the event comes back; runs already recorded are not
+    /// run again). `hard_stop` ends direct runs still going at the end of the shutdown
+    /// grace period: the event is handed back.
+    pub async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
+        let Some(_claim) = self.in_flight.claim(&msg) else {
+            tracing::debug!(subject = %msg.subject, "An event already being handled here was delivered again; ignored.");
+            return;
+        };
         self.stats.events.fetch_add(1, Ordering::Relaxed);
-        let settle = match self.fan_out(&msg).await {
-            Ok(()) => msg.ack().await,
+        let outcome = tokio::select! {
+            outcome = super::keeping_alive(&msg, self.config.ack_wait, self.fan_out(&msg)) => outcome,
+            _ = hard_stop.cancelled() => Err(anyhow::anyhow!("runs still going at the end of the shutdown grace period")),
+        };
+        let settle = match outcome {
+            Ok(()) => {
+                self.stats.settled.fetch_add(1, Ordering::Relaxed);
+                msg.ack().await
+            }
             Err(e) => {
                 tracing::warn!(subject = %msg.subject, error = %format!("{e:#}"), "Fan-out failed; the event will be delivered again.");
                 msg.ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
@@ -130,36 +160,35 @@ impl Fanout {
             time,
         };
         let event = RawValue::from_string(serde_json::to_string(&view)?)?;
-        let mut acks = Vec::with_capacity(scripts.len());
-        for script in &scripts {
-            let job = Job {
-                id: event_job_id(&stream, sequence, script.id),
-                tenant: script.tenant.clone(),
-                script: script.name.clone(),
-                trigger: "event".into(),
-                subject: Some(msg.subject.to_string()),
-                event_id: Some(event_id.clone()),
-                event: event.clone(),
-                version: None,
-                scheduled_at: None,
-                catch_up: false,
-            };
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", job.id.as_str());
-            for name in ["traceparent", crate::caps::DEPTH_HEADER] {
-                if let Some(value) = msg.headers.as_ref().and_then(|h| h.get(name)) {
-                    headers.insert(name, value.as_str());
-                }
+        // What a job of this event carries besides its id: the trace and the chain depth.
+        let mut headers = HeaderMap::new();
+        for name in ["traceparent", crate::caps::DEPTH_HEADER] {
+            if let Some(value) = msg.headers.as_ref().and_then(|h| h.get(name)) {
+                headers.insert(name, value.as_str());
             }
-            let ack = self
-                .js
-                .publish_with_headers(
-                    self.config.job_subject(&job.tenant, &job.script),
-                    headers,
-                    Bytes::from(serde_json::to_vec(&job)?),
-                )
-                .await?;
-            acks.push(ack);
+        }
+        let jobs = scripts.iter().map(|script| Job {
+            id: event_job_id(&stream, sequence, script.id),
+            tenant: script.tenant.clone(),
+            script: script.name.clone(),
+            trigger: "event".into(),
+            subject: Some(msg.subject.to_string()),
+            event_id: Some(event_id.clone()),
+            event: event.clone(),
+            version: None,
+            scheduled_at: None,
+            catch_up: false,
+        });
+        if let Some(runner) = &self.direct {
+            let runs = jobs.map(|job| self.direct(runner, job, &headers));
+            for done in futures::future::join_all(runs).await {
+                done?;
+            }
+            return Ok(());
+        }
+        let mut acks = Vec::with_capacity(scripts.len());
+        for job in jobs {
+            acks.push(self.publish(&job, &headers, None).await?);
         }
         for ack in
             futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
@@ -167,9 +196,81 @@ impl Fanout {
         {
             ack?;
         }
-        self.stats
-            .jobs
-            .fetch_add(scripts.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Runs the first attempt of `job` here if its tenant's permit and an engine slot come
+    /// within `nats.direct_wait`, else queues the job in its tenant's lane. Returns once
+    /// the attempt is recorded (a retry queued in the lane) or the job is stored.
+    async fn direct(&self, runner: &Runner, job: Job, headers: &HeaderMap) -> anyhow::Result<()> {
+        // The records say whether this event was handled before (a redelivery after a
+        // crash, a lost ack, or nats-server#4460): what ended stays ended, and a job with a
+        // failed attempt continues in its lane.
+        match runner.history.history(&job.id).await {
+            Ok((_, true)) => return Ok(()),
+            Ok((0, false)) => {}
+            Ok((_, false)) => return self.queue(&job, headers, None).await,
+            Err(e) => anyhow::bail!("cannot read the history of job {}: {e}", job.id),
+        }
+        let slot = tokio::select! {
+            // Stopping: what has not started goes to the lane, for this or another replica.
+            _ = runner.stop.cancelled() => None,
+            slot = tokio::time::timeout(self.config.direct_wait, runner.engine_slot(&job.tenant)) => slot.ok().flatten(),
+        };
+        let Some(slot) = slot else {
+            self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+            return self.queue(&job, headers, None).await;
+        };
+        self.stats.direct.fetch_add(1, Ordering::Relaxed);
+        let span = run_span(&job, Some(headers));
+        match runner
+            .attempt(Some(headers), &job, 1, slot)
+            .instrument(span)
+            .await
+        {
+            Settle::Ack | Settle::Term => Ok(()),
+            Settle::Retry(delay) => {
+                let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                self.queue(&job, headers, Some(due)).await
+            }
+            Settle::Nak(_) => anyhow::bail!("the attempt of job {} was not recorded", job.id),
+        }
+    }
+
+    /// Publishes `job` to its lane and waits until JetStream has stored it.
+    async fn queue(
+        &self,
+        job: &Job,
+        headers: &HeaderMap,
+        due: Option<chrono::DateTime<Utc>>,
+    ) -> anyhow::Result<()> {
+        self.publish(job, headers, due).await?.await?;
+        Ok(())
+    }
+
+    /// Publishes `job` with its deterministic message id (a job published again, by a
+    /// redelivered event or another replica, is stored once); `due` delays its next
+    /// attempt.
+    async fn publish(
+        &self,
+        job: &Job,
+        headers: &HeaderMap,
+        due: Option<chrono::DateTime<Utc>>,
+    ) -> anyhow::Result<jetstream::context::PublishAckFuture> {
+        let mut headers = headers.clone();
+        headers.insert("Nats-Msg-Id", job.id.as_str());
+        if let Some(due) = due {
+            headers.insert(RETRY_AT_HEADER, due.timestamp_millis().to_string().as_str());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(
+                self.config.job_subject(&job.tenant, &job.script),
+                headers,
+                Bytes::from(serde_json::to_vec(job)?),
+            )
+            .await?;
+        self.stats.jobs.fetch_add(1, Ordering::Relaxed);
+        Ok(ack)
     }
 }

@@ -49,6 +49,13 @@ pub struct NatsConfig {
     /// progress send progress acknowledgements, so this is independent of script timeouts.
     #[serde(with = "duration_str")]
     pub ack_wait: Duration,
+    /// Run an event's first attempts straight from the fan-out (one JetStream hop instead
+    /// of two); jobs are published only for retries and for runs that cannot start soon.
+    pub direct_runs: bool,
+    /// How long a direct run may wait for its tenant's permit and an engine slot before it
+    /// is queued in its tenant's lane as a job instead.
+    #[serde(with = "duration_str")]
+    pub direct_wait: Duration,
 }
 
 impl Default for NatsConfig {
@@ -64,6 +71,8 @@ impl Default for NatsConfig {
             max_in_flight: 256,
             max_event_size: ByteSize::kib(512),
             ack_wait: Duration::from_secs(30),
+            direct_runs: true,
+            direct_wait: Duration::from_millis(50),
         }
     }
 }
@@ -182,6 +191,66 @@ pub async fn pull<F, Fut>(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Drives `work`, telling JetStream every third of `ack_wait` that `msg` is still being
+/// handled: waiting for a permit or an engine slot, running, or waiting for its record. A
+/// message held here never expires and goes to another replica meanwhile (which ran jobs
+/// twice when replicas held more jobs than they could start within the ack wait).
+pub(crate) async fn keeping_alive<T>(
+    msg: &jetstream::Message,
+    ack_wait: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut progress = tokio::time::interval(ack_wait / 3);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = progress.tick() => {
+                let _ = msg.ack_with(jetstream::AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// Stream sequences of the messages being handled here. JetStream can hand the same message
+/// to a consumer again while it is still being handled (seen after a nak during another
+/// replica's shutdown); the second delivery is left to the first's outcome.
+#[derive(Default)]
+pub struct Claims(std::sync::Mutex<std::collections::HashSet<u64>>);
+
+/// Removes a message from its `Claims` when its handling ends, however it ends.
+pub struct Claim<'a> {
+    claims: &'a Claims,
+    sequence: u64,
+}
+
+impl Claims {
+    /// Claims `msg` for this handler; `None` when it is being handled here already.
+    pub fn claim(&self, msg: &jetstream::Message) -> Option<Claim<'_>> {
+        let sequence = msg.info().map(|i| i.stream_sequence).ok()?;
+        let fresh = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sequence);
+        fresh.then_some(Claim {
+            claims: self,
+            sequence,
+        })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.claims
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.sequence);
+    }
 }
 
 /// Durable consumer names, shared by every replica: the fan-out's, and the prefix of the

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
 use chrono::Utc;
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::Instrument;
@@ -55,44 +57,41 @@ pub struct Runner {
     pub tenant_slots: super::lanes::TenantSlots,
     /// The daemon's shutdown signal.
     pub stop: CancellationToken,
-    /// Stream sequences of the jobs being handled here. JetStream can hand the same message
-    /// to a consumer again while it is still being handled (seen after a nak during
-    /// another replica's shutdown); the second delivery is left to the first's outcome.
-    pub in_flight: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// The jobs being handled here.
+    pub in_flight: super::Claims,
 }
 
-/// Removes a job from the in-flight set when its handling ends, however it ends.
-struct InFlight<'a> {
-    set: &'a std::sync::Mutex<std::collections::HashSet<u64>>,
-    sequence: u64,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.set
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.sequence);
-    }
-}
-
-/// A message's fate, applied by `settle`.
-enum Settle {
+/// A message's fate once its handling ends.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Settle {
     Ack,
+    /// The attempt failed, is recorded as `retrying`, and the next one is due after this delay.
+    Retry(Duration),
+    /// Handed back unfinished (shutdown, a service unavailable): comes back after the delay.
     Nak(Option<Duration>),
     Term,
 }
+
+/// A job waits for one of these before it runs: its tenant's permit, then the engine's.
+pub(crate) type Slot = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// The header of a job whose attempt is due later (a retry queued by a direct run): Unix
+/// time in milliseconds.
+pub const RETRY_AT_HEADER: &str = "Scriptd-Retry-At";
 
 impl Runner {
     /// Handles one job message. `hard_stop` cancels a run still going at the end of the
     /// shutdown grace period: its message is handed back for another replica.
     pub async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
-        let Some(_in_flight) = self.claim(&msg) else {
+        let Some(_in_flight) = self.in_flight.claim(&msg) else {
             tracing::debug!(subject = %msg.subject, "A job already being handled here was delivered again; ignored.");
             return;
         };
         let settle = tokio::select! {
-            settle = self.keeping_alive(&msg, self.process(&msg)) => settle,
+            settle = super::keeping_alive(&msg, self.ack_wait, self.process(&msg)) => settle,
             _ = hard_stop.cancelled() => {
                 self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 Settle::Nak(None)
@@ -100,6 +99,7 @@ impl Runner {
         };
         let result = match settle {
             Settle::Ack => msg.ack().await,
+            Settle::Retry(delay) => msg.ack_with(AckKind::Nak(Some(delay))).await,
             Settle::Nak(delay) => msg.ack_with(AckKind::Nak(delay)).await,
             Settle::Term => msg.ack_with(AckKind::Term).await,
         };
@@ -108,20 +108,12 @@ impl Runner {
         }
     }
 
-    fn claim(&self, msg: &jetstream::Message) -> Option<InFlight<'_>> {
-        let sequence = msg.info().map(|i| i.stream_sequence).ok()?;
-        let fresh = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(sequence);
-        fresh.then_some(InFlight {
-            set: &self.in_flight,
-            sequence,
-        })
-    }
-
     async fn process(&self, msg: &jetstream::Message) -> Settle {
+        if let Some(due) = header(msg.headers.as_ref(), RETRY_AT_HEADER).and_then(retry_due) {
+            // A retry queued by a direct run whose delay is not over: it waits in JetStream.
+            // Attempts come from the records, so this delivery uses none up.
+            return Settle::Nak(Some(due));
+        }
         let job: Job = match serde_json::from_slice(&msg.payload) {
             Ok(job) => job,
             Err(e) => {
@@ -129,24 +121,11 @@ impl Runner {
                 return Settle::Term;
             }
         };
-        // One span per delivery, a child of the publisher's trace: retries and the dead
-        // letter of one event share its trace.
-        let span = tracing::info_span!(
-            "scriptd.run",
-            tenant = %job.tenant,
-            script = %job.script,
-            job = %job.id,
-            trigger = %job.trigger,
-            attempt = Empty,
-            version = Empty,
-            outcome = Empty,
-        );
-        crate::telemetry::set_parent(&span, header(msg, "traceparent"));
+        let span = run_span(&job, msg.headers.as_ref());
         self.process_job(msg, job).instrument(span).await
     }
 
     async fn process_job(&self, msg: &jetstream::Message, job: Job) -> Settle {
-        let span = tracing::Span::current();
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         // The records say which attempt this is and whether the job already ended: a
         // redelivery may follow a retry, a hand-back at shutdown, a crash or a lost ack, and
@@ -155,7 +134,7 @@ impl Runner {
         let attempt = match self.history.history(&job.id).await {
             Ok((_, true)) => {
                 tracing::info!(job = %job.id, delivered, "Job delivered again after it ended; acknowledged without running it.");
-                span.record("outcome", "already_ended");
+                tracing::Span::current().record("outcome", "already_ended");
                 return Settle::Ack;
             }
             Ok((retried, false)) => retried + 1,
@@ -178,6 +157,22 @@ impl Runner {
                 return Settle::Nak(None);
             }
         };
+        self.attempt(msg.headers.as_ref(), &job, attempt, slot)
+            .await
+    }
+
+    /// Runs attempt number `attempt` of `job` in the engine `slot` it holds, within the
+    /// job's span: looks the script up, runs it, and records the attempt; dead-letters the
+    /// job when the retry policy says so. `headers` are the job's (trace context, chain
+    /// depth). The returned settlement is what the job's message (or event) gets.
+    pub(crate) async fn attempt(
+        &self,
+        headers: Option<&HeaderMap>,
+        job: &Job,
+        attempt: u32,
+        slot: Slot,
+    ) -> Settle {
+        let span = tracing::Span::current();
         let script = self.index.snapshot().get(&job.tenant, &job.script).cloned();
         span.record("attempt", attempt);
         let Some(script) = script.filter(|s| s.enabled) else {
@@ -186,14 +181,14 @@ impl Runner {
                 .run_finished(&job.tenant, "skipped", None, None);
             span.record("outcome", "skipped");
             tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, "Job skipped: the script was deleted or disabled.");
-            let record = record(&job, attempt, None, RunStatus::Skipped, None, Utc::now());
+            let record = record(job, attempt, None, RunStatus::Skipped, None, Utc::now());
             return self.commit(record, Settle::Ack).await;
         };
-        let locked = match self.overlap_lock(&job, &script).await {
+        let locked = match self.overlap_lock(job, &script).await {
             Ok(locked) => locked,
             Err(settle) => return settle,
         };
-        let (version, source) = match self.pinned_source(&job, &script).await {
+        let (version, source) = match self.pinned_source(job, &script).await {
             Ok(found) => found,
             Err(settle) => return settle,
         };
@@ -218,8 +213,8 @@ impl Runner {
             // What the script publishes continues this run's span when spans are exported,
             // else the event's trace.
             traceparent: crate::telemetry::traceparent_of(&span)
-                .or_else(|| header(msg, "traceparent").map(str::to_owned)),
-            depth: header(msg, crate::caps::DEPTH_HEADER)
+                .or_else(|| header(headers, "traceparent").map(str::to_owned)),
+            depth: header(headers, crate::caps::DEPTH_HEADER)
                 .and_then(|d| d.parse().ok())
                 .unwrap_or(0),
         };
@@ -233,7 +228,7 @@ impl Runner {
             }
             Decision::Retry(delay) => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                (RunStatus::Retrying, Settle::Nak(Some(delay)))
+                (RunStatus::Retrying, Settle::Retry(delay))
             }
             Decision::DeadLetter(failure) => {
                 let letter = DeadLetter {
@@ -245,14 +240,14 @@ impl Runner {
                     attempts: attempt,
                     first_attempt_at: self.first_attempt_at(&job.id).await.unwrap_or(started_at),
                     last_attempt_at: started_at,
-                    headers: headers_as_json(msg.headers.as_ref()),
-                    job: match serde_json::from_slice(&msg.payload) {
-                        Ok(raw) => raw,
-                        Err(_) => return Settle::Nak(Some(Duration::from_secs(1))),
+                    headers: headers_as_json(headers),
+                    job: match serde_json::to_string(job).map(RawValue::from_string) {
+                        Ok(Ok(raw)) => raw,
+                        _ => return Settle::Nak(Some(Duration::from_secs(1))),
                     },
                 };
                 let dead_letter = tracing::info_span!("scriptd.dead_letter", kind = %letter.failure.kind, attempts = attempt);
-                if let Err(e) = dlq::publish(&self.js, &self.config, &letter, msg.headers.as_ref())
+                if let Err(e) = dlq::publish(&self.js, &self.config, &letter, headers)
                     .instrument(dead_letter)
                     .await
                 {
@@ -279,7 +274,7 @@ impl Runner {
             "Run finished."
         );
         let record = record(
-            &job,
+            job,
             attempt,
             Some(version as i32),
             status,
@@ -300,13 +295,7 @@ impl Runner {
     }
 
     /// One of the tenant's run permits, then one of the engine's.
-    async fn engine_slot(
-        &self,
-        tenant: &str,
-    ) -> Option<(
-        tokio::sync::OwnedSemaphorePermit,
-        tokio::sync::OwnedSemaphorePermit,
-    )> {
+    pub(crate) async fn engine_slot(&self, tenant: &str) -> Option<Slot> {
         let own = self.tenant_slots.acquire(tenant).await?;
         let engine = self.slots.clone().acquire_owned().await.ok()?;
         Some((own, engine))
@@ -397,29 +386,6 @@ impl Runner {
         }
     }
 
-    /// Drives `work`, telling JetStream every third of the ack wait that the job is still
-    /// being handled: waiting for its tenant's permit or an engine slot, running, or
-    /// waiting for its record. A job held here never expires and goes to another replica
-    /// meanwhile (which ran jobs twice when replicas held more jobs than they could start
-    /// within the ack wait).
-    async fn keeping_alive<T>(
-        &self,
-        msg: &jetstream::Message,
-        work: impl std::future::Future<Output = T>,
-    ) -> T {
-        tokio::pin!(work);
-        let mut progress = tokio::time::interval(self.ack_wait / 3);
-        progress.tick().await;
-        loop {
-            tokio::select! {
-                out = &mut work => return out,
-                _ = progress.tick() => {
-                    let _ = msg.ack_with(AckKind::Progress).await;
-                }
-            }
-        }
-    }
-
     /// Writes the record; only a committed record lets the message be settled as decided.
     async fn commit(&self, record: RunRecord, settle: Settle) -> Settle {
         match self.records.write(record).await {
@@ -441,8 +407,32 @@ impl Runner {
     }
 }
 
-fn header<'m>(msg: &'m jetstream::Message, name: &str) -> Option<&'m str> {
-    msg.headers.as_ref()?.get(name).map(|v| v.as_str())
+fn header<'m>(headers: Option<&'m HeaderMap>, name: &str) -> Option<&'m str> {
+    headers?.get(name).map(|v| v.as_str())
+}
+
+/// How long until a `Scriptd-Retry-At` time, if it is still ahead.
+fn retry_due(value: &str) -> Option<Duration> {
+    let at = value.parse::<i64>().ok()?;
+    let left = at - Utc::now().timestamp_millis();
+    (left > 0).then(|| Duration::from_millis(left as u64))
+}
+
+/// One span per attempt, a child of the publisher's trace: retries and the dead letter of
+/// one event share its trace.
+pub(crate) fn run_span(job: &Job, headers: Option<&HeaderMap>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "scriptd.run",
+        tenant = %job.tenant,
+        script = %job.script,
+        job = %job.id,
+        trigger = %job.trigger,
+        attempt = Empty,
+        version = Empty,
+        outcome = Empty,
+    );
+    crate::telemetry::set_parent(&span, header(headers, "traceparent"));
+    span
 }
 
 fn record(

@@ -106,9 +106,21 @@ impl Store {
         self.all_tenants_query(sql, params).await.map(drop)
     }
 
-    /// Inserts a batch of run records in one statement. A record already there (same job,
-    /// attempt and start) is not inserted again: a batch whose commit was lost with its
-    /// connection is sent again, and must not record those runs twice.
+    /// Whether the attempt of `record` (same job, attempt and start) is in `runs`. A batch
+    /// is inserted by one statement, all or nothing, so one of its records tells whether a
+    /// batch whose answer was lost with its connection was committed.
+    pub async fn run_recorded(&self, record: &RunRecord) -> anyhow::Result<bool> {
+        let rows = self
+            .all_tenants_query(
+                "SELECT 1 FROM runs WHERE job_id = $1 AND attempt = $2 AND started_at = $3",
+                &[&record.job_id, &record.attempt, &record.started_at],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Inserts a batch of run records in one statement (so all or none of them are
+    /// committed; see `run_recorded`).
     pub async fn insert_runs(&self, records: &[RunRecord]) -> anyhow::Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -134,9 +146,7 @@ impl Store {
                 $18::timestamptz[])
              AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                 status, failure_kind, failure_message, failure_stack, logs, logs_truncated,
-                cold_start, started_at, duration_ms, scheduled_at)
-             WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.job_id = t.job_id
-                AND r.attempt = t.attempt AND r.started_at = t.started_at)",
+                cold_start, started_at, duration_ms, scheduled_at)",
             &[
                 &column!(tenant),
                 &column!(script),

@@ -333,14 +333,11 @@ impl TestEnv {
         )
     }
 
-    /// Jobs handed to a runner and not yet acknowledged, over every tenant's lane.
-    pub async fn jobs_in_flight(&self) -> usize {
+    /// Messages of `stream` handed out and not yet acknowledged, over all its consumers
+    /// (the fan-out's for events, every tenant's lane for jobs).
+    pub async fn in_flight(&self, stream: String) -> usize {
         use futures::StreamExt;
-        let stream = self
-            .js
-            .get_stream(self.settings.nats.jobs_stream())
-            .await
-            .unwrap();
+        let stream = self.js.get_stream(stream).await.unwrap();
         let mut consumers = stream.consumers();
         let mut pending = 0;
         while let Some(Ok(info)) = consumers.next().await {
@@ -349,9 +346,9 @@ impl TestEnv {
         pending
     }
 
-    /// Whether exactly `n` jobs are taken and not yet acknowledged.
-    pub async fn jobs_in_flight_is(&self, n: usize) -> bool {
-        self.jobs_in_flight().await == n
+    /// Whether exactly `n` events are taken and not yet acknowledged.
+    pub async fn events_in_flight_is(&self, n: usize) -> bool {
+        self.in_flight(self.settings.nats.events_stream()).await == n
     }
 
     /// Waits until `check` holds, for at most `limit`.
