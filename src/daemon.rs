@@ -198,7 +198,7 @@ pub async fn run_with_stats(
             move |m| {
                 let fanout = fanout.clone();
                 let hard_stop = hard_stop.clone();
-                async move { fanout.handle(m, hard_stop).await }
+                Box::pin(async move { fanout.handle(m, hard_stop).await })
             },
         ))
     };
@@ -213,7 +213,7 @@ pub async fn run_with_stats(
             move |m| {
                 let runner = runner.clone();
                 let hard_stop = hard_stop.clone();
-                async move { runner.handle(m, hard_stop).await }
+                Box::pin(async move { runner.handle(m, hard_stop).await })
             },
         ))
     };

@@ -17,7 +17,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use serde::{Deserialize, Serialize};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -82,6 +82,9 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// The name of the span of one run attempt.
+pub const RUN_SPAN: &str = "scriptd.run";
+
 /// Installs the global subscriber. `RUST_LOG`, when set, replaces the configured filter.
 /// Standard output stays free for command output. With `export`, and an OTLP endpoint
 /// configured, spans and metrics are exported too. Call outside any async runtime.
@@ -96,7 +99,13 @@ pub fn init(
         _ => EnvFilter::try_new(&log.filter)?,
     };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    // The log filter decides what is printed, not which spans are exported.
+    // The log filter decides what is printed, not which spans are exported. Run spans are
+    // not printed: the log lines of a run name its tenant, script and job themselves, and
+    // formatting every run's span fields for the printer cost more than the rest of the
+    // daemon's work per run.
+    let filter = filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.name() == RUN_SPAN)
+    }));
     let fmt = match log.format {
         LogFormat::Human => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),

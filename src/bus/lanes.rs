@@ -121,7 +121,7 @@ const QUEUED_SCAN: Duration = Duration::from_secs(30);
 
 /// Opens a lane for every tenant of the index, and for tenants with queued jobs, as they
 /// appear, and pulls each with `handler` until `stop`; then waits for every lane to finish.
-pub async fn run<F, Fut>(
+pub async fn run<F>(
     js: jetstream::Context,
     config: NatsConfig,
     tenants: TenantsConfig,
@@ -129,8 +129,11 @@ pub async fn run<F, Fut>(
     stop: CancellationToken,
     handler: F,
 ) where
-    F: Fn(jetstream::Message) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 {
     let lanes = tokio_util::task::TaskTracker::new();
     let mut open: HashSet<String> = HashSet::new();

@@ -112,14 +112,17 @@ const FETCH_ANSWER: Duration = Duration::from_secs(5);
 /// a client buffer, where its ack wait could run out and JetStream hand it to another
 /// replica too (a prefetching pull ran jobs twice in the rolling-restart test that way).
 /// A request that fails (server restart, lost connection) is made again.
-pub async fn pull<F, Fut>(
+///
+/// `handler` returns its work boxed: a handler's future holds a whole run (engine, record,
+/// dead letter) and is large, and moving it by value into each task cost more copying than
+/// anything else the daemon does per message.
+pub async fn pull<F>(
     consumer: jetstream::consumer::PullConsumer,
     window: usize,
     stop: CancellationToken,
     handler: F,
 ) where
-    F: Fn(jetstream::Message) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>,
 {
     let tracker = tokio_util::task::TaskTracker::new();
     let places = Arc::new(Semaphore::new(window));

@@ -422,7 +422,7 @@ fn retry_due(value: &str) -> Option<Duration> {
 /// one event share its trace.
 pub(crate) fn run_span(job: &Job, headers: Option<&HeaderMap>) -> tracing::Span {
     let span = tracing::info_span!(
-        "scriptd.run",
+        crate::telemetry::RUN_SPAN,
         tenant = %job.tenant,
         script = %job.script,
         job = %job.id,

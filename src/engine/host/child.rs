@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use futures::future::BoxFuture;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -60,10 +60,10 @@ async fn serve() -> anyhow::Result<()> {
                 }
             };
             let Some(frame) = frame else { break };
-            let Ok(bytes) = serde_json::to_vec(&frame) else {
-                continue;
-            };
-            if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
+            if protocol::send_queued(&mut sink, frame, &mut outgoing)
+                .await
+                .is_err()
+            {
                 break;
             }
         }

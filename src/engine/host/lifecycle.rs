@@ -118,10 +118,10 @@ async fn run_host(
     let (tx, mut outgoing) = mpsc::unbounded_channel::<ToHost>();
     tokio::spawn(async move {
         while let Some(frame) = outgoing.recv().await {
-            let Ok(bytes) = serde_json::to_vec(&frame) else {
-                continue;
-            };
-            if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
+            if protocol::send_queued(&mut sink, frame, &mut outgoing)
+                .await
+                .is_err()
+            {
                 break;
             }
         }

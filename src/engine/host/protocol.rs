@@ -23,6 +23,32 @@ pub fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Writes `first` and whatever else is already queued behind it, then flushes: frames that
+/// pile up while a write is under way leave in one system call, not one each.
+pub async fn send_queued<T, W>(
+    sink: &mut tokio_util::codec::FramedWrite<W, LengthDelimitedCodec>,
+    first: T,
+    queue: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> std::io::Result<()>
+where
+    T: Serialize,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use futures::SinkExt;
+    let mut next = Some(first);
+    let mut sent = 0;
+    while let Some(frame) = next.take() {
+        if let Ok(bytes) = serde_json::to_vec(&frame) {
+            sink.feed(bytes::Bytes::from(bytes)).await?;
+        }
+        sent += 1;
+        if sent < 64 {
+            next = queue.try_recv().ok();
+        }
+    }
+    SinkExt::<bytes::Bytes>::flush(sink).await
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToHost {
