@@ -101,6 +101,10 @@ impl EndToEnd {
             self.cpu_one.per_item(args.events)
         );
         println!(
+            "  runs started in the fan-out {}, queued in the lane {}",
+            self.paths_one.0, self.paths_one.1
+        );
+        println!(
             "publish -> run start at {:.0} events/s: p50 {:.2?}, p99 {:.2?} ({} events)",
             self.paced, self.p50, self.p99, args.latency_events
         );
@@ -113,6 +117,10 @@ impl EndToEnd {
         println!(
             "  CPU per event, 3 scripts: {}",
             self.cpu_three.per_item(args.events)
+        );
+        println!(
+            "  runs started in the fan-out {}, queued in the lane {}",
+            self.paths_three.0, self.paths_three.1
         );
         self.fairness.print();
         let list = |mibs: &[f64]| {
@@ -231,6 +239,9 @@ struct EndToEnd {
     /// CPU time by component over the one- and three-script phases.
     cpu_one: CpuUse,
     cpu_three: CpuUse,
+    /// Runs started straight from the fan-out and runs queued in a lane, in each phase.
+    paths_one: (u64, u64),
+    paths_three: (u64, u64),
     fairness: crate::bench_fairness::Fairness,
 }
 
@@ -267,10 +278,12 @@ async fn end_to_end(
 
     let start = Instant::now();
     let cpu_start = CpuUse::now();
+    let paths_start = paths(&stats);
     publish_many(js, args.events, |_| subject.clone()).await?;
     wait_for(&stats, 1 + args.events as u64).await?;
     let rate = args.events as f64 / start.elapsed().as_secs_f64();
     let cpu_one = CpuUse::now().since(cpu_start);
+    let paths_one = since(paths(&stats), paths_start);
 
     // Latency at half that rate: publish on a fixed schedule, then join each event's
     // publish instant with its run's start time from the run records.
@@ -334,11 +347,13 @@ async fn end_to_end(
     wait_for(&stats, done).await?;
     let start = Instant::now();
     let cpu_start = CpuUse::now();
+    let paths_start = paths(&stats);
     publish_many(js, args.events, |_| subject.clone()).await?;
     done += 3 * args.events as u64;
     wait_for(&stats, done).await?;
     let three = args.events as f64 / start.elapsed().as_secs_f64();
     let cpu_three = CpuUse::now().since(cpu_start);
+    let paths_three = since(paths(&stats), paths_start);
 
     let fairness = crate::bench_fairness::flood(s, js, &store, &stats, args.backlog).await?;
     done += args.backlog as u64 + 1;
@@ -395,8 +410,22 @@ async fn end_to_end(
         rss,
         cpu_one,
         cpu_three,
+        paths_one,
+        paths_three,
         fairness,
     })
+}
+
+/// (Runs started in the fan-out, runs queued in a lane) so far.
+fn paths(stats: &DaemonStats) -> (u64, u64) {
+    (
+        stats.fanout.direct.load(Ordering::Relaxed),
+        stats.fanout.overflowed.load(Ordering::Relaxed),
+    )
+}
+
+fn since(now: (u64, u64), then: (u64, u64)) -> (u64, u64) {
+    (now.0 - then.0, now.1 - then.1)
 }
 
 fn rss_mib(pid: u32) -> f64 {
