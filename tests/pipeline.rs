@@ -12,6 +12,19 @@ use support::{busy_script, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// How many first attempts the fan-out ran itself, and how many jobs it published.
+fn assert_paths(daemon: &support::RunningDaemon, direct: u64, jobs: u64) {
+    let fanout = &daemon.stats.fanout;
+    assert_eq!(
+        (
+            fanout.direct.load(Ordering::Relaxed),
+            fanout.jobs.load(Ordering::Relaxed)
+        ),
+        (direct, jobs),
+        "(direct runs, jobs published)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_runs_the_tenants_matching_scripts_only() {
     let env = TestEnv::new().await;
@@ -59,9 +72,7 @@ async fn an_event_runs_the_tenants_matching_scripts_only() {
     );
     assert!(runs.iter().all(|r| r.tenant == "acme" && r.attempt == 1));
     // Each ran straight from the fan-out, without a job.
-    let fanout = &daemon.stats.fanout;
-    assert_eq!(fanout.direct.load(Ordering::Relaxed), 4);
-    assert_eq!(fanout.jobs.load(Ordering::Relaxed), 0);
+    assert_paths(&daemon, 4, 0);
     daemon.shutdown().await;
     env.cleanup().await;
 }
@@ -90,9 +101,7 @@ async fn with_direct_runs_off_every_run_is_a_job_in_its_lane() {
         15,
         "5 ok + 5 failed first attempts + 5 ok: {runs:#?}"
     );
-    let fanout = &daemon.stats.fanout;
-    assert_eq!(fanout.direct.load(Ordering::Relaxed), 0);
-    assert_eq!(fanout.jobs.load(Ordering::Relaxed), 10);
+    assert_paths(&daemon, 0, 10);
     daemon.shutdown().await;
     env.cleanup().await;
 }
@@ -134,9 +143,7 @@ async fn a_script_that_fails_twice_is_retried_with_growing_delays() {
     assert!(second_gap.num_milliseconds() >= 600, "{second_gap}");
     assert!(env.dead_letters().await.is_empty());
     // The first attempt ran in the fan-out; the retries went through one job in the lane.
-    let fanout = &daemon.stats.fanout;
-    assert_eq!(fanout.direct.load(Ordering::Relaxed), 1);
-    assert_eq!(fanout.jobs.load(Ordering::Relaxed), 1);
+    assert_paths(&daemon, 1, 1);
     daemon.shutdown().await;
     env.cleanup().await;
 }
