@@ -5,7 +5,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 type Pending<T, R> = (T, oneshot::Sender<R>);
 
@@ -21,34 +23,53 @@ impl<T, R> Clone for Batcher<T, R> {
     }
 }
 
+/// How a batcher forms and handles its batches.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Items per batch, at most.
+    pub max: usize,
+    /// How long a batch that is not full waits for more items: fewer, larger batches when
+    /// each item's answer may come a little later.
+    pub linger: Duration,
+    /// Batches handled at once. While all are under way, items queue up for the next one.
+    pub concurrent: usize,
+}
+
+impl Shape {
+    /// Up to `max` items, no waiting, one batch at a time.
+    pub fn serial(max: usize) -> Shape {
+        Shape {
+            max,
+            linger: Duration::ZERO,
+            concurrent: 1,
+        }
+    }
+}
+
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     /// Starts the task; `handle` answers a batch with one result per item, in order. The
-    /// task ends when every `Batcher` clone is dropped.
-    pub fn start<F, Fut>(max: usize, handle: F) -> (Self, tokio::task::JoinHandle<()>)
+    /// task ends when every `Batcher` clone is dropped, after the batches under way.
+    pub fn start<F, Fut>(shape: Shape, mut handle: F) -> (Self, tokio::task::JoinHandle<()>)
     where
         F: FnMut(Vec<T>) -> Fut + Send + 'static,
-        Fut: Future<Output = Vec<R>> + Send,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
     {
-        Self::start_lingering(max, Duration::ZERO, handle)
-    }
-
-    /// Like `start`, but a batch that is not full waits up to `linger` for more items:
-    /// fewer, larger batches when each item's answer may come a little later.
-    pub fn start_lingering<F, Fut>(
-        max: usize,
-        linger: Duration,
-        mut handle: F,
-    ) -> (Self, tokio::task::JoinHandle<()>)
-    where
-        F: FnMut(Vec<T>) -> Fut + Send + 'static,
-        Fut: Future<Output = Vec<R>> + Send,
-    {
+        let max = shape.max.max(1);
         let (tx, mut rx) = mpsc::channel::<Pending<T, R>>(4 * max);
         let task = tokio::spawn(async move {
-            let mut pending = Vec::with_capacity(max);
-            while rx.recv_many(&mut pending, max).await > 0 {
-                if !linger.is_zero() && pending.len() < max {
-                    let until = tokio::time::Instant::now() + linger;
+            let turns = Arc::new(Semaphore::new(shape.concurrent.max(1)));
+            let under_way = tokio_util::task::TaskTracker::new();
+            loop {
+                // A turn first: while every batch is under way, the next one grows.
+                let Ok(turn) = turns.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut pending = Vec::with_capacity(max);
+                if rx.recv_many(&mut pending, max).await == 0 {
+                    break;
+                }
+                if !shape.linger.is_zero() && pending.len() < max {
+                    let until = tokio::time::Instant::now() + shape.linger;
                     while pending.len() < max {
                         let more = max - pending.len();
                         match tokio::time::timeout_at(until, rx.recv_many(&mut pending, more)).await
@@ -58,11 +79,18 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                         }
                     }
                 }
-                let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = pending.drain(..).unzip();
-                for (reply, result) in replies.into_iter().zip(handle(items).await) {
-                    let _ = reply.send(result);
-                }
+                let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) =
+                    pending.into_iter().unzip();
+                let answers = handle(items);
+                under_way.spawn(async move {
+                    for (reply, result) in replies.into_iter().zip(answers.await) {
+                        let _ = reply.send(result);
+                    }
+                    drop(turn);
+                });
             }
+            under_way.close();
+            under_way.wait().await;
         });
         (Batcher { tx }, task)
     }
@@ -81,7 +109,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_caller_gets_its_own_answer() {
-        let (batcher, task) = Batcher::start(8, |items: Vec<u32>| async move {
+        let (batcher, task) = Batcher::start(Shape::serial(8), |items: Vec<u32>| async move {
             items.into_iter().map(|i| i * 10).collect()
         });
         let calls = (0..50).map(|i| {
@@ -90,6 +118,40 @@ mod tests {
         });
         let answers = futures::future::join_all(calls).await;
         assert_eq!(answers, (0..50).map(|i| Some(i * 10)).collect::<Vec<_>>());
+        drop(batcher);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_second_batch_goes_while_the_first_is_under_way() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let held = gate.clone();
+        let shape = Shape {
+            concurrent: 2,
+            ..Shape::serial(8)
+        };
+        let (batcher, task) = Batcher::start(shape, move |items: Vec<u32>| {
+            let held = held.clone();
+            async move {
+                if items.contains(&0) {
+                    held.notified().await;
+                }
+                items
+            }
+        });
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(0).await }
+        });
+        // Item 0's batch is taken (and blocked) before item 1 is sent.
+        tokio::task::yield_now().await;
+        while !first.is_finished() && batcher.tx.capacity() < batcher.tx.max_capacity() {
+            tokio::task::yield_now().await;
+        }
+        let second = tokio::time::timeout(Duration::from_secs(5), batcher.call(1)).await;
+        assert_eq!(second, Ok(Some(1)), "the second batch waited for the first");
+        gate.notify_one();
+        assert_eq!(first.await.unwrap(), Some(0));
         drop(batcher);
         task.await.unwrap();
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Shape};
 use crate::store::{RunRecord, Store};
 
 /// Records or lookups per statement, at most.
@@ -25,14 +25,18 @@ pub struct RecordWriter {
 impl RecordWriter {
     /// Starts the writer task; it ends when every `RecordWriter` clone is dropped.
     pub fn start(store: Store) -> (RecordWriter, tokio::task::JoinHandle<()>) {
-        let (batcher, task) =
-            Batcher::start_lingering(MAX_BATCH, LINGER, move |records: Vec<RunRecord>| {
-                let store = store.clone();
-                async move {
-                    let outcome = insert_with_retries(&store, &records).await;
-                    vec![outcome; records.len()]
-                }
-            });
+        let shape = Shape {
+            max: MAX_BATCH,
+            linger: LINGER,
+            concurrent: 1,
+        };
+        let (batcher, task) = Batcher::start(shape, move |records: Vec<RunRecord>| {
+            let store = store.clone();
+            async move {
+                let outcome = insert_with_retries(&store, &records).await;
+                vec![outcome; records.len()]
+            }
+        });
         (RecordWriter { batcher }, task)
     }
 
@@ -79,7 +83,13 @@ pub struct HistoryReader {
 
 impl HistoryReader {
     pub fn start(store: Store) -> (HistoryReader, tokio::task::JoinHandle<()>) {
-        let (batcher, task) = Batcher::start(MAX_BATCH, move |jobs: Vec<String>| {
+        // Lookups stand between an event and its run: a second batch may go while one is
+        // under way, so a lookup waits for at most its own round trip.
+        let shape = Shape {
+            concurrent: 2,
+            ..Shape::serial(MAX_BATCH)
+        };
+        let (batcher, task) = Batcher::start(shape, move |jobs: Vec<String>| {
             let store = store.clone();
             async move {
                 match store.job_histories(&jobs).await {
