@@ -196,6 +196,9 @@ impl Fanout {
         {
             ack?;
         }
+        self.stats
+            .jobs
+            .fetch_add(scripts.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -245,6 +248,7 @@ impl Fanout {
         due: Option<chrono::DateTime<Utc>>,
     ) -> anyhow::Result<()> {
         self.publish(job, headers, due).await?.await?;
+        self.stats.jobs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -270,7 +274,6 @@ impl Fanout {
                 Bytes::from(serde_json::to_vec(job)?),
             )
             .await?;
-        self.stats.jobs.fetch_add(1, Ordering::Relaxed);
         Ok(ack)
     }
 }

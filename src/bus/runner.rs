@@ -467,3 +467,17 @@ fn record(
         scheduled_at: job.scheduled_at,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_waits_only_while_its_time_is_ahead() {
+        let now = Utc::now().timestamp_millis();
+        let ahead = retry_due(&(now + 60_000).to_string()).expect("still ahead");
+        assert!(ahead > Duration::from_secs(50) && ahead <= Duration::from_secs(60));
+        assert_eq!(retry_due(&(now - 1).to_string()), None);
+        assert_eq!(retry_due("soon"), None);
+    }
+}
