@@ -1,11 +1,11 @@
 //! Batching of small database operations: callers submit one item each and await its own
 //! answer; a task takes whatever has queued up (up to a maximum) and handles it in one go.
-//! Under load batches grow by themselves; when idle each item goes alone, without delay.
+//! Under load batches grow by themselves; when idle each item goes alone, without delay
+//! (unless the batcher is shaped to linger for company).
 
 use std::future::Future;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 

@@ -286,6 +286,13 @@ impl Metrics {
             load(&s.fanout.jobs),
         );
         push(
+            "scriptd_events_returned_total",
+            "Events handed back to JetStream unfinished, to be delivered again.",
+            true,
+            vec![],
+            load(&s.fanout.returned),
+        );
+        push(
             "scriptd_direct_runs_total",
             "First attempts run straight from the fan-out, without a job.",
             true,

@@ -169,12 +169,16 @@ async fn a_database_outage_while_events_arrive_loses_nothing() {
         env.publish("acme", "tick", format!(r#"{{"n": {n}}}"#))
             .await;
     }
-    // Runs happen while the database is away; their records cannot be written, so their
-    // jobs go back to JetStream.
-    let runner = daemon.stats.runner.clone();
-    env.wait_until(WAIT, "jobs handed back during the outage", || {
-        let runner = runner.clone();
-        async move { runner.returned.load(Ordering::SeqCst) > 0 }
+    // While the database is away, events cannot be checked against their jobs' records,
+    // nor runs recorded: they go back to JetStream (as events, or as jobs in a lane).
+    let stats = daemon.stats.clone();
+    env.wait_until(WAIT, "events or jobs handed back during the outage", || {
+        let stats = stats.clone();
+        async move {
+            stats.fanout.returned.load(Ordering::SeqCst)
+                + stats.runner.returned.load(Ordering::SeqCst)
+                > 0
+        }
     })
     .await;
     relay.restore();

@@ -35,6 +35,9 @@ pub struct FanoutStats {
     /// Runs queued in their lane because no permit or engine slot came within
     /// `nats.direct_wait` (or the daemon was stopping).
     pub overflowed: AtomicU64,
+    /// Events handed back unfinished (nak'ed): a run not recorded, a job not stored, a
+    /// history not readable, or the end of the shutdown grace period.
+    pub returned: AtomicU64,
     /// Events of a tenant with no matching script.
     pub unmatched: AtomicU64,
     /// Events whose subject has no tenant or type.
@@ -75,6 +78,7 @@ impl Fanout {
                 msg.ack().await
             }
             Err(e) => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(subject = %msg.subject, error = %format!("{e:#}"), "Fan-out failed; the event will be delivered again.");
                 msg.ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(1))))
                     .await
