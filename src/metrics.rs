@@ -271,41 +271,35 @@ impl Metrics {
         let Some(s) = self.sources.get() else {
             return out;
         };
-        push(
-            "scriptd_events_received_total",
-            "Events taken from the events stream.",
-            true,
-            vec![],
-            load(&s.fanout.events),
-        );
-        push(
-            "scriptd_jobs_created_total",
-            "Jobs published by the fan-out: runs queued in their lane, and retries of direct runs.",
-            true,
-            vec![],
-            load(&s.fanout.jobs),
-        );
-        push(
-            "scriptd_events_returned_total",
-            "Events handed back to JetStream unfinished, to be delivered again.",
-            true,
-            vec![],
-            load(&s.fanout.returned),
-        );
-        push(
-            "scriptd_direct_runs_total",
-            "First attempts run straight from the fan-out, without a job.",
-            true,
-            vec![],
-            load(&s.fanout.direct),
-        );
-        push(
-            "scriptd_direct_overflows_total",
-            "Runs queued in their lane because no permit or engine slot came within nats.direct_wait.",
-            true,
-            vec![],
-            load(&s.fanout.overflowed),
-        );
+        for (name, help, counter) in [
+            (
+                "scriptd_events_received_total",
+                "Events taken from the events stream.",
+                &s.fanout.events,
+            ),
+            (
+                "scriptd_jobs_created_total",
+                "Jobs published by the fan-out: runs queued in their lane, and retries of direct runs.",
+                &s.fanout.jobs,
+            ),
+            (
+                "scriptd_events_returned_total",
+                "Events handed back to JetStream unfinished, to be delivered again.",
+                &s.fanout.returned,
+            ),
+            (
+                "scriptd_direct_runs_total",
+                "First attempts run straight from the fan-out, without a job.",
+                &s.fanout.direct,
+            ),
+            (
+                "scriptd_direct_overflows_total",
+                "Runs queued in their lane because no permit or engine slot came within nats.direct_wait.",
+                &s.fanout.overflowed,
+            ),
+        ] {
+            push(name, help, true, vec![], load(counter));
+        }
         for (reason, counter) in [
             ("unmatched", &s.fanout.unmatched),
             ("bad_subject", &s.fanout.bad_subjects),
