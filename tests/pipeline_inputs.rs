@@ -48,11 +48,14 @@ async fn events_nobody_handles_and_bad_subjects_are_acknowledged_and_counted() {
     env.publish_subject(&format!("{prefix}.acme"), "{}").await;
     env.publish_subject(&format!("{prefix}.a.b.c.d.e"), "{}")
         .await;
-    env.wait_until(WAIT, "four events counted", || {
+    // An event is counted when it arrives and settled once handled: the counts below are
+    // final only then.
+    env.wait_until(WAIT, "four events handled", || {
         let stats = stats.clone();
-        async move { stats.events.load(Ordering::SeqCst) == 4 }
+        async move { stats.settled.load(Ordering::SeqCst) == 4 }
     })
     .await;
+    assert_eq!(stats.events.load(Ordering::SeqCst), 4);
     assert_eq!(stats.unmatched.load(Ordering::SeqCst), 3);
     assert_eq!(stats.bad_subjects.load(Ordering::SeqCst), 1);
     assert_eq!(stats.jobs.load(Ordering::SeqCst), 0);

@@ -74,7 +74,11 @@ pub enum Command {
     Config,
     /// An engine host process; started by the daemon, not by hand.
     #[command(hide = true)]
-    EngineHost,
+    EngineHost {
+        /// Native stack, in bytes, of the thread that runs isolates.
+        #[arg(long, default_value_t = 8 << 20)]
+        stack: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,8 +246,8 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let export = matches!(cli.command, Command::Run | Command::Dev(_));
     let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry, export)?;
     match cli.command {
-        Command::EngineHost => {
-            crate::engine::host_main()?;
+        Command::EngineHost { stack } => {
+            crate::engine::host_main(stack)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config => {

@@ -280,6 +280,23 @@ impl Engine {
         })
     }
 
+    /// An engine of one worker that runs on the thread polling the returned future (spawn
+    /// it as a local task): what an engine host with one worker uses, so its runs never
+    /// change threads.
+    pub fn start_local(
+        config: &EngineConfig,
+        caps: SharedCapabilities,
+    ) -> std::io::Result<(Engine, futures::future::LocalBoxFuture<'static, ()>)> {
+        let stats = Arc::new(EngineStats::default());
+        let (worker, serve) = worker::local(config, stats.clone(), caps)?;
+        let engine = Engine {
+            workers: vec![worker],
+            hosts: None,
+            stats,
+        };
+        Ok((engine, serve))
+    }
+
     /// Runs the engine can execute at once.
     pub fn workers(&self) -> usize {
         match &self.hosts {

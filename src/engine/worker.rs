@@ -1,13 +1,14 @@
-//! An engine worker: one OS thread with a current-thread runtime, running one isolate at a
-//! time, with its own warm pool and watchdog.
+//! An engine worker: one isolate at a time, with its own warm pool and watchdog, on its own
+//! OS thread with a current-thread runtime or (in an engine host) on the caller's thread.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Instant;
 
+use futures::future::LocalBoxFuture;
 use futures::FutureExt;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::failure::{Failure, FailureKind};
 use super::isolate::{failure, timeout_failure, ScriptIsolate};
@@ -26,7 +27,7 @@ pub struct Task {
 
 /// The engine's side of a worker thread.
 pub struct WorkerHandle {
-    pub tx: mpsc::Sender<Task>,
+    pub tx: mpsc::UnboundedSender<Task>,
     /// Runs queued on or running in this worker; used to place new runs.
     pub load: Arc<AtomicUsize>,
 }
@@ -37,23 +38,19 @@ struct Worker {
     stats: Arc<EngineStats>,
     retry_heap_limit: bool,
     caps: SharedCapabilities,
+    /// Warm isolates last counted into the engine's gauge.
+    warm: u64,
 }
 
+/// A worker on a thread of its own.
 pub fn spawn(
     index: usize,
     config: &EngineConfig,
     stats: Arc<EngineStats>,
     caps: SharedCapabilities,
 ) -> std::io::Result<WorkerHandle> {
-    let (tx, rx) = mpsc::channel::<Task>();
-    let load = Arc::new(AtomicUsize::new(0));
-    let watchdog = Watchdog::spawn(format!("scriptd-watchdog-{index}"))?;
-    let (max_warm, max_memory) = (
-        config.warm_isolates_per_worker,
-        config.warm_memory_per_worker.as_usize(),
-    );
-    let retry_heap_limit = config.retry_heap_limit;
-    let their_load = load.clone();
+    let (handle, mut rx, parts) = prepare(index, config, stats, caps)?;
+    let load = handle.load.clone();
     std::thread::Builder::new()
         .name(format!("scriptd-engine-{index}"))
         .stack_size(config.thread_stack.as_usize())
@@ -69,31 +66,96 @@ pub fn spawn(
                 }
             };
             // Isolates are not Send: the pool is made on, and never leaves, this thread.
-            let mut worker = Worker {
-                pool: WarmPool::new(max_warm, max_memory),
-                watchdog,
-                stats,
-                retry_heap_limit,
-                caps,
-            };
-            let mut warm = 0;
-            while let Ok(task) = rx.recv() {
+            let mut worker = parts.build();
+            while let Some(task) = rx.blocking_recv() {
                 let result =
                     runtime.block_on(worker.execute_guarded(&task.run, task.validate_only));
-                let now = worker.pool.len() as u64;
-                if now != warm {
-                    let stats = &worker.stats.warm_isolates;
-                    stats.fetch_add(now.wrapping_sub(warm), Ordering::Relaxed);
-                    warm = now;
-                }
-                their_load.fetch_sub(1, Ordering::SeqCst);
-                let _ = task.reply.send(result);
+                worker.complete(task, result, &load);
             }
         })?;
-    Ok(WorkerHandle { tx, load })
+    Ok(handle)
+}
+
+/// A worker that runs on the thread polling the returned future (to be spawned as a local
+/// task): an engine host's only worker runs there, so a run costs no hand-over between
+/// threads on the way in or out. Scripts that run long hold up that thread's other tasks,
+/// so only a thread that has nothing else to do while a run is under way should host one.
+pub fn local(
+    config: &EngineConfig,
+    stats: Arc<EngineStats>,
+    caps: SharedCapabilities,
+) -> std::io::Result<(WorkerHandle, LocalBoxFuture<'static, ()>)> {
+    let (handle, mut rx, parts) = prepare(0, config, stats, caps)?;
+    let load = handle.load.clone();
+    let serve = async move {
+        let mut worker = parts.build();
+        while let Some(task) = rx.recv().await {
+            let result = worker.execute_guarded(&task.run, task.validate_only).await;
+            worker.complete(task, result, &load);
+            // Let the result leave before the next queued run starts: without this, a
+            // queued run began at once and held its predecessor's answer until it ended.
+            tokio::task::yield_now().await;
+        }
+    };
+    Ok((handle, Box::pin(serve)))
+}
+
+/// What a worker is made of before it reaches its thread (isolates are not Send, so the
+/// pool itself is made there).
+struct Parts {
+    watchdog: Watchdog,
+    stats: Arc<EngineStats>,
+    retry_heap_limit: bool,
+    caps: SharedCapabilities,
+    max_warm: usize,
+    max_memory: usize,
+}
+
+impl Parts {
+    fn build(self) -> Worker {
+        Worker {
+            pool: WarmPool::new(self.max_warm, self.max_memory),
+            watchdog: self.watchdog,
+            stats: self.stats,
+            retry_heap_limit: self.retry_heap_limit,
+            caps: self.caps,
+            warm: 0,
+        }
+    }
+}
+
+fn prepare(
+    index: usize,
+    config: &EngineConfig,
+    stats: Arc<EngineStats>,
+    caps: SharedCapabilities,
+) -> std::io::Result<(WorkerHandle, mpsc::UnboundedReceiver<Task>, Parts)> {
+    let (tx, rx) = mpsc::unbounded_channel::<Task>();
+    let load = Arc::new(AtomicUsize::new(0));
+    let parts = Parts {
+        watchdog: Watchdog::spawn(format!("scriptd-watchdog-{index}"))?,
+        stats,
+        retry_heap_limit: config.retry_heap_limit,
+        caps,
+        max_warm: config.warm_isolates_per_worker,
+        max_memory: config.warm_memory_per_worker.as_usize(),
+    };
+    Ok((WorkerHandle { tx, load }, rx, parts))
 }
 
 impl Worker {
+    /// Counts the run out of the worker's load and answers its caller.
+    fn complete(&mut self, task: Task, result: RunResult, load: &AtomicUsize) {
+        let now = self.pool.len() as u64;
+        if now != self.warm {
+            let gauge = &self.stats.warm_isolates;
+            gauge.fetch_add(now.wrapping_sub(self.warm), Ordering::Relaxed);
+            self.warm = now;
+        }
+        load.fetch_sub(1, Ordering::SeqCst);
+        let _ = task.reply.send(result);
+    }
+
     /// Runs one script; a panic inside the engine fails this run and empties the pool
     /// instead of taking the worker down.
     async fn execute_guarded(&mut self, run: &ScriptRun, validate_only: bool) -> RunResult {

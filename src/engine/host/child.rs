@@ -20,12 +20,22 @@ use crate::caps::{
 };
 use crate::engine::{Engine, EngineConfig, Isolation};
 
-/// Entry point of the hidden subcommand.
-pub fn main() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(serve())
+/// Entry point of the hidden subcommand. `stack` is the native stack of the thread that
+/// runs isolates (the daemon passes its `engine.thread_stack`).
+pub fn main(stack: usize) -> anyhow::Result<()> {
+    // Everything runs on one thread with that stack: the socket, and (with one worker per
+    // host) the isolates themselves, so a run never changes threads inside the host.
+    let host = std::thread::Builder::new()
+        .name("scriptd-host".into())
+        .stack_size(stack)
+        .spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            tokio::task::LocalSet::new().block_on(&runtime, serve())
+        })?;
+    host.join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the engine host's thread panicked")))
 }
 
 async fn serve() -> anyhow::Result<()> {
@@ -74,14 +84,21 @@ async fn serve() -> anyhow::Result<()> {
         calls: Mutex::new(HashMap::new()),
         next_call: AtomicU64::new(1),
     });
-    let engine = Arc::new(Engine::start_with(
-        &EngineConfig {
-            isolation: Isolation::Thread,
-            workers: engine_config.hosts.workers_per_host.max(1),
-            ..engine_config.clone()
-        },
-        remote.clone(),
-    )?);
+    let config = EngineConfig {
+        isolation: Isolation::Thread,
+        workers: engine_config.hosts.workers_per_host.max(1),
+        ..engine_config.clone()
+    };
+    // One worker runs on this thread: while its script runs, frames wait in the socket
+    // (the daemon sends a host at most one run beyond those it is running). More workers
+    // get threads of their own, so that one's long run holds up no other.
+    let engine = if config.workers == 1 {
+        let (engine, serve) = Engine::start_local(&config, remote.clone())?;
+        tokio::task::spawn_local(serve);
+        Arc::new(engine)
+    } else {
+        Arc::new(Engine::start_with(&config, remote.clone())?)
+    };
     // Everything that reads files (the startup snapshot, thread stacks) happens before the
     // process gives up the right to.
     crate::engine::prepare();

@@ -29,6 +29,8 @@ pub(super) fn spawn_host(shared: &Arc<Shared>, slot: usize) -> std::io::Result<(
     let mut command = tokio::process::Command::new(&shared.binary);
     command
         .arg("engine-host")
+        .arg("--stack")
+        .arg(shared.config.thread_stack.as_usize().to_string())
         // Hosts get no secrets from the daemon's environment: only what logging needs, and
         // a fixed time zone so no zone file is read and scripts see UTC everywhere.
         .env_clear()
