@@ -1,6 +1,7 @@
-//! Isolates in engine host processes: runs and warm isolates through hosts, a host killed
-//! mid-run, recycling under load, memory held by recycling across thousands of timeouts,
-//! and hosts that cannot open files or sockets.
+//! Isolates in engine host processes: runs and warm isolates through hosts, hostile runs on
+//! a host's one thread and on its worker threads, a host killed mid-run, recycling under
+//! load, memory held by recycling across thousands of timeouts, and hosts that cannot open
+//! files or sockets.
 
 mod common;
 
@@ -14,11 +15,16 @@ use serde_json::json;
 use common::{run, value};
 
 fn hosts(count: usize, max_isolates: u64) -> Engine {
+    hosts_of(count, 1, max_isolates)
+}
+
+fn hosts_of(count: usize, workers_per_host: usize, max_isolates: u64) -> Engine {
     Engine::start_with(
         &EngineConfig {
             isolation: Isolation::Process,
             hosts: HostsConfig {
                 count,
+                workers_per_host,
                 max_isolates,
                 binary: env!("CARGO_BIN_EXE_scriptd").into(),
                 ..HostsConfig::default()
@@ -56,6 +62,78 @@ async fn runs_go_through_hosts_and_find_their_warm_isolate() {
         "affinity keeps one script on its warm isolate"
     );
     assert_eq!(stats.warm_hits, 49);
+}
+
+/// Unbounded recursion, a runaway loop and a thrown error on one host, then a plain run:
+/// each fails as its kind and the host goes on serving.
+async fn hostile_runs_leave_the_host_serving(engine: &Engine) {
+    assert!(engine.wait_ready(Duration::from_secs(30)).await);
+    let recursion = engine
+        .run(run(
+            "export default function f() { return f() + 1; }",
+            json!({}),
+        ))
+        .await;
+    let Err(f) = &recursion.outcome else {
+        panic!("recursion returned")
+    };
+    assert_eq!(f.kind, FailureKind::Exception);
+    assert!(f.message.contains("call stack"), "{}", f.message);
+    let mut runaway = run("export default () => { for (;;) {} }", json!({}));
+    runaway.limits.timeout = Duration::from_millis(300);
+    assert_eq!(
+        common::failure_kind(&engine.run(runaway).await),
+        FailureKind::Timeout
+    );
+    assert_eq!(
+        common::failure_kind(
+            &engine
+                .run(run(
+                    "export default () => { throw new Error('no') }",
+                    json!({})
+                ))
+                .await
+        ),
+        FailureKind::Exception
+    );
+    let v = value(
+        engine
+            .run(run("export default (e) => e.n + 1", json!({ "n": 1 })))
+            .await,
+    );
+    assert_eq!(v, json!(2));
+    assert_eq!(engine.stats().host_crashes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_runs_on_a_hosts_one_thread_leave_it_serving() {
+    hostile_runs_leave_the_host_serving(&hosts_of(1, 1, 200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_workers_per_host_a_runaway_holds_up_only_its_own_worker() {
+    let engine = hosts_of(1, 2, 200);
+    hostile_runs_leave_the_host_serving(&engine).await;
+    let mut runaway = run("export default () => { for (;;) {} }", json!({}));
+    runaway.limits.timeout = Duration::from_secs(5);
+    let started = Instant::now();
+    let (looping, quick) = tokio::join!(engine.run(runaway), async {
+        // The runaway is placed first; the quick run then goes to the host's other worker.
+        while engine.stats().in_flight == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let done = engine
+            .run(run("export default (e) => e.n * 3", json!({ "n": 2 })))
+            .await;
+        (done, started.elapsed())
+    });
+    assert_eq!(value(quick.0), json!(6));
+    assert!(
+        quick.1 < Duration::from_secs(4),
+        "the quick run waited {:?} behind the runaway",
+        quick.1
+    );
+    assert_eq!(common::failure_kind(&looping), FailureKind::Timeout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
