@@ -1,6 +1,6 @@
 //! The fairness and flood part of `scriptd bench pipeline`: one tenant floods the daemon
-//! with jobs; how long does another tenant's single job wait, and how large does the
-//! daemon grow meanwhile?
+//! with events; how long does another tenant's single event wait, published right behind
+//! the flood and once the flood is fanned out, and how large does the daemon grow meanwhile?
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,7 +15,13 @@ use crate::store::{ScriptSpec, Store};
 /// What the flood showed.
 pub struct Fairness {
     pub backlog: usize,
-    /// From the quiet tenant's publish to its run's start.
+    /// From the quiet tenant's publish right behind the flood (in the events stream) to
+    /// its run's start.
+    pub behind_wait: Duration,
+    /// Noisy runs that finished meanwhile.
+    pub behind_meanwhile: u64,
+    /// From the quiet tenant's publish once the whole flood was fanned out (run, or queued
+    /// in its lane) to its run's start.
     pub quiet_wait: Duration,
     /// Noisy runs that finished meanwhile.
     pub noisy_meanwhile: u64,
@@ -59,50 +65,24 @@ pub async fn flood(
     let settled_before = stats.fanout.settled.load(Ordering::Relaxed);
     let succeeded_before = stats.runner.succeeded.load(Ordering::Relaxed);
     let flood_subject = format!("{}.noisy.flood", s.nats.events_prefix);
+    let db = crate::store::connect_direct(&s.database.url).await?;
     crate::bench_pipeline::publish_many(js, backlog, |_| flood_subject.clone()).await?;
-    rss_peak = rss_peak.max(rss());
-    // The whole backlog is fanned out (run, or queued as jobs) before the quiet tenant's
+    let done_before = stats.runner.succeeded.load(Ordering::Relaxed);
+    let behind_wait = quiet_run(s, js, &db, 0, &mut || rss_peak = rss_peak.max(rss())).await?;
+    // Less the quiet run itself.
+    let behind_meanwhile =
+        (stats.runner.succeeded.load(Ordering::Relaxed) - done_before).saturating_sub(1);
+    // The whole backlog is fanned out (run, or queued as jobs) before the second quiet
     // event.
-    while stats.fanout.settled.load(Ordering::Relaxed) < settled_before + backlog as u64 {
+    while stats.fanout.settled.load(Ordering::Relaxed) < settled_before + backlog as u64 + 1 {
         rss_peak = rss_peak.max(rss());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let db = crate::store::connect_direct(&s.database.url).await?;
     let done_before = stats.runner.succeeded.load(Ordering::Relaxed);
-    let published = Instant::now();
-    js.publish(
-        format!("{}.quiet.ping", s.nats.events_prefix),
-        Bytes::from_static(b"{}"),
-    )
-    .await?
-    .await?;
-    let deadline = published + Duration::from_secs(120);
-    loop {
-        let started = db
-            .query_opt("SELECT 1 FROM runs WHERE tenant = 'quiet'", &[])
-            .await?;
-        if started.is_some() {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the quiet tenant's job did not run within 2 minutes"
-        );
-        rss_peak = rss_peak.max(rss());
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    // The record is written after the run; its start is what is measured.
-    let row = db
-        .query_one(
-            "SELECT extract(epoch FROM (clock_timestamp() - started_at))::float8 FROM runs
-             WHERE tenant = 'quiet'",
-            &[],
-        )
-        .await?;
-    let since_start = Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0));
-    let quiet_wait = published.elapsed().saturating_sub(since_start);
-    let noisy_meanwhile = stats.runner.succeeded.load(Ordering::Relaxed) - done_before;
-    while stats.runner.succeeded.load(Ordering::Relaxed) < succeeded_before + backlog as u64 + 1 {
+    let quiet_wait = quiet_run(s, js, &db, 1, &mut || rss_peak = rss_peak.max(rss())).await?;
+    let noisy_meanwhile =
+        (stats.runner.succeeded.load(Ordering::Relaxed) - done_before).saturating_sub(1);
+    while stats.runner.succeeded.load(Ordering::Relaxed) < succeeded_before + backlog as u64 + 2 {
         rss_peak = rss_peak.max(rss());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -116,6 +96,8 @@ pub async fn flood(
         .get(0);
     Ok(Fairness {
         backlog,
+        behind_wait,
+        behind_meanwhile,
         quiet_wait,
         noisy_meanwhile,
         noisy_run: Duration::from_secs_f64(median / 1000.0),
@@ -124,12 +106,63 @@ pub async fn flood(
     })
 }
 
+/// Publishes one quiet event (the quiet tenant has `before` runs so far) and waits for its
+/// run: the time from its publish to its run's start.
+async fn quiet_run(
+    s: &Settings,
+    js: &jetstream::Context,
+    db: &tokio_postgres::Client,
+    before: i64,
+    meanwhile: &mut impl FnMut(),
+) -> anyhow::Result<Duration> {
+    let published = Instant::now();
+    js.publish(
+        format!("{}.quiet.ping", s.nats.events_prefix),
+        Bytes::from_static(b"{}"),
+    )
+    .await?
+    .await?;
+    let deadline = published + Duration::from_secs(120);
+    loop {
+        let runs: i64 = db
+            .query_one("SELECT count(*) FROM runs WHERE tenant = 'quiet'", &[])
+            .await?
+            .get(0);
+        if runs > before {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the quiet tenant's event did not run within 2 minutes"
+        );
+        meanwhile();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The record is written after the run; its start is what is measured.
+    let row = db
+        .query_one(
+            "SELECT extract(epoch FROM (clock_timestamp() - max(started_at)))::float8 FROM runs
+             WHERE tenant = 'quiet'",
+            &[],
+        )
+        .await?;
+    let since_start = Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0));
+    Ok(published.elapsed().saturating_sub(since_start))
+}
+
 impl Fairness {
     pub fn print(&self) {
         println!(
-            "fairness: another tenant's single job behind a {}-job backlog started {:.1?} after \
-             its publish; {} backlog runs finished meanwhile (one takes {:.2?})",
-            self.backlog, self.quiet_wait, self.noisy_meanwhile, self.noisy_run
+            "fairness: another tenant's event published right behind a {}-event flood started \
+             {:.1?} after its publish ({} flood runs finished meanwhile); once the flood was \
+             fanned out, another started {:.1?} after its publish ({} flood runs meanwhile; \
+             one takes {:.2?})",
+            self.backlog,
+            self.behind_wait,
+            self.behind_meanwhile,
+            self.quiet_wait,
+            self.noisy_meanwhile,
+            self.noisy_run
         );
         println!(
             "admission: daemon RSS {:.0} MiB before the flood, at most {:.0} MiB during it",
