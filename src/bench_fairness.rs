@@ -67,21 +67,16 @@ pub async fn flood(
     let flood_subject = format!("{}.noisy.flood", s.nats.events_prefix);
     let db = crate::store::connect_direct(&s.database.url).await?;
     crate::bench_pipeline::publish_many(js, backlog, |_| flood_subject.clone()).await?;
-    let done_before = stats.runner.succeeded.load(Ordering::Relaxed);
-    let behind_wait = quiet_run(s, js, &db, 0, &mut || rss_peak = rss_peak.max(rss())).await?;
-    // Less the quiet run itself.
-    let behind_meanwhile =
-        (stats.runner.succeeded.load(Ordering::Relaxed) - done_before).saturating_sub(1);
+    let (behind_wait, behind_meanwhile) =
+        quiet_run(s, js, &db, stats, 0, &mut || rss_peak = rss_peak.max(rss())).await?;
     // The whole backlog is fanned out (run, or queued as jobs) before the second quiet
     // event.
     while stats.fanout.settled.load(Ordering::Relaxed) < settled_before + backlog as u64 + 1 {
         rss_peak = rss_peak.max(rss());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let done_before = stats.runner.succeeded.load(Ordering::Relaxed);
-    let quiet_wait = quiet_run(s, js, &db, 1, &mut || rss_peak = rss_peak.max(rss())).await?;
-    let noisy_meanwhile =
-        (stats.runner.succeeded.load(Ordering::Relaxed) - done_before).saturating_sub(1);
+    let (quiet_wait, noisy_meanwhile) =
+        quiet_run(s, js, &db, stats, 1, &mut || rss_peak = rss_peak.max(rss())).await?;
     while stats.runner.succeeded.load(Ordering::Relaxed) < succeeded_before + backlog as u64 + 2 {
         rss_peak = rss_peak.max(rss());
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -107,14 +102,17 @@ pub async fn flood(
 }
 
 /// Publishes one quiet event (the quiet tenant has `before` runs so far) and waits for its
-/// run: the time from its publish to its run's start.
+/// run: the time from its publish to its run's start, and the other runs that succeeded
+/// meanwhile. `meanwhile` is called while it waits.
 async fn quiet_run(
     s: &Settings,
     js: &jetstream::Context,
     db: &tokio_postgres::Client,
+    stats: &DaemonStats,
     before: i64,
     meanwhile: &mut impl FnMut(),
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, u64)> {
+    let done_before = stats.runner.succeeded.load(Ordering::Relaxed);
     let published = Instant::now();
     js.publish(
         format!("{}.quiet.ping", s.nats.events_prefix),
@@ -147,7 +145,10 @@ async fn quiet_run(
         )
         .await?;
     let since_start = Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0));
-    Ok(published.elapsed().saturating_sub(since_start))
+    let waited = published.elapsed().saturating_sub(since_start);
+    // Less the quiet run itself.
+    let others = (stats.runner.succeeded.load(Ordering::Relaxed) - done_before).saturating_sub(1);
+    Ok((waited, others))
 }
 
 impl Fairness {
