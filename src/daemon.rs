@@ -10,7 +10,11 @@ use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, fanout::Fanout, fanout::FanoutStats, runner::Runner, runner::RunnerStats};
+use crate::bus::lanes::{Kind as LaneKind, Lanes};
+use crate::bus::{
+    self, catch_all::CatchAll, fanout::Fanout, fanout::FanoutStats, runner::Runner,
+    runner::RunnerStats,
+};
 use crate::caps::Live;
 use crate::config::Settings;
 use crate::engine::Engine;
@@ -52,6 +56,8 @@ pub struct DaemonStats {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub listening: Arc<OnceLock<SocketAddr>>,
+    /// The script index, once loaded.
+    pub index: Arc<OnceLock<Arc<ScriptIndex>>>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
@@ -102,6 +108,7 @@ pub async fn run_with_stats(
     }
     tracing::info!(scripts = index.snapshot().len(), "Script index loaded.");
     stats.readiness.index_loaded();
+    let _ = stats.index.set(index.clone());
 
     let client = bus::connect(&settings.nats).await?;
     let js = jetstream::new(client.clone());
@@ -113,7 +120,7 @@ pub async fn run_with_stats(
         store.clone(),
         vec![nats.events_stream(), nats.jobs_stream(), nats.dlq_stream()],
     );
-    let fanout_consumer = bus::durable_consumer(
+    let catch_all_consumer = bus::durable_consumer(
         &js,
         &nats.events_stream(),
         bus::FANOUT_CONSUMER,
@@ -189,11 +196,41 @@ pub async fn run_with_stats(
         .run(shutdown.clone()),
     );
     let hard_stop = CancellationToken::new();
+    let event_lanes = bus::lanes::Opened::default();
+    let passing = {
+        let catch_all = Arc::new(CatchAll {
+            events_prefix: nats.events_prefix.clone(),
+            ack_wait: nats.ack_wait,
+            index: index.clone(),
+            lanes: event_lanes.clone(),
+            stats: stats.fanout.clone(),
+            stop: shutdown.clone(),
+        });
+        tokio::spawn(bus::pull(
+            catch_all_consumer,
+            bus::Window::of(nats.max_in_flight),
+            shutdown.clone(),
+            move |m| {
+                let catch_all = catch_all.clone();
+                Box::pin(async move { catch_all.handle(m).await })
+            },
+        ))
+    };
+    let lanes = |kind, opened, shared| Lanes {
+        js: js.clone(),
+        config: nats.clone(),
+        tenants: settings.tenants.clone(),
+        index: index.clone(),
+        kind,
+        opened,
+        shared,
+    };
     let fanning = {
         let hard_stop = hard_stop.clone();
-        tokio::spawn(bus::pull(
-            fanout_consumer,
-            nats.max_in_flight,
+        // Every tenant's events lane has its own window, and all of them together at most
+        // nats.max_in_flight events.
+        let shared = Arc::new(tokio::sync::Semaphore::new(nats.max_in_flight.max(1)));
+        tokio::spawn(lanes(LaneKind::Events, event_lanes, Some(shared)).run(
             shutdown.clone(),
             move |m| {
                 let fanout = fanout.clone();
@@ -204,11 +241,7 @@ pub async fn run_with_stats(
     };
     let running = {
         let hard_stop = hard_stop.clone();
-        tokio::spawn(bus::lanes::run(
-            js.clone(),
-            nats.clone(),
-            settings.tenants.clone(),
-            index.clone(),
+        tokio::spawn(lanes(LaneKind::Jobs, Default::default(), None).run(
             shutdown.clone(),
             move |m| {
                 let runner = runner.clone();
@@ -227,6 +260,7 @@ pub async fn run_with_stats(
     shutdown.cancelled().await;
     tracing::info!(grace = %humantime::format_duration(settings.daemon.shutdown_grace), "Shutting down: no new messages; waiting for runs in flight.");
     let mut consumers = tokio::spawn(async move {
+        let _ = passing.await;
         let _ = fanning.await;
         let _ = running.await;
     });

@@ -114,6 +114,10 @@ impl Snapshot {
         self.by_tenant.keys().map(String::as_str)
     }
 
+    pub fn has_tenant(&self, tenant: &str) -> bool {
+        self.by_tenant.contains_key(tenant)
+    }
+
     pub fn len(&self) -> usize {
         self.by_tenant.values().map(Vec::len).sum()
     }

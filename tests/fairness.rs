@@ -103,6 +103,40 @@ async fn a_tenants_backlog_does_not_hold_back_another_tenants_job() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_right_behind_another_tenants_flood_is_not_held_back() {
+    let env = TestEnv::new().await;
+    const FLOOD: usize = 1500;
+    env.deploy("noisy", "busy", &busy_script(4, "1"), &["work"])
+        .await;
+    env.deploy("quiet", "one", "export default () => 1", &["ping"])
+        .await;
+    // The quiet tenant's event stands right behind the whole flood in the events stream.
+    for i in 0..FLOOD {
+        env.publish("noisy", "work", format!("{{\"i\":{i}}}")).await;
+    }
+    env.publish("quiet", "ping", "{}").await;
+    let daemon = env.start_daemon();
+    let runs = env
+        .wait_for_runs(WAIT, |runs| runs.iter().any(|r| r.tenant == "quiet"))
+        .await;
+    let quiet = runs.iter().find(|r| r.tenant == "quiet").unwrap();
+    let noisy_before = runs
+        .iter()
+        .filter(|r| r.tenant == "noisy" && r.started_at < quiet.started_at)
+        .count();
+    println!("{noisy_before} of {FLOOD} noisy runs started before the quiet one");
+    // Its own lane delivers it at once; it waits for an engine slot behind at most the
+    // noisy tenant's cap of runs, plus what started while the lanes were being opened.
+    assert!(
+        noisy_before < 50,
+        "the quiet tenant's event waited for {noisy_before} of the noisy tenant's {FLOOD} events"
+    );
+    env.wait_for_runs(WAIT, |runs| runs.len() > FLOOD).await;
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_cap_bounds_its_runs_at_once() {
     let env = TestEnv::new().await;
     let mut settings = env.settings.clone();

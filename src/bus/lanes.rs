@@ -1,15 +1,18 @@
-//! Tenant lanes: the jobs stream is a work queue with one durable consumer per tenant, each
-//! pulled with its own window, so one tenant's backlog never stands in front of another
-//! tenant's jobs. A lane opens for every tenant with scripts or with jobs still queued.
+//! Tenant lanes: the events stream and the jobs stream each have one durable consumer per
+//! tenant, each pulled with its own window, so one tenant's backlog (of events or of jobs)
+//! never stands in front of another tenant's. A lane opens for every tenant with scripts,
+//! for events also for every tenant that had one, for jobs also for every tenant with jobs
+//! still queued.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream;
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::NatsConfig;
@@ -24,10 +27,10 @@ pub struct TenantsConfig {
     pub max_concurrent_runs: usize,
     /// Per-tenant values of `max_concurrent_runs`, by tenant name.
     pub concurrent_runs: BTreeMap<String, usize>,
-    /// Jobs of one tenant pulled ahead and not yet acknowledged, per replica.
+    /// Events, and jobs, of one tenant pulled ahead and not yet acknowledged, per replica.
     pub pull_window: usize,
-    /// Jobs of one tenant handed out and not yet acknowledged across all replicas, retries
-    /// waiting for their delay included; JetStream holds the rest back.
+    /// Events, and jobs, of one tenant handed out and not yet acknowledged across all
+    /// replicas, retries waiting for their delay included; JetStream holds the rest back.
     pub max_ack_pending: usize,
 }
 
@@ -87,9 +90,14 @@ impl TenantSlots {
     }
 }
 
-/// The durable consumer of `tenant`'s lane.
+/// The durable consumer of `tenant`'s job lane.
 pub fn lane_consumer(tenant: &str) -> String {
     format!("{}-{tenant}", super::RUNNER_CONSUMER)
+}
+
+/// The durable consumer of `tenant`'s event lane.
+pub fn event_lane_consumer(tenant: &str) -> String {
+    format!("{}-{tenant}", super::FANOUT_CONSUMER)
 }
 
 /// Tenants with jobs in the stream (a work queue holds only jobs not yet acknowledged).
@@ -116,86 +124,213 @@ async fn queued_tenants(
     Ok(tenants)
 }
 
-/// How often the stream is looked at for jobs of tenants that have no scripts any more.
+/// Tenants with an event lane on the server. A lane stays when its tenant's scripts are
+/// deleted and is pulled still (its events counted as no one's), so that it never holds
+/// events of that time to run should the tenant have scripts again.
+async fn tenants_with_event_lanes(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> anyhow::Result<HashSet<String>> {
+    let stream = js.get_stream(config.events_stream()).await?;
+    let mut names = stream.consumer_names();
+    let prefix = format!("{}-", super::FANOUT_CONSUMER);
+    let mut tenants = HashSet::new();
+    while let Some(name) = names.next().await {
+        if let Some(tenant) = name?.strip_prefix(&prefix) {
+            tenants.insert(tenant.to_owned());
+        }
+    }
+    Ok(tenants)
+}
+
+/// How often the server is looked at for lanes the index does not name: tenants with jobs
+/// still queued, tenants with an event lane.
 const QUEUED_SCAN: Duration = Duration::from_secs(30);
 
-/// Opens a lane for every tenant of the index, and for tenants with queued jobs, as they
-/// appear, and pulls each with `handler` until `stop`; then waits for every lane to finish.
-pub async fn run<F>(
-    js: jetstream::Context,
-    config: NatsConfig,
-    tenants: TenantsConfig,
-    index: Arc<ScriptIndex>,
-    stop: CancellationToken,
-    handler: F,
-) where
-    F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
-    let lanes = tokio_util::task::TaskTracker::new();
-    let mut open: HashSet<String> = HashSet::new();
-    let mut changes = index.subscribe();
-    let mut queued: HashSet<String> = HashSet::new();
-    let mut scan = tokio::time::interval(QUEUED_SCAN);
-    loop {
-        let wanted: Vec<String> = index
-            .snapshot()
-            .tenants()
-            .map(str::to_owned)
-            .chain(queued.iter().cloned())
-            .filter(|t| !open.contains(t))
-            .collect();
-        let mut failed = false;
-        for tenant in wanted {
-            match open_lane(&js, &config, &tenants, &tenant).await {
-                Ok(consumer) => {
-                    tracing::debug!(tenant = %tenant, "Lane opened.");
-                    lanes.spawn(super::pull(
-                        consumer,
-                        tenants.pull_window.max(1),
-                        stop.clone(),
-                        handler.clone(),
-                    ));
-                    open.insert(tenant);
+/// Which stream a set of lanes pulls, and so which tenants get one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The events stream: a lane for every tenant with scripts or with an event lane on
+    /// the server, starting where the catch-all consumer stands when it is first made.
+    Events,
+    /// The jobs stream: a lane for every tenant with scripts or with jobs still queued.
+    Jobs,
+}
+
+/// The tenants whose lanes are open on this replica.
+#[derive(Clone)]
+pub struct Opened(Arc<watch::Sender<HashSet<String>>>);
+
+impl Default for Opened {
+    fn default() -> Self {
+        Opened(Arc::new(watch::Sender::new(HashSet::new())))
+    }
+}
+
+impl Opened {
+    pub fn contains(&self, tenant: &str) -> bool {
+        self.0.borrow().contains(tenant)
+    }
+
+    /// Returns once `tenant`'s lane is open here.
+    pub async fn wait_for(&self, tenant: &str) {
+        let mut changes = self.0.subscribe();
+        // The sender lives in `self`, so this ends only when the lane is open.
+        let _ = changes.wait_for(|open| open.contains(tenant)).await;
+    }
+
+    fn insert(&self, tenant: String) {
+        self.0.send_modify(|open| {
+            open.insert(tenant);
+        });
+    }
+}
+
+/// One replica's lanes over one stream.
+pub struct Lanes {
+    pub js: jetstream::Context,
+    pub config: NatsConfig,
+    pub tenants: TenantsConfig,
+    pub index: Arc<ScriptIndex>,
+    pub kind: Kind,
+    /// Filled in as lanes open.
+    pub opened: Opened,
+    /// Places every lane of the set draws on besides its own `tenants.pull_window`.
+    pub shared: Option<Arc<Semaphore>>,
+}
+
+impl Lanes {
+    /// Opens a lane for every tenant of the index, and for the tenants `Kind` says, as they
+    /// appear, and pulls each with `handler` until `stop`; then waits for
+    /// every lane to finish.
+    pub async fn run<F>(self, stop: CancellationToken, handler: F)
+    where
+        F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        let lanes = tokio_util::task::TaskTracker::new();
+        let mut changes = self.index.subscribe();
+        let mut kept: HashSet<String> = HashSet::new();
+        let mut scan = tokio::time::interval(QUEUED_SCAN);
+        let window = super::Window {
+            size: self.tenants.pull_window,
+            shared: self.shared.clone(),
+        };
+        loop {
+            let wanted: Vec<String> = self
+                .index
+                .snapshot()
+                .tenants()
+                .map(str::to_owned)
+                .chain(kept.iter().cloned())
+                .filter(|t| !self.opened.contains(t))
+                .collect();
+            let mut failed = false;
+            for tenant in wanted {
+                match self.open(&tenant).await {
+                    Ok(consumer) => {
+                        tracing::debug!(tenant = %tenant, lanes = ?self.kind, "Lane opened.");
+                        lanes.spawn(super::pull(
+                            consumer,
+                            window.clone(),
+                            stop.clone(),
+                            handler.clone(),
+                        ));
+                        self.opened.insert(tenant);
+                    }
+                    Err(e) => {
+                        failed = true;
+                        tracing::warn!(tenant = %tenant, lanes = ?self.kind, error = %format!("{e:#}"), "Cannot open the tenant's lane; trying again.");
+                    }
                 }
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(tenant = %tenant, error = %format!("{e:#}"), "Cannot open the tenant's lane; trying again.");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep(Duration::from_secs(1)), if failed => {}
+                _ = scan.tick() => {
+                    let found = match self.kind {
+                        Kind::Jobs => queued_tenants(&self.js, &self.config).await,
+                        Kind::Events => tenants_with_event_lanes(&self.js, &self.config).await,
+                    };
+                    match found {
+                        Ok(found) => kept = found,
+                        Err(e) => tracing::warn!(lanes = ?self.kind, error = %format!("{e:#}"), "Cannot list the tenants with lanes to keep."),
+                    }
                 }
             }
         }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            changed = changes.changed() => if changed.is_err() { break },
-            _ = tokio::time::sleep(Duration::from_secs(1)), if failed => {}
-            _ = scan.tick() => match queued_tenants(&js, &config).await {
-                Ok(found) => queued = found,
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "Cannot list the tenants with queued jobs."),
-            },
+        lanes.close();
+        lanes.wait().await;
+    }
+
+    async fn open(&self, tenant: &str) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+        match self.kind {
+            Kind::Jobs => {
+                super::durable_consumer(
+                    &self.js,
+                    &self.config.jobs_stream(),
+                    &lane_consumer(tenant),
+                    self.config.ack_wait,
+                    self.tenants.max_ack_pending,
+                    Some(format!("{}.{tenant}.>", self.config.jobs_prefix)),
+                )
+                .await
+            }
+            Kind::Events => self.open_event_lane(tenant).await,
         }
     }
-    lanes.close();
-    lanes.wait().await;
-}
 
-async fn open_lane(
-    js: &jetstream::Context,
-    config: &NatsConfig,
-    tenants: &TenantsConfig,
-    tenant: &str,
-) -> anyhow::Result<jetstream::consumer::PullConsumer> {
-    super::durable_consumer(
-        js,
-        &config.jobs_stream(),
-        &lane_consumer(tenant),
-        config.ack_wait,
-        tenants.max_ack_pending,
-        Some(format!("{}.{tenant}.>", config.jobs_prefix)),
-    )
-    .await
+    /// The event lane of `tenant`, made or updated. A new one starts after the catch-all
+    /// consumer's acknowledgement floor: the tenant's events up to there were settled as
+    /// no one's (it had no scripts yet) or, before event lanes, fanned out by the catch-all
+    /// itself; the catch-all leaves those after it to the lane.
+    async fn open_event_lane(
+        &self,
+        tenant: &str,
+    ) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+        let stream_name = self.config.events_stream();
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .with_context(|| format!("stream {stream_name} is missing"))?;
+        let name = event_lane_consumer(tenant);
+        let mut wanted = super::pull_config(
+            &name,
+            self.config.ack_wait,
+            self.tenants.max_ack_pending,
+            Some(format!("{}.{tenant}.>", self.config.events_prefix)),
+        );
+        if let Ok(existing) = stream.get_consumer::<pull::Config>(&name).await {
+            // Where a lane starts was fixed when it was made.
+            wanted.deliver_policy = existing.cached_info().config.deliver_policy;
+            self.js
+                .update_consumer_on_stream(wanted, &stream_name)
+                .await
+                .with_context(|| format!("updating consumer {name}"))?;
+        } else {
+            let mut catch_all = stream
+                .get_consumer::<pull::Config>(super::FANOUT_CONSUMER)
+                .await
+                .map_err(|e| anyhow::anyhow!("opening consumer {}: {e}", super::FANOUT_CONSUMER))?;
+            let floor = catch_all.info().await?.ack_floor.stream_sequence;
+            wanted.deliver_policy = DeliverPolicy::ByStartSequence {
+                start_sequence: floor + 1,
+            };
+            if let Err(e) = stream.create_consumer(wanted).await {
+                // Another replica may have made it meanwhile, from its own floor.
+                tracing::debug!(consumer = %name, error = %e, "Could not make the event lane; opening it as it is.");
+            }
+        }
+        stream
+            .get_consumer(&name)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening consumer {name}: {e}"))
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! NATS JetStream: the connection, the three streams (events, jobs, dead letters) and their
 //! durable consumers, declared idempotently at start-up.
 
+pub mod catch_all;
 pub mod dlq;
 pub mod fanout;
 pub mod job;
@@ -40,8 +41,9 @@ pub struct NatsConfig {
     /// How long events and jobs are kept in their streams at most.
     #[serde(with = "duration_str")]
     pub max_age: Duration,
-    /// Events being fanned out per replica (pulled and not yet acknowledged). Jobs are
-    /// pulled per tenant: see `[tenants]`.
+    /// Events being fanned out per replica, all tenants' event lanes together (pulled and
+    /// not yet acknowledged); also the window of the catch-all consumer. Each lane has its
+    /// own window too: see `[tenants]`.
     pub max_in_flight: usize,
     /// Largest event payload fanned out; larger ones are dead-lettered as `bad_input`.
     pub max_event_size: ByteSize,
@@ -95,6 +97,46 @@ impl NatsConfig {
     }
 }
 
+/// How many messages one consumer may have in hand at once: `size` of its own, each also
+/// taking one of `shared` when set (places that several consumers draw on, so that all of
+/// them together hold a bounded number).
+#[derive(Clone)]
+pub struct Window {
+    pub size: usize,
+    pub shared: Option<Arc<Semaphore>>,
+}
+
+/// One message's place in a `Window`: released when the message's handler ends.
+type Place = (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
+impl Window {
+    /// A window of `size` messages drawing on no shared places.
+    pub fn of(size: usize) -> Window {
+        Window { size, shared: None }
+    }
+
+    async fn place(&self, own: &Arc<Semaphore>) -> Option<Place> {
+        let mine = own.clone().acquire_owned().await.ok()?;
+        let shared = match &self.shared {
+            Some(shared) => Some(shared.clone().acquire_owned().await.ok()?),
+            None => None,
+        };
+        Some((mine, shared))
+    }
+
+    fn try_place(&self, own: &Arc<Semaphore>) -> Option<Place> {
+        let mine = own.clone().try_acquire_owned().ok()?;
+        let shared = match &self.shared {
+            Some(shared) => Some(shared.clone().try_acquire_owned().ok()?),
+            None => None,
+        };
+        Some((mine, shared))
+    }
+}
+
 /// How long a request for the next message of an idle consumer waits at the server. The client
 /// gives up on it 5 s later if the server's end-of-request never came (a server restart
 /// forgets requests), so this also bounds how long a consumer can stay deaf.
@@ -118,25 +160,25 @@ const FETCH_ANSWER: Duration = Duration::from_secs(5);
 /// anything else the daemon does per message.
 pub async fn pull<F>(
     consumer: jetstream::consumer::PullConsumer,
-    window: usize,
+    window: Window,
     stop: CancellationToken,
     handler: F,
 ) where
     F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>,
 {
     let tracker = tokio_util::task::TaskTracker::new();
-    let places = Arc::new(Semaphore::new(window));
+    let own = Arc::new(Semaphore::new(window.size.max(1)));
     let mut idle = false;
     'pull: while !stop.is_cancelled() {
         let first = tokio::select! {
             _ = stop.cancelled() => break,
-            place = places.clone().acquire_owned() => match place {
-                Ok(place) => place,
-                Err(_) => break,
+            place = window.place(&own) => match place {
+                Some(place) => place,
+                None => break,
             },
         };
         let mut hand = vec![first];
-        while let Ok(place) = places.clone().try_acquire_owned() {
+        while let Some(place) = window.try_place(&own) {
             hand.push(place);
         }
         let request = if idle {
@@ -256,8 +298,9 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Durable consumer names, shared by every replica: the fan-out's, and the prefix of the
-/// tenant lanes' (`scriptd-runner-<tenant>`).
+/// Durable consumer names, shared by every replica: the events' catch-all consumer, also the
+/// prefix of the tenants' event lanes (`scriptd-fanout-<tenant>`), and the prefix of the
+/// tenants' job lanes (`scriptd-runner-<tenant>`).
 pub const FANOUT_CONSUMER: &str = "scriptd-fanout";
 pub const RUNNER_CONSUMER: &str = "scriptd-runner";
 
@@ -364,17 +407,7 @@ pub async fn durable_consumer(
         .get_stream(stream_name)
         .await
         .with_context(|| format!("stream {stream_name} is missing"))?;
-    let config = consumer::pull::Config {
-        durable_name: Some(name.into()),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait,
-        // Retries are decided by the retry policy; this is only a backstop against a
-        // message that can never be handled.
-        max_deliver: 1000,
-        max_ack_pending: max_ack_pending as i64,
-        filter_subject: filter_subject.unwrap_or_default(),
-        ..Default::default()
-    };
+    let config = pull_config(name, ack_wait, max_ack_pending, filter_subject);
     match stream.get_consumer::<consumer::pull::Config>(name).await {
         Ok(_) => {
             js.update_consumer_on_stream(config, stream_name)
@@ -392,4 +425,24 @@ pub async fn durable_consumer(
         .get_consumer(name)
         .await
         .map_err(|e| anyhow::anyhow!("opening consumer {name}: {e}"))
+}
+
+/// The settings every durable pull consumer of scriptd has.
+pub(crate) fn pull_config(
+    name: &str,
+    ack_wait: Duration,
+    max_ack_pending: usize,
+    filter_subject: Option<String>,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        // Retries are decided by the retry policy; this is only a backstop against a
+        // message that can never be handled.
+        max_deliver: 1000,
+        max_ack_pending: max_ack_pending as i64,
+        filter_subject: filter_subject.unwrap_or_default(),
+        ..Default::default()
+    }
 }

@@ -64,7 +64,7 @@ impl TestEnv {
     /// A world on another NATS server (one the test starts and stops itself).
     pub async fn with_nats(nats_url: &str) -> TestEnv {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("warn")
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
             .try_init();
         static COUNTER: AtomicU32 = AtomicU32::new(0);

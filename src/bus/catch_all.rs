@@ -1,0 +1,62 @@
+//! The events' catch-all consumer: every event passes it. It settles, and counts, the events
+//! no lane takes (of a tenant without scripts, or with a subject that names no tenant and
+//! type) and leaves every other event to its tenant's event lane.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use tokio_util::sync::CancellationToken;
+
+use super::fanout::FanoutStats;
+use super::lanes::Opened;
+use crate::index::ScriptIndex;
+use crate::subject;
+
+pub struct CatchAll {
+    pub events_prefix: String,
+    pub ack_wait: Duration,
+    pub index: Arc<ScriptIndex>,
+    /// The tenants whose event lanes are open here.
+    pub lanes: Opened,
+    pub stats: Arc<FanoutStats>,
+    pub stop: CancellationToken,
+}
+
+impl CatchAll {
+    /// Acknowledges `msg`: counted if no lane takes it, left to its lane otherwise. An
+    /// event of a tenant whose lane is still being opened waits for it, so that the lane
+    /// (which starts after what this consumer has acknowledged) cannot miss it.
+    pub async fn handle(&self, msg: jetstream::Message) {
+        let parsed = subject::parse_event_subject(&self.events_prefix, &msg.subject);
+        match &parsed {
+            Ok(event) if self.lanes.contains(event.tenant) => {}
+            Ok(event) if self.index.snapshot().has_tenant(event.tenant) => {
+                let opened = tokio::select! {
+                    _ = self.stop.cancelled() => false,
+                    _ = super::keeping_alive(&msg, self.ack_wait, self.lanes.wait_for(event.tenant)) => true,
+                };
+                if !opened {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    return;
+                }
+            }
+            Ok(_) => {
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+                self.stats.settled.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(subject = %msg.subject, "No script handles this event.");
+            }
+            Err(e) => {
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                self.stats.bad_subjects.fetch_add(1, Ordering::Relaxed);
+                self.stats.settled.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(subject = %msg.subject, reason = %e, "Event dropped: its subject names no tenant and type.");
+            }
+        }
+        if let Err(e) = msg.ack().await {
+            tracing::warn!(error = %e, "Could not acknowledge an event; it will be delivered again.");
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Event lanes: each tenant with scripts has its own consumer of the events stream, which
+//! starts where the catch-all consumer stood, so no event of a tenant is run that arrived
+//! while it had no scripts, and none that arrives once it has is missed.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull::Config as PullConfig, Info};
+use support::{RunningDaemon, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(60);
+const ECHO: &str = "export default () => 1";
+
+/// The last subject token (`in.<n>`) of every successful run of `tenant`, sorted (runs of
+/// one lane may overlap).
+async fn ran(env: &TestEnv, tenant: &str) -> Vec<String> {
+    let mut ran: Vec<String> = env
+        .runs()
+        .await
+        .into_iter()
+        .filter(|r| r.tenant == tenant && r.status == "ok")
+        .filter_map(|r| Some(r.subject?.rsplit('.').next()?.to_owned()))
+        .collect();
+    ran.sort();
+    ran
+}
+
+/// Waits until `daemon` has `tenant`'s script `echo` in its index.
+async fn wait_for_index(env: &TestEnv, daemon: &RunningDaemon, tenant: &str) {
+    env.wait_until(WAIT, "the script index to follow the change", || async {
+        daemon
+            .stats
+            .index
+            .get()
+            .is_some_and(|i| i.snapshot().get(tenant, "echo").is_some())
+    })
+    .await;
+}
+
+/// What the server says of consumer `name` of the events stream, if it is there.
+async fn consumer(env: &TestEnv, name: &str) -> Option<Info> {
+    let stream = env
+        .js
+        .get_stream(env.settings.nats.events_stream())
+        .await
+        .ok()?;
+    let mut consumer = stream.get_consumer::<PullConfig>(name).await.ok()?;
+    consumer.info().await.ok().cloned()
+}
+
+/// Whether `tenant`'s event lane has taken and settled every event it holds.
+async fn lane_is_idle(env: &TestEnv, tenant: &str) -> bool {
+    let lane = scriptd::bus::lanes::event_lane_consumer(tenant);
+    consumer(env, &lane)
+        .await
+        .is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_first_script_runs_for_events_after_it_and_none_before() {
+    let env = TestEnv::new().await;
+    env.deploy("acme", "echo", ECHO, &["in.*"]).await;
+    let daemon = env.start_daemon();
+    let stats = daemon.stats.fanout.clone();
+    let first = env.publish("globex", "in.1", "{}").await;
+    env.wait_until(WAIT, "globex's event counted as no one's", || {
+        let stats = stats.clone();
+        async move { stats.unmatched.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    // An event counted just as the tenant's lane is made may run too (the lane starts
+    // after what the server has seen acknowledged); here the acknowledgement is in first.
+    env.wait_until(WAIT, "the catch-all's acknowledgement", || async {
+        consumer(&env, scriptd::bus::FANOUT_CONSUMER)
+            .await
+            .is_some_and(|i| i.ack_floor.stream_sequence >= first)
+    })
+    .await;
+    // Published as soon as the daemon knows the script: its lane may not be open yet, and
+    // must still get it.
+    env.deploy("globex", "echo", ECHO, &["in.*"]).await;
+    wait_for_index(&env, &daemon, "globex").await;
+    env.publish("globex", "in.2", "{}").await;
+    env.publish("globex", "in.3", "{}").await;
+    env.wait_for_runs(WAIT, |r| {
+        r.iter().filter(|r| r.tenant == "globex").count() >= 2
+    })
+    .await;
+    assert_eq!(ran(&env, "globex").await, ["2", "3"]);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_arrive_while_a_tenant_has_no_scripts_never_run_later() {
+    let env = TestEnv::new().await;
+    env.deploy("globex", "echo", ECHO, &["in.*"]).await;
+    let daemon = env.start_daemon();
+    env.publish("globex", "in.1", "{}").await;
+    env.wait_for_runs(WAIT, |r| !r.is_empty()).await;
+    daemon.shutdown().await;
+
+    // The tenant loses its scripts while no daemon runs; the one started next has no
+    // script of it in its index, but keeps its lane going from where it stood.
+    assert!(env.store.delete_script("globex", "echo").await.unwrap());
+    let daemon = env.start_daemon();
+    env.publish("globex", "in.2", "{}").await;
+    env.wait_until(WAIT, "globex's lane to settle event 2", || {
+        lane_is_idle(&env, "globex")
+    })
+    .await;
+    env.deploy("globex", "echo", ECHO, &["in.*"]).await;
+    wait_for_index(&env, &daemon, "globex").await;
+    env.publish("globex", "in.3", "{}").await;
+    env.wait_for_runs(WAIT, |r| r.len() >= 2).await;
+    assert_eq!(ran(&env, "globex").await, ["1", "3"]);
+    assert!(daemon.stats.fanout.unmatched.load(Ordering::SeqCst) >= 1);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
