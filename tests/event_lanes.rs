@@ -120,3 +120,42 @@ async fn events_that_arrive_while_a_tenant_has_no_scripts_never_run_later() {
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_made_after_an_upgrade_start_where_the_single_fan_out_consumer_stood() {
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    scriptd::bus::ensure_streams(&env.js, &env.settings.nats)
+        .await
+        .unwrap();
+    // What a version before event lanes leaves: its one fan-out consumer, which fanned out
+    // (and acknowledged) the first two events and not the third.
+    for n in 1..=3 {
+        env.publish("acme", &format!("in.{n}"), "{}").await;
+    }
+    let old = scriptd::bus::durable_consumer(
+        &env.js,
+        &env.settings.nats.events_stream(),
+        scriptd::bus::FANOUT_CONSUMER,
+        Duration::from_secs(30),
+        1024,
+        None,
+    )
+    .await
+    .unwrap();
+    let mut batch = old.fetch().max_messages(2).messages().await.unwrap();
+    while let Some(message) = batch.next().await {
+        message.unwrap().double_ack().await.unwrap();
+    }
+    env.deploy("acme", "echo", ECHO, &["in.*"]).await;
+    let daemon = env.start_daemon();
+    env.publish("acme", "in.4", "{}").await;
+    env.wait_for_runs(WAIT, |r| r.len() >= 2).await;
+    env.wait_until(WAIT, "acme's lane to settle all it has", || {
+        lane_is_idle(&env, "acme")
+    })
+    .await;
+    assert_eq!(ran(&env, "acme").await, ["3", "4"]);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
