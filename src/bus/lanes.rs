@@ -4,91 +4,19 @@
 //! for events also for every tenant that had one, for jobs also for every tenant with jobs
 //! still queued.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+pub use super::tenants::{TenantSlots, TenantsConfig};
 use super::NatsConfig;
 use crate::index::ScriptIndex;
-
-/// The `[tenants]` settings: how much of a replica one tenant may take.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TenantsConfig {
-    /// Runs of one tenant in the engine at once, per replica; 0 means as many as the engine
-    /// takes at once (two per worker).
-    pub max_concurrent_runs: usize,
-    /// Per-tenant values of `max_concurrent_runs`, by tenant name.
-    pub concurrent_runs: BTreeMap<String, usize>,
-    /// Events, and jobs, of one tenant pulled ahead and not yet acknowledged, per replica.
-    pub pull_window: usize,
-    /// Events, and jobs, of one tenant handed out and not yet acknowledged across all
-    /// replicas, retries waiting for their delay included; JetStream holds the rest back.
-    pub max_ack_pending: usize,
-}
-
-impl Default for TenantsConfig {
-    fn default() -> Self {
-        TenantsConfig {
-            max_concurrent_runs: 0,
-            concurrent_runs: BTreeMap::new(),
-            pull_window: 64,
-            max_ack_pending: 10_000,
-        }
-    }
-}
-
-impl TenantsConfig {
-    /// The cap of `tenant`'s concurrent runs on a replica whose engine takes `slots` at once.
-    pub fn cap(&self, tenant: &str, slots: usize) -> usize {
-        let cap = self
-            .concurrent_runs
-            .get(tenant)
-            .copied()
-            .unwrap_or(self.max_concurrent_runs);
-        if cap == 0 {
-            slots.max(1)
-        } else {
-            cap
-        }
-    }
-}
-
-/// Per-tenant run permits of one replica, created on first use.
-pub struct TenantSlots {
-    config: TenantsConfig,
-    engine_slots: usize,
-    by_tenant: Mutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-impl TenantSlots {
-    pub fn new(config: TenantsConfig, engine_slots: usize) -> TenantSlots {
-        TenantSlots {
-            config,
-            engine_slots,
-            by_tenant: Mutex::default(),
-        }
-    }
-
-    /// Waits until `tenant` may start one more run here.
-    pub async fn acquire(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let semaphore = self
-            .by_tenant
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(tenant.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.cap(tenant, self.engine_slots))))
-            .clone();
-        semaphore.acquire_owned().await.ok()
-    }
-}
 
 /// The durable consumer of `tenant`'s job lane.
 pub fn lane_consumer(tenant: &str) -> String {
@@ -145,7 +73,7 @@ async fn tenants_with_event_lanes(
 
 /// How often the server is looked at for lanes the index does not name: tenants with jobs
 /// still queued, tenants with an event lane.
-const QUEUED_SCAN: Duration = Duration::from_secs(30);
+const SERVER_SCAN: Duration = Duration::from_secs(30);
 
 /// Which stream a set of lanes pulls, and so which tenants get one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,8 +129,8 @@ pub struct Lanes {
 
 impl Lanes {
     /// Opens a lane for every tenant of the index, and for the tenants `Kind` says, as they
-    /// appear, and pulls each with `handler` until `stop`; then waits for
-    /// every lane to finish.
+    /// appear, and pulls each with `handler` until `stop`; then waits for every lane to
+    /// finish.
     pub async fn run<F>(self, stop: CancellationToken, handler: F)
     where
         F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>
@@ -214,7 +142,7 @@ impl Lanes {
         let lanes = tokio_util::task::TaskTracker::new();
         let mut changes = self.index.subscribe();
         let mut kept: HashSet<String> = HashSet::new();
-        let mut scan = tokio::time::interval(QUEUED_SCAN);
+        let mut scan = tokio::time::interval(SERVER_SCAN);
         let window = super::Window {
             size: self.tenants.pull_window,
             shared: self.shared.clone(),
@@ -330,20 +258,5 @@ impl Lanes {
             .get_consumer(&name)
             .await
             .map_err(|e| anyhow::anyhow!("opening consumer {name}: {e}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn caps_fall_back_to_the_engine_size() {
-        let mut config = TenantsConfig::default();
-        assert_eq!(config.cap("acme", 4), 4);
-        config.max_concurrent_runs = 2;
-        config.concurrent_runs.insert("big".into(), 16);
-        assert_eq!(config.cap("acme", 4), 2);
-        assert_eq!(config.cap("big", 4), 16);
     }
 }

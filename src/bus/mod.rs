@@ -8,6 +8,7 @@ pub mod job;
 pub mod lanes;
 pub mod replay;
 pub mod runner;
+pub mod tenants;
 
 use std::sync::Arc;
 use std::time::Duration;
