@@ -159,3 +159,40 @@ async fn lanes_made_after_an_upgrade_start_where_the_single_fan_out_consumer_sto
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_lanes_keep_no_shared_places_and_every_lane_waits_at_the_server() {
+    let env = TestEnv::new().await;
+    let mut settings = env.settings.clone();
+    // Fewer shared places than lanes: idle lanes must not sit on them.
+    settings.nats.max_in_flight = 2;
+    settings.tenants.pull_window = 2;
+    let tenants = ["t1", "t2", "t3", "t4", "t5"];
+    for tenant in tenants {
+        env.deploy(tenant, "echo", ECHO, &["in.*"]).await;
+    }
+    let daemon = env.start_daemon_with(settings);
+    env.wait_until(
+        WAIT,
+        "every idle lane to have a pull request at the server",
+        || async {
+            for tenant in tenants {
+                let lane = scriptd::bus::lanes::event_lane_consumer(tenant);
+                if !consumer(&env, &lane)
+                    .await
+                    .is_some_and(|i| i.num_waiting > 0)
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    for tenant in tenants {
+        env.publish(tenant, "in.1", "{}").await;
+    }
+    env.wait_for_runs(WAIT, |r| r.len() == tenants.len()).await;
+    daemon.shutdown().await;
+    env.cleanup().await;
+}

@@ -33,21 +33,20 @@ impl CatchAll {
         match &parsed {
             Ok(event) if self.lanes.contains(event.tenant) => {}
             Ok(event) if self.index.snapshot().has_tenant(event.tenant) => {
-                let opened = tokio::select! {
-                    _ = self.stop.cancelled() => false,
-                    _ = super::keeping_alive(&msg, self.ack_wait, self.lanes.wait_for(event.tenant)) => true,
+                let waited = tokio::select! {
+                    _ = self.stop.cancelled() => None,
+                    lane = super::keeping_alive(&msg, self.ack_wait, self.lane_or_no_scripts(event.tenant)) => Some(lane),
                 };
-                if !opened {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    return;
+                match waited {
+                    None => {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        return;
+                    }
+                    Some(true) => {}
+                    Some(false) => self.no_scripts(&msg),
                 }
             }
-            Ok(_) => {
-                self.stats.events.fetch_add(1, Ordering::Relaxed);
-                self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
-                self.stats.settled.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(subject = %msg.subject, "No script handles this event.");
-            }
+            Ok(_) => self.no_scripts(&msg),
             Err(e) => {
                 self.stats.events.fetch_add(1, Ordering::Relaxed);
                 self.stats.bad_subjects.fetch_add(1, Ordering::Relaxed);
@@ -58,5 +57,29 @@ impl CatchAll {
         if let Err(e) = msg.ack().await {
             tracing::warn!(error = %e, "Could not acknowledge an event; it will be delivered again.");
         }
+    }
+
+    /// Waits until `tenant`'s lane is open here (`true`), or until the tenant has no
+    /// scripts any more (`false`): its scripts may be deleted before its lane is made.
+    async fn lane_or_no_scripts(&self, tenant: &str) -> bool {
+        let mut changes = self.index.subscribe();
+        let gone = async {
+            while self.index.snapshot().has_tenant(tenant) {
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = self.lanes.wait_for(tenant) => true,
+            _ = gone => false,
+        }
+    }
+
+    fn no_scripts(&self, msg: &jetstream::Message) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+        self.stats.settled.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(subject = %msg.subject, "No script handles this event.");
     }
 }

@@ -158,7 +158,11 @@ impl Lanes {
                 .collect();
             let mut failed = false;
             for tenant in wanted {
-                match self.open(&tenant).await {
+                let opening = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    opening = self.open(&tenant) => opening,
+                };
+                match opening {
                     Ok(consumer) => {
                         tracing::debug!(tenant = %tenant, lanes = ?self.kind, "Lane opened.");
                         lanes.spawn(super::pull(
