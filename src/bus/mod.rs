@@ -17,7 +17,7 @@ use anyhow::Context;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::units::{duration_str, ByteSize};
@@ -107,13 +107,11 @@ pub struct Window {
     pub shared: Option<Arc<Semaphore>>,
 }
 
-/// One message's place in a `Window`, released when the message's handler ends. A place
-/// for a long poll has no shared part until a message comes: a consumer waiting seconds
-/// for one must not keep places the others could use.
-struct Place {
-    _own: OwnedSemaphorePermit,
-    shared: Option<OwnedSemaphorePermit>,
-}
+/// One message's place in a `Window`: released when the message's handler ends.
+type Place = (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
 
 impl Window {
     /// A window of `size` messages drawing on no shared places.
@@ -121,27 +119,22 @@ impl Window {
         Window { size, shared: None }
     }
 
-    /// A shared place if one is free now; `Err` when there are shared places and none is.
-    fn try_shared(&self) -> Result<Option<OwnedSemaphorePermit>, ()> {
-        match &self.shared {
-            Some(shared) => shared.clone().try_acquire_owned().map(Some).map_err(|_| ()),
-            None => Ok(None),
-        }
+    async fn place(&self, own: &Arc<Semaphore>) -> Option<Place> {
+        let mine = own.clone().acquire_owned().await.ok()?;
+        let shared = match &self.shared {
+            Some(shared) => Some(shared.clone().acquire_owned().await.ok()?),
+            None => None,
+        };
+        Some((mine, shared))
     }
 
-    /// A place of one's own and, if there are shared places, a shared one, if both are free.
     fn try_place(&self, own: &Arc<Semaphore>) -> Option<Place> {
         let mine = own.clone().try_acquire_owned().ok()?;
-        let shared = self.try_shared().ok()?;
-        Some(Place { _own: mine, shared })
-    }
-
-    /// Gives `place` its shared part, waiting for one if needed (`None`: the window closed).
-    async fn complete(&self, place: &mut Place) -> Option<()> {
-        if let (Some(shared), None) = (&self.shared, &place.shared) {
-            place.shared = Some(shared.clone().acquire_owned().await.ok()?);
-        }
-        Some(())
+        let shared = match &self.shared {
+            Some(shared) => Some(shared.clone().try_acquire_owned().ok()?),
+            None => None,
+        };
+        Some((mine, shared))
     }
 }
 
@@ -180,31 +173,16 @@ pub async fn pull<F>(
     'pull: while !stop.is_cancelled() {
         let first = tokio::select! {
             _ = stop.cancelled() => break,
-            place = own.clone().acquire_owned() => match place {
-                Ok(place) => place,
-                Err(_) => break,
+            place = window.place(&own) => match place {
+                Some(place) => place,
+                None => break,
             },
         };
-        let mut hand = vec![Place {
-            _own: first,
-            shared: None,
-        }];
-        // With nothing there last time, or no shared place free now, wait at the server for
-        // one message, and for a shared place when it comes. Otherwise fetch what there is
-        // for every place free now.
-        let mut long_poll = idle;
-        if !long_poll {
-            match window.try_shared() {
-                Ok(shared) => {
-                    hand[0].shared = shared;
-                    while let Some(place) = window.try_place(&own) {
-                        hand.push(place);
-                    }
-                }
-                Err(()) => long_poll = true,
-            }
+        let mut hand = vec![first];
+        while let Some(place) = window.try_place(&own) {
+            hand.push(place);
         }
-        let request = if long_poll {
+        let request = if idle {
             consumer
                 .batch()
                 .max_messages(1)
@@ -227,11 +205,7 @@ pub async fn pull<F>(
         let mut received = 0;
         // A request that gets no answer (sent just as the server restarted) ends here: a
         // long poll by the client's own timer, a fetch after this long.
-        let quiet_limit = if long_poll {
-            LONG_POLL * 2
-        } else {
-            FETCH_ANSWER
-        };
+        let quiet_limit = if idle { LONG_POLL * 2 } else { FETCH_ANSWER };
         loop {
             let next = tokio::select! {
                 // Messages already delivered and not taken come back after their ack wait.
@@ -245,14 +219,7 @@ pub async fn pull<F>(
             match next {
                 Some(Ok(message)) => {
                     received += 1;
-                    let mut place = hand.pop();
-                    if let Some(place) = place.as_mut() {
-                        tokio::select! {
-                            // Left unhandled: it comes back after its ack wait.
-                            _ = stop.cancelled() => break 'pull,
-                            done = window.complete(place) => if done.is_none() { break 'pull },
-                        }
-                    }
+                    let place = hand.pop();
                     let work = handler(message);
                     tracker.spawn(async move {
                         work.await;
