@@ -208,7 +208,7 @@ pub async fn run_with_stats(
         });
         tokio::spawn(bus::pull(
             catch_all_consumer,
-            bus::Window::of(nats.max_in_flight),
+            nats.max_in_flight,
             shutdown.clone(),
             move |m| {
                 let catch_all = catch_all.clone();
@@ -216,39 +216,33 @@ pub async fn run_with_stats(
             },
         ))
     };
-    let lanes = |kind, opened, shared| Lanes {
+    let lanes = |kind, opened| Lanes {
         js: js.clone(),
         config: nats.clone(),
         tenants: settings.tenants.clone(),
         index: index.clone(),
         kind,
         opened,
-        shared,
     };
     let fanning = {
         let hard_stop = hard_stop.clone();
-        // Every tenant's events lane has its own window, and all of them together at most
-        // nats.max_in_flight events.
-        let shared = Arc::new(tokio::sync::Semaphore::new(nats.max_in_flight.max(1)));
-        tokio::spawn(lanes(LaneKind::Events, event_lanes, Some(shared)).run(
-            shutdown.clone(),
-            move |m| {
+        tokio::spawn(
+            lanes(LaneKind::Events, event_lanes).run(shutdown.clone(), move |m| {
                 let fanout = fanout.clone();
                 let hard_stop = hard_stop.clone();
                 Box::pin(async move { fanout.handle(m, hard_stop).await })
-            },
-        ))
+            }),
+        )
     };
     let running = {
         let hard_stop = hard_stop.clone();
-        tokio::spawn(lanes(LaneKind::Jobs, Default::default(), None).run(
-            shutdown.clone(),
-            move |m| {
+        tokio::spawn(
+            lanes(LaneKind::Jobs, Default::default()).run(shutdown.clone(), move |m| {
                 let runner = runner.clone();
                 let hard_stop = hard_stop.clone();
                 Box::pin(async move { runner.handle(m, hard_stop).await })
-            },
-        ))
+            }),
+        )
     };
     tracing::info!(
         engine = crate::engine::ENGINE_NAME,

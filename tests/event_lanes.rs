@@ -159,3 +159,38 @@ async fn lanes_made_after_an_upgrade_start_where_the_single_fan_out_consumer_sto
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_idle_lane_waits_at_the_server_whatever_the_number_of_tenants() {
+    let env = TestEnv::new().await;
+    let mut settings = env.settings.clone();
+    // Fewer catch-all places than tenants: lanes do not draw on them.
+    settings.nats.max_in_flight = 2;
+    settings.tenants.pull_window = 2;
+    let tenants = ["t1", "t2", "t3", "t4", "t5"];
+    for tenant in tenants {
+        env.deploy(tenant, "echo", ECHO, &["in.*"]).await;
+    }
+    let daemon = env.start_daemon_with(settings);
+    env.wait_until(
+        WAIT,
+        "every idle lane to have a pull request at the server",
+        || async {
+            let mut waiting = 0;
+            for tenant in tenants {
+                let lane = scriptd::bus::lanes::event_lane_consumer(tenant);
+                if let Some(info) = consumer(&env, &lane).await {
+                    waiting += usize::from(info.num_waiting > 0);
+                }
+            }
+            waiting == tenants.len()
+        },
+    )
+    .await;
+    for tenant in tenants {
+        env.publish(tenant, "in.1", "{}").await;
+    }
+    env.wait_for_runs(WAIT, |r| r.len() == tenants.len()).await;
+    daemon.shutdown().await;
+    env.cleanup().await;
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use futures::StreamExt;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use super::tenants::{TenantSlots, TenantsConfig};
@@ -123,8 +123,6 @@ pub struct Lanes {
     pub kind: Kind,
     /// Filled in as lanes open.
     pub opened: Opened,
-    /// Places every lane of the set draws on besides its own `tenants.pull_window`.
-    pub shared: Option<Arc<Semaphore>>,
 }
 
 impl Lanes {
@@ -143,10 +141,7 @@ impl Lanes {
         let mut changes = self.index.subscribe();
         let mut kept: HashSet<String> = HashSet::new();
         let mut scan = tokio::time::interval(SERVER_SCAN);
-        let window = super::Window {
-            size: self.tenants.pull_window,
-            shared: self.shared.clone(),
-        };
+        let window = self.tenants.pull_window;
         loop {
             let wanted: Vec<String> = self
                 .index
@@ -165,12 +160,7 @@ impl Lanes {
                 match opening {
                     Ok(consumer) => {
                         tracing::debug!(tenant = %tenant, lanes = ?self.kind, "Lane opened.");
-                        lanes.spawn(super::pull(
-                            consumer,
-                            window.clone(),
-                            stop.clone(),
-                            handler.clone(),
-                        ));
+                        lanes.spawn(super::pull(consumer, window, stop.clone(), handler.clone()));
                         self.opened.insert(tenant);
                     }
                     Err(e) => {

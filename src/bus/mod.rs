@@ -42,9 +42,9 @@ pub struct NatsConfig {
     /// How long events and jobs are kept in their streams at most.
     #[serde(with = "duration_str")]
     pub max_age: Duration,
-    /// Events being fanned out per replica, all tenants' event lanes together (pulled and
-    /// not yet acknowledged); also the window of the catch-all consumer. Each lane has its
-    /// own window too: see `[tenants]`.
+    /// Events the catch-all consumer holds per replica (pulled and not yet acknowledged).
+    /// Events are fanned out per tenant, each tenant's event lane with its own window: see
+    /// `[tenants]`.
     pub max_in_flight: usize,
     /// Largest event payload fanned out; larger ones are dead-lettered as `bad_input`.
     pub max_event_size: ByteSize,
@@ -98,46 +98,6 @@ impl NatsConfig {
     }
 }
 
-/// How many messages one consumer may have in hand at once: `size` of its own, each also
-/// taking one of `shared` when set (places that several consumers draw on, so that all of
-/// them together hold a bounded number).
-#[derive(Clone)]
-pub struct Window {
-    pub size: usize,
-    pub shared: Option<Arc<Semaphore>>,
-}
-
-/// One message's place in a `Window`: released when the message's handler ends.
-type Place = (
-    tokio::sync::OwnedSemaphorePermit,
-    Option<tokio::sync::OwnedSemaphorePermit>,
-);
-
-impl Window {
-    /// A window of `size` messages drawing on no shared places.
-    pub fn of(size: usize) -> Window {
-        Window { size, shared: None }
-    }
-
-    async fn place(&self, own: &Arc<Semaphore>) -> Option<Place> {
-        let mine = own.clone().acquire_owned().await.ok()?;
-        let shared = match &self.shared {
-            Some(shared) => Some(shared.clone().acquire_owned().await.ok()?),
-            None => None,
-        };
-        Some((mine, shared))
-    }
-
-    fn try_place(&self, own: &Arc<Semaphore>) -> Option<Place> {
-        let mine = own.clone().try_acquire_owned().ok()?;
-        let shared = match &self.shared {
-            Some(shared) => Some(shared.clone().try_acquire_owned().ok()?),
-            None => None,
-        };
-        Some((mine, shared))
-    }
-}
-
 /// How long a request for the next message of an idle consumer waits at the server. The client
 /// gives up on it 5 s later if the server's end-of-request never came (a server restart
 /// forgets requests), so this also bounds how long a consumer can stay deaf.
@@ -161,25 +121,25 @@ const FETCH_ANSWER: Duration = Duration::from_secs(5);
 /// anything else the daemon does per message.
 pub async fn pull<F>(
     consumer: jetstream::consumer::PullConsumer,
-    window: Window,
+    window: usize,
     stop: CancellationToken,
     handler: F,
 ) where
     F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>,
 {
     let tracker = tokio_util::task::TaskTracker::new();
-    let own = Arc::new(Semaphore::new(window.size.max(1)));
+    let places = Arc::new(Semaphore::new(window.max(1)));
     let mut idle = false;
     'pull: while !stop.is_cancelled() {
         let first = tokio::select! {
             _ = stop.cancelled() => break,
-            place = window.place(&own) => match place {
-                Some(place) => place,
-                None => break,
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
             },
         };
         let mut hand = vec![first];
-        while let Some(place) = window.try_place(&own) {
+        while let Ok(place) = places.clone().try_acquire_owned() {
             hand.push(place);
         }
         let request = if idle {
