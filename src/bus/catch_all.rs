@@ -2,7 +2,7 @@
 //! no lane takes (of a tenant without scripts, or with a subject that names no tenant and
 //! type) and leaves every other event to its tenant's event lane.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,9 +48,7 @@ impl CatchAll {
             }
             Ok(_) => self.no_scripts(&msg),
             Err(e) => {
-                self.stats.events.fetch_add(1, Ordering::Relaxed);
-                self.stats.bad_subjects.fetch_add(1, Ordering::Relaxed);
-                self.stats.settled.fetch_add(1, Ordering::Relaxed);
+                self.settled_unrun(&self.stats.bad_subjects);
                 tracing::warn!(subject = %msg.subject, reason = %e, "Event dropped: its subject names no tenant and type.");
             }
         }
@@ -77,9 +75,14 @@ impl CatchAll {
     }
 
     fn no_scripts(&self, msg: &jetstream::Message) {
-        self.stats.events.fetch_add(1, Ordering::Relaxed);
-        self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
-        self.stats.settled.fetch_add(1, Ordering::Relaxed);
+        self.settled_unrun(&self.stats.unmatched);
         tracing::debug!(subject = %msg.subject, "No script handles this event.");
+    }
+
+    /// Counts an event settled here without a run, under `why`.
+    fn settled_unrun(&self, why: &AtomicU64) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        why.fetch_add(1, Ordering::Relaxed);
+        self.stats.settled.fetch_add(1, Ordering::Relaxed);
     }
 }
