@@ -22,7 +22,7 @@ use crate::bus::job::Job;
 use crate::bus::NatsConfig;
 use crate::index::{IndexedScript, ScriptIndex, Snapshot};
 use crate::schedule::{CatchUp, Schedule};
-use crate::store::Store;
+use crate::store::{Store, Trigger};
 
 /// Most occurrences a `catch-up = all` schedule replays after downtime.
 pub const MAX_CATCH_UP: usize = 100;
@@ -187,7 +187,7 @@ impl Ticker {
             id: id.clone(),
             tenant: script.tenant.clone(),
             script: script.name.clone(),
-            trigger: "schedule".into(),
+            trigger: Trigger::Schedule,
             subject: None,
             event_id: Some(id.clone()),
             event: RawValue::from_string(event.to_string())?,

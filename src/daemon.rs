@@ -21,8 +21,9 @@ use crate::engine::Engine;
 use crate::health::Readiness;
 use crate::index::{self, ScriptIndex};
 use crate::metrics::{Metrics, Sources};
-use crate::records::{HistoryReader, RecordWriter};
-use crate::store::Store;
+use crate::records::{ClaimTaker, RecordWriter};
+use crate::store::{ClaimScope, Store};
+use crate::supervisor::Supervisor;
 use crate::units::duration_str;
 
 /// The `[daemon]` settings.
@@ -70,6 +71,9 @@ pub async fn run_with_stats(
     shutdown: CancellationToken,
     stats: DaemonStats,
 ) -> anyhow::Result<()> {
+    // The daemon stops on the caller's signal, or by itself when one of its tasks fails.
+    let shutdown = shutdown.child_token();
+    let mut supervisor = Supervisor::default();
     stats
         .metrics
         .set_tenant_labels(settings.telemetry.tenant_labels);
@@ -149,14 +153,20 @@ pub async fn run_with_stats(
     });
     crate::telemetry::export_metrics(&stats.metrics);
     let (records, writer) = RecordWriter::start(store.clone());
-    let (history, reader) = HistoryReader::start(store.clone());
+    let replica: Arc<str> = Arc::from(replica_name());
+    let (claims, claimer) = ClaimTaker::start(store.clone(), replica.clone(), ClaimScope::Next);
+    let (first_claims, first_claimer) =
+        ClaimTaker::start(store.clone(), replica, ClaimScope::FirstOnly);
     let background = CancellationToken::new();
-    let refresher = tokio::spawn(index::keep_fresh(
-        index.clone(),
-        store.clone(),
-        settings.daemon.index_reload_interval,
-        background.clone(),
-    ));
+    let refresher = supervisor.spawn(
+        "index refresher",
+        index::keep_fresh(
+            index.clone(),
+            store.clone(),
+            settings.daemon.index_reload_interval,
+            background.clone(),
+        ),
+    );
 
     let runner = Arc::new(Runner {
         js: js.clone(),
@@ -164,7 +174,8 @@ pub async fn run_with_stats(
         index: index.clone(),
         engine: engine.clone(),
         records,
-        history,
+        claims,
+        first_claims,
         store: store.clone(),
         limits: settings.engine.limits,
         retry: settings.retry,
@@ -185,7 +196,8 @@ pub async fn run_with_stats(
         direct: nats.direct_runs.then(|| runner.clone()),
         in_flight: Default::default(),
     });
-    let ticker = tokio::spawn(
+    let ticker = supervisor.spawn(
+        "cron ticker",
         crate::cron::Ticker {
             js: js.clone(),
             config: nats.clone(),
@@ -206,15 +218,18 @@ pub async fn run_with_stats(
             stats: stats.fanout.clone(),
             stop: shutdown.clone(),
         });
-        tokio::spawn(bus::pull(
-            catch_all_consumer,
-            nats.max_in_flight,
-            shutdown.clone(),
-            move |m| {
-                let catch_all = catch_all.clone();
-                Box::pin(async move { catch_all.handle(m).await })
-            },
-        ))
+        supervisor.spawn(
+            "events catch-all",
+            bus::pull(
+                catch_all_consumer,
+                nats.max_in_flight,
+                shutdown.clone(),
+                move |m| {
+                    let catch_all = catch_all.clone();
+                    Box::pin(async move { catch_all.handle(m).await })
+                },
+            ),
+        )
     };
     let lanes = |kind, opened| Lanes {
         js: js.clone(),
@@ -226,7 +241,8 @@ pub async fn run_with_stats(
     };
     let fanning = {
         let hard_stop = hard_stop.clone();
-        tokio::spawn(
+        supervisor.spawn(
+            "event lanes",
             lanes(LaneKind::Events, event_lanes).run(shutdown.clone(), move |m| {
                 let fanout = fanout.clone();
                 let hard_stop = hard_stop.clone();
@@ -236,7 +252,8 @@ pub async fn run_with_stats(
     };
     let running = {
         let hard_stop = hard_stop.clone();
-        tokio::spawn(
+        supervisor.spawn(
+            "job lanes",
             lanes(LaneKind::Jobs, Default::default()).run(shutdown.clone(), move |m| {
                 let runner = runner.clone();
                 let hard_stop = hard_stop.clone();
@@ -251,7 +268,14 @@ pub async fn run_with_stats(
         "scriptd is running."
     );
 
-    shutdown.cancelled().await;
+    let failed = supervisor.watch(&shutdown).await;
+    if let Some((task, how)) = &failed {
+        tracing::error!(task, %how, "A daemon task stopped unexpectedly; shutting down.");
+        stats
+            .readiness
+            .task_failed(format!("the {task} task {how}"));
+        shutdown.cancel();
+    }
     tracing::info!(grace = %humantime::format_duration(settings.daemon.shutdown_grace), "Shutting down: no new messages; waiting for runs in flight.");
     let mut consumers = tokio::spawn(async move {
         let _ = passing.await;
@@ -271,10 +295,36 @@ pub async fn run_with_stats(
     let _ = ticker.await;
     drop(engine);
     let _ = writer.await;
-    let _ = reader.await;
+    let _ = claimer.await;
+    let _ = first_claimer.await;
     client.flush().await.ok();
+    let failures: Vec<String> = failed
+        .into_iter()
+        .chain(supervisor.panics())
+        .map(|(task, how)| format!("the {task} task {how}"))
+        .collect();
+    if !failures.is_empty() {
+        return Err(crate::supervisor::TaskFailed(format!(
+            "scriptd stopped because {}",
+            failures.join("; ")
+        ))
+        .into());
+    }
     tracing::info!("scriptd stopped.");
     Ok(())
+}
+
+/// This process's name in attempt claims: host, process id and a random part (a process
+/// id may come back after a restart).
+fn replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Calls `attempt` until it succeeds or `shutdown` is cancelled, logging each failure.

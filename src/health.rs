@@ -1,5 +1,6 @@
 //! The daemon's HTTP endpoint for probes and scrapers: `/healthz` (the process answers),
-//! `/readyz` (NATS and PostgreSQL reachable, streams present, script index loaded) and
+//! `/readyz` (NATS and PostgreSQL reachable, streams present, script index loaded, no task
+//! stopped unexpectedly) and
 //! `/metrics` (Prometheus text).
 
 use std::convert::Infallible;
@@ -28,6 +29,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Readiness {
     parts: OnceLock<Parts>,
     index_loaded: AtomicBool,
+    /// The first of the daemon's tasks that stopped unexpectedly: not ready from then on.
+    task_failure: OnceLock<String>,
 }
 
 struct Parts {
@@ -57,6 +60,11 @@ impl Readiness {
         self.index_loaded.store(true, Ordering::SeqCst);
     }
 
+    /// A daemon task stopped unexpectedly: the daemon is shutting down and not ready.
+    pub fn task_failed(&self, what: String) {
+        let _ = self.task_failure.set(what);
+    }
+
     /// Whether the daemon can do its work, and each check's finding.
     pub async fn check(&self) -> (bool, serde_json::Value) {
         let mut checks = serde_json::Map::new();
@@ -69,6 +77,9 @@ impl Readiness {
             };
             checks.insert(name.to_owned(), value.into());
         };
+        if let Some(failure) = self.task_failure.get() {
+            note("tasks", Err(failure.clone()));
+        }
         let Some(parts) = self.parts.get() else {
             note("startup", Err("connecting to NATS and PostgreSQL".into()));
             return (false, checks.into());

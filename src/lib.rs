@@ -24,5 +24,6 @@ pub mod retry;
 pub mod schedule;
 pub mod store;
 pub mod subject;
+pub mod supervisor;
 pub mod telemetry;
 pub mod units;

@@ -334,6 +334,13 @@ impl Metrics {
             vec![],
             load(&s.runner.returned),
         );
+        push(
+            "scriptd_jobs_held_elsewhere_total",
+            "Job deliveries handed back because another replica held the attempt's claim.",
+            true,
+            vec![],
+            load(&s.runner.held_elsewhere),
+        );
         let e = s.engine.stats();
         push(
             "scriptd_engine_warm_hits_total",

@@ -1,12 +1,12 @@
-//! Run records and job histories through batches: many runs write their attempt and read
-//! their job's history at once, off the hot path. A writer learns when its record is
+//! Run records and attempt claims through batches: many runs claim their attempt and
+//! write its record at once, off the hot path. A writer learns when its record is
 //! committed; only then is its message acknowledged.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::batch::{Batcher, Shape};
-use crate::store::{RunRecord, Store};
+use crate::store::{Claim, ClaimRequest, ClaimScope, RunRecord, Store};
 
 /// Records or lookups per statement, at most.
 const MAX_BATCH: usize = 500;
@@ -73,43 +73,62 @@ async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(),
     Err(last)
 }
 
-/// What is recorded of one job: failed attempts that were retried, and whether it ended.
-pub type JobHistory = (u32, bool);
-
+/// Attempt claims through batches: many runs claim their attempt at once. One per kind
+/// of caller (job lanes take any attempt, direct runs the first only).
 #[derive(Clone)]
-pub struct HistoryReader {
-    batcher: Batcher<String, Result<JobHistory, String>>,
+pub struct ClaimTaker {
+    batcher: Batcher<ClaimRequest, Result<Claim, String>>,
+    replica: Arc<str>,
+    store: Store,
 }
 
-impl HistoryReader {
-    pub fn start(store: Store) -> (HistoryReader, tokio::task::JoinHandle<()>) {
-        // Lookups stand between an event and its run: a second batch may go while one is
-        // under way, so a lookup waits for at most its own round trip.
+impl ClaimTaker {
+    pub fn start(
+        store: Store,
+        replica: Arc<str>,
+        scope: ClaimScope,
+    ) -> (ClaimTaker, tokio::task::JoinHandle<()>) {
+        // A claim stands between a run's engine slot and its start: a second batch may go
+        // while one is under way, so a claim waits for at most its own round trip.
         let shape = Shape {
             concurrent: 2,
             ..Shape::serial(MAX_BATCH)
         };
-        let (batcher, task) = Batcher::start(shape, move |jobs: Vec<String>| {
-            let store = store.clone();
+        let (db, who) = (store.clone(), replica.clone());
+        let (batcher, task) = Batcher::start(shape, move |requests: Vec<ClaimRequest>| {
+            let (store, replica) = (db.clone(), who.clone());
             async move {
-                match store.job_histories(&jobs).await {
-                    Ok(found) => {
-                        let found: HashMap<_, _> = found.into_iter().collect();
-                        jobs.iter()
-                            .map(|j| Ok(found.get(j).copied().unwrap_or((0, false))))
-                            .collect()
-                    }
-                    Err(e) => vec![Err(format!("{e:#}")); jobs.len()],
+                match store.claim_attempts(&replica, scope, &requests).await {
+                    Ok(claims) => claims.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(format!("{e:#}")); requests.len()],
                 }
             }
         });
-        (HistoryReader { batcher }, task)
+        let taker = ClaimTaker {
+            batcher,
+            replica,
+            store,
+        };
+        (taker, task)
     }
 
-    pub async fn history(&self, job_id: &str) -> Result<JobHistory, String> {
+    /// Claims the next attempt of a job (see `Store::claim_attempts`).
+    pub async fn claim(&self, request: ClaimRequest) -> Result<Claim, String> {
         self.batcher
-            .call(job_id.to_owned())
+            .call(request)
             .await
-            .unwrap_or_else(|| Err("the job-history reader has stopped".into()))
+            .unwrap_or_else(|| Err("the attempt-claim task has stopped".into()))
+    }
+
+    /// Hands back a claimed attempt that did not run. If this fails the claim stays until
+    /// its lease ends, and the job waits that long.
+    pub async fn release(&self, job_id: &str, attempt: u32) {
+        if let Err(e) = self
+            .store
+            .release_claim(&self.replica, job_id, attempt)
+            .await
+        {
+            tracing::warn!(job = %job_id, attempt, error = %format!("{e:#}"), "Could not hand back an attempt claim; the job waits for its lease to end.");
+        }
     }
 }

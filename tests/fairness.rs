@@ -179,7 +179,7 @@ async fn jobs_of_a_tenant_without_scripts_still_get_a_lane() {
         id: format!("{}-orphan-1", env.id),
         tenant: "gone".into(),
         script: "old".into(),
-        trigger: "replay".into(),
+        trigger: scriptd::store::Trigger::Replay,
         subject: None,
         event_id: None,
         event: serde_json::value::RawValue::from_string("{}".into()).unwrap(),

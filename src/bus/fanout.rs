@@ -16,10 +16,11 @@ use tracing::Instrument;
 
 use super::dlq::{self, DeadLetter};
 use super::job::{event_job_id, headers_as_json, payload_as_json, EventView, Job};
-use super::runner::{run_span, Runner, Settle, RETRY_AT_HEADER};
+use super::runner::{run_span, Claimed, Runner, Settle, RETRY_AT_HEADER};
 use super::{Claims, NatsConfig};
 use crate::engine::{Failure, FailureKind};
 use crate::index::ScriptIndex;
+use crate::store::{Claim, Trigger};
 use crate::subject;
 
 /// Counters of the fan-out since start.
@@ -36,7 +37,7 @@ pub struct FanoutStats {
     /// `nats.direct_wait` (or the daemon was stopping).
     pub overflowed: AtomicU64,
     /// Events handed back unfinished (nak'ed): a run not recorded, a job not stored, a
-    /// history not readable, or the end of the shutdown grace period.
+    /// claim not taken, or the end of the shutdown grace period.
     pub returned: AtomicU64,
     /// Events of a tenant with no matching script.
     pub unmatched: AtomicU64,
@@ -175,7 +176,7 @@ impl Fanout {
             id: event_job_id(&stream, sequence, script.id),
             tenant: script.tenant.clone(),
             script: script.name.clone(),
-            trigger: "event".into(),
+            trigger: Trigger::Event,
             subject: Some(msg.subject.to_string()),
             event_id: Some(event_id.clone()),
             event: event.clone(),
@@ -207,18 +208,10 @@ impl Fanout {
     }
 
     /// Runs the first attempt of `job` here if its tenant's permit and an engine slot come
-    /// within `nats.direct_wait`, else queues the job in its tenant's lane. Returns once
-    /// the attempt is recorded (a retry queued in the lane) or the job is stored.
+    /// within `nats.direct_wait` and this replica wins the attempt's claim, else queues the
+    /// job in its tenant's lane. Returns once the attempt is recorded (a retry queued in
+    /// the lane) or the job is stored.
     async fn direct(&self, runner: &Runner, job: Job, headers: &HeaderMap) -> anyhow::Result<()> {
-        // The records say whether this event was handled before (a redelivery after a
-        // crash, a lost ack, or nats-server#4460): what ended stays ended, and a job with a
-        // failed attempt continues in its lane.
-        match runner.history.history(&job.id).await {
-            Ok((_, true)) => return Ok(()),
-            Ok((0, false)) => {}
-            Ok((_, false)) => return self.queue(&job, headers, None).await,
-            Err(e) => anyhow::bail!("cannot read the history of job {}: {e}", job.id),
-        }
         let slot = tokio::select! {
             // Stopping: what has not started goes to the lane, for this or another replica.
             _ = runner.stop.cancelled() => None,
@@ -228,10 +221,24 @@ impl Fanout {
             self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
             return self.queue(&job, headers, None).await;
         };
+        // The claim says whether this event was handled before (a redelivery after a crash,
+        // a lost ack, or nats-server#4460): what ended stays ended; a job with a failed
+        // attempt, or whose attempt another replica holds, continues in its lane.
+        let claimed = match runner.first_claims.claim(runner.claim_request(&job)).await {
+            Ok(Claim::Won {
+                attempt, first_at, ..
+            }) => Claimed { attempt, first_at },
+            Ok(Claim::Ended) => return Ok(()),
+            Ok(Claim::Held { .. } | Claim::Later { .. }) => {
+                drop(slot);
+                return self.queue(&job, headers, None).await;
+            }
+            Err(e) => anyhow::bail!("cannot claim the first attempt of job {}: {e}", job.id),
+        };
         self.stats.direct.fetch_add(1, Ordering::Relaxed);
         let span = run_span(&job, Some(headers));
         match runner
-            .attempt(Some(headers), &job, 1, slot)
+            .attempt(Some(headers), &job, claimed, slot)
             .instrument(span)
             .await
         {

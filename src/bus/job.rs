@@ -6,6 +6,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::store::Trigger;
+
 /// The payload of a job message.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Job {
@@ -13,8 +15,8 @@ pub struct Job {
     pub id: String,
     pub tenant: String,
     pub script: String,
-    /// `event`, `schedule` or `replay`.
-    pub trigger: String,
+    /// What made the job.
+    pub trigger: Trigger,
     /// The NATS subject that triggered the job, for event jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use super::dlq::StoredLetter;
 use super::job::Job;
 use super::NatsConfig;
+use crate::store::Trigger;
 
 /// The dead letter this job replays (its stream sequence).
 pub const REPLAY_OF: &str = "Scriptd-Replay-Of";
@@ -72,7 +73,7 @@ pub fn replay_job(
         .unwrap_or_default();
     let job = Job {
         id: format!("rp-{}-{nanos}", stored.sequence),
-        trigger: "replay".into(),
+        trigger: Trigger::Replay,
         version,
         ..original
     };

@@ -20,10 +20,12 @@ use super::NatsConfig;
 use crate::engine::{Engine, Failure, Limits, RunResult, ScriptRun};
 use crate::index::ScriptIndex;
 use crate::metrics::Metrics;
-use crate::records::{HistoryReader, RecordWriter};
+use crate::records::{ClaimTaker, RecordWriter};
 use crate::retry::{Decision, RetryPolicy};
 use crate::schedule::Overlap;
-use crate::store::{LockOutcome, RunRecord, RunStatus, Store};
+use crate::store::{
+    Claim, ClaimRequest, LockOutcome, RunRecord, RunStatus, SkipReason, Store, Trigger,
+};
 
 /// Counters of the runner since start.
 #[derive(Debug, Default)]
@@ -34,6 +36,8 @@ pub struct RunnerStats {
     pub skipped: AtomicU64,
     /// Jobs handed back unfinished (shutdown, or their record could not be written).
     pub returned: AtomicU64,
+    /// Deliveries of a job whose attempt another replica held: handed back to wait.
+    pub held_elsewhere: AtomicU64,
 }
 
 pub struct Runner {
@@ -42,7 +46,10 @@ pub struct Runner {
     pub index: Arc<ScriptIndex>,
     pub engine: Arc<Engine>,
     pub records: RecordWriter,
-    pub history: HistoryReader,
+    /// Claims of job attempts (any attempt: job lanes).
+    pub claims: ClaimTaker,
+    /// Claims of first attempts (direct runs from the fan-out).
+    pub first_claims: ClaimTaker,
     pub store: Store,
     pub limits: Limits,
     pub retry: RetryPolicy,
@@ -71,6 +78,18 @@ pub(crate) enum Settle {
     Nak(Option<Duration>),
     Term,
 }
+
+/// The attempt a replica claimed and now runs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Claimed {
+    pub attempt: u32,
+    /// When the job's first attempt was claimed.
+    pub first_at: chrono::DateTime<Utc>,
+}
+
+/// How long a claim holds beyond twice the run's timeout (a claimed run may wait for one
+/// run ahead of it in its worker) before another replica may take the attempt over.
+const CLAIM_MARGIN: Duration = Duration::from_secs(15);
 
 /// A job waits for one of these before it runs: its tenant's permit, then the engine's.
 pub(crate) type Slot = (
@@ -126,27 +145,8 @@ impl Runner {
     }
 
     async fn process_job(&self, msg: &jetstream::Message, job: Job) -> Settle {
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-        // The records say which attempt this is and whether the job already ended: a
-        // redelivery may follow a retry, a hand-back at shutdown, a crash or a lost ack, and
-        // NATS servers before 2.10 sometimes deliver a message again as if it were new
-        // (nats-server#4460). A batched, indexed lookup per job keeps runs to one per job.
-        let attempt = match self.history.history(&job.id).await {
-            Ok((_, true)) => {
-                tracing::info!(job = %job.id, delivered, "Job delivered again after it ended; acknowledged without running it.");
-                tracing::Span::current().record("outcome", "already_ended");
-                return Settle::Ack;
-            }
-            Ok((retried, false)) => retried + 1,
-
-            Err(e) => {
-                self.stats.returned.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(job = %job.id, error = %e, "Cannot read the job's history; it will come back.");
-                return Settle::Nak(Some(Duration::from_secs(2)));
-            }
-        };
-        // Wait for an engine slot before looking the script up: what the job runs is decided
-        // when it can start, so a disable or deploy meanwhile takes effect.
+        // Wait for an engine slot first: what the job runs is decided when it can start, so
+        // a disable or deploy meanwhile takes effect, and no claim is held while waiting.
         let slot = tokio::select! {
             slot = self.engine_slot(&job.tenant) => match slot {
                 Some(slot) => slot,
@@ -157,38 +157,98 @@ impl Runner {
                 return Settle::Nak(None);
             }
         };
-        self.attempt(msg.headers.as_ref(), &job, attempt, slot)
+        // The claim says which attempt this is, and lets one replica run it: a redelivery
+        // may follow a retry, a hand-back at shutdown, a crash or a lost ack, and NATS
+        // servers sometimes deliver a message to two replicas at once (nats-server#4460).
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+        let claimed = match self.claims.claim(self.claim_request(&job)).await {
+            Ok(Claim::Won {
+                attempt,
+                first_at,
+                taken_over,
+            }) => {
+                if taken_over {
+                    tracing::warn!(job = %job.id, attempt, "Attempt taken over: the replica that claimed it did not record it within its lease.");
+                }
+                Claimed { attempt, first_at }
+            }
+            Ok(Claim::Ended) => {
+                tracing::info!(job = %job.id, delivered, "Job delivered again after it ended; acknowledged without running it.");
+                tracing::Span::current().record("outcome", "already_ended");
+                return Settle::Ack;
+            }
+            Ok(Claim::Held { until }) => {
+                self.stats.held_elsewhere.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(job = %job.id, delivered, "Another replica holds this job's attempt; it comes back later.");
+                return Settle::Nak(Some(held_wait(until)));
+            }
+            Ok(Claim::Later { .. }) => return Settle::Nak(Some(Duration::from_secs(1))),
+            Err(e) => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(job = %job.id, error = %e, "Cannot claim the job's attempt; it will come back.");
+                return Settle::Nak(Some(Duration::from_secs(2)));
+            }
+        };
+        self.attempt(msg.headers.as_ref(), &job, claimed, slot)
             .await
     }
 
-    /// Runs attempt number `attempt` of `job` in the engine `slot` it holds, within the
-    /// job's span: looks the script up, runs it, and records the attempt; dead-letters the
-    /// job when the retry policy says so. `headers` are the job's (trace context, chain
-    /// depth). The returned settlement is what the job's message (or event) gets.
+    /// What claiming the next attempt of `job` asks for: its lease covers the run's
+    /// timeout, the wait behind one run in its worker, and a margin.
+    pub(crate) fn claim_request(&self, job: &Job) -> ClaimRequest {
+        let timeout = self
+            .index
+            .snapshot()
+            .get(&job.tenant, &job.script)
+            .map_or(self.limits.timeout, |s| s.limits(&self.limits).timeout);
+        ClaimRequest {
+            job_id: job.id.clone(),
+            tenant: job.tenant.clone(),
+            lease: 2 * timeout + CLAIM_MARGIN,
+        }
+    }
+
+    /// Runs the `claimed` attempt of `job` in the engine `slot` it holds, within the job's
+    /// span: looks the script up, runs it, and records the attempt; dead-letters the job
+    /// when the retry policy says so. `headers` are the job's (trace context, chain depth).
+    /// The returned settlement is what the job's message (or event) gets; an attempt that
+    /// does not run and is not recorded hands its claim back.
     pub(crate) async fn attempt(
         &self,
         headers: Option<&HeaderMap>,
         job: &Job,
-        attempt: u32,
+        claimed: Claimed,
         slot: Slot,
     ) -> Settle {
+        let settle = self.run_claimed(headers, job, claimed, slot).await;
+        if let Settle::Nak(_) = settle {
+            // Not recorded (a lock not free, a pinned version not readable, a dead letter
+            // or a record not written): whoever gets the job next runs this attempt, now
+            // rather than at the end of the lease.
+            self.claims.release(&job.id, claimed.attempt).await;
+        }
+        settle
+    }
+
+    async fn run_claimed(
+        &self,
+        headers: Option<&HeaderMap>,
+        job: &Job,
+        claimed: Claimed,
+        slot: Slot,
+    ) -> Settle {
+        let attempt = claimed.attempt;
         let span = tracing::Span::current();
         let script = self.index.snapshot().get(&job.tenant, &job.script).cloned();
         span.record("attempt", attempt);
         let Some(script) = script.filter(|s| s.enabled) else {
-            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .run_finished(&job.tenant, "skipped", None, None);
-            span.record("outcome", "skipped");
-            tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, "Job skipped: the script was deleted or disabled.");
-            let record = record(job, attempt, None, RunStatus::Skipped, None, Utc::now());
-            return self.commit(record, Settle::Ack).await;
+            return self.skip(job, attempt, None, SkipReason::ScriptGone).await;
         };
-        let locked = match self.overlap_lock(job, &script).await {
+        let locked = match self.overlap_lock(job, attempt, &script).await {
             Ok(locked) => locked,
             Err(settle) => return settle,
         };
-        let (version, source) = match self.pinned_source(job, &script).await {
+        let (version, source) = match self.pinned_source(job, attempt, &script).await {
             Ok(found) => found,
             Err(settle) => return settle,
         };
@@ -238,7 +298,7 @@ impl Runner {
                     script_version: Some(version),
                     failure,
                     attempts: attempt,
-                    first_attempt_at: self.first_attempt_at(&job.id).await.unwrap_or(started_at),
+                    first_attempt_at: claimed.first_at,
                     last_attempt_at: started_at,
                     headers: headers_as_json(headers),
                     job: match serde_json::to_string(job).map(RawValue::from_string) {
@@ -308,9 +368,10 @@ impl Runner {
     async fn overlap_lock(
         &self,
         job: &Job,
+        attempt: u32,
         script: &crate::index::IndexedScript,
     ) -> Result<bool, Settle> {
-        if job.trigger != "schedule" || script.overlap == Overlap::Allow {
+        if job.trigger != Trigger::Schedule || script.overlap == Overlap::Allow {
             return Ok(false);
         }
         let hold_for = script.limits(&self.limits).timeout + Duration::from_secs(30);
@@ -327,22 +388,8 @@ impl Runner {
                 Err(Settle::Nak(Some(Duration::from_millis(500))))
             }
             Ok(LockOutcome::Held) => {
-                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .run_finished(&job.tenant, "skipped", Some("overlap"), None);
-                self.metrics.schedule_skipped("overlap", 1);
-                let mut skipped = record(
-                    job,
-                    1,
-                    Some(script.version as i32),
-                    RunStatus::Skipped,
-                    None,
-                    Utc::now(),
-                );
-                skipped.failure_kind = Some("overlap".into());
-                skipped.failure_message =
-                    Some("the previous run of this schedule was still going".into());
-                Err(self.commit(skipped, Settle::Ack).await)
+                let version = Some(script.version);
+                Err(self.skip(job, attempt, version, SkipReason::Overlap).await)
             }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot take the schedule lock; the job will come back.");
@@ -352,10 +399,13 @@ impl Runner {
     }
 
     /// The version a job runs and its source: the current one, or the version a replay
-    /// pinned. A pinned version that no longer exists dead-letters the job.
+    /// pinned. A pinned version that no longer exists is recorded as skipped
+    /// (`version_missing`): running another version than the one asked for would be wrong,
+    /// and retrying cannot bring it back.
     async fn pinned_source(
         &self,
         job: &Job,
+        attempt: u32,
         script: &crate::index::IndexedScript,
     ) -> Result<(u64, Arc<str>), Settle> {
         let Some(pinned) = job.version.filter(|v| *v != script.version) else {
@@ -368,22 +418,41 @@ impl Runner {
         {
             Ok(Some(source)) => Ok((pinned, Arc::from(source))),
             Ok(None) => {
-                tracing::warn!(job = %job.id, version = pinned, "Pinned version does not exist; job skipped.");
-                let record = record(
-                    job,
-                    1,
-                    Some(pinned as i32),
-                    RunStatus::Skipped,
-                    None,
-                    Utc::now(),
-                );
-                Err(self.commit(record, Settle::Ack).await)
+                let version = Some(pinned);
+                Err(self
+                    .skip(job, attempt, version, SkipReason::VersionMissing)
+                    .await)
             }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot load the pinned version; the job will come back.");
                 Err(Settle::Nak(Some(Duration::from_secs(2))))
             }
         }
+    }
+
+    /// Records `attempt` of `job` as skipped for `reason`, and reports it: counters,
+    /// metrics, the run's span and a log line.
+    async fn skip(
+        &self,
+        job: &Job,
+        attempt: u32,
+        version: Option<u64>,
+        reason: SkipReason,
+    ) -> Settle {
+        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        let status = RunStatus::Skipped;
+        self.metrics
+            .run_finished(&job.tenant, status.as_str(), Some(reason.as_str()), None);
+        if reason == SkipReason::Overlap {
+            self.metrics.schedule_skipped(reason.as_str(), 1);
+        }
+        tracing::Span::current().record("outcome", status.as_str());
+        tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, version, reason = reason.as_str(), "Job skipped: {}.", reason.message());
+        let version = version.map(|v| v as i32);
+        let mut skipped = record(job, attempt, version, status, None, Utc::now());
+        skipped.failure_kind = Some(reason.as_str().into());
+        skipped.failure_message = Some(reason.message().into());
+        self.commit(skipped, Settle::Ack).await
     }
 
     /// Writes the record; only a committed record lets the message be settled as decided.
@@ -397,14 +466,16 @@ impl Runner {
             }
         }
     }
+}
 
-    async fn first_attempt_at(&self, job_id: &str) -> Option<chrono::DateTime<Utc>> {
-        self.store
-            .runs_of_job(job_id)
-            .await
-            .ok()
-            .and_then(|runs| runs.first().map(|(_, _, at)| *at))
-    }
+/// How long a job whose attempt another replica holds waits before it is delivered again:
+/// until the lease ends, but no more than a few seconds (the holder usually records its
+/// attempt long before).
+fn held_wait(until: chrono::DateTime<Utc>) -> Duration {
+    (until - Utc::now())
+        .to_std()
+        .unwrap_or_default()
+        .clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
 fn header<'m>(headers: Option<&'m HeaderMap>, name: &str) -> Option<&'m str> {
@@ -450,7 +521,7 @@ fn record(
         version,
         job_id: job.id.clone(),
         attempt: attempt as i32,
-        trigger: job.trigger.clone(),
+        trigger: job.trigger,
         subject: job.subject.clone(),
         event_id: job.event_id.clone(),
         status,

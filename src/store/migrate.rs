@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "capabilities",
         include_str!("../../migrations/0003_capabilities.sql"),
     ),
+    (
+        4,
+        "attempt_claims",
+        include_str!("../../migrations/0004_attempt_claims.sql"),
+    ),
 ];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.

@@ -2,6 +2,7 @@
 //! Every query declares the tenant it works for (`scriptd.tenant`, '*' for the daemon's
 //! cross-tenant work); row-level security enforces it for the `database.role` role.
 
+mod claims;
 mod kv;
 mod migrate;
 mod runs;
@@ -15,8 +16,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, T
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
+pub use claims::{Claim, ClaimRequest, ClaimScope};
 pub use kv::KvWrite;
-pub use runs::{LockOutcome, RunFilter, RunRecord, RunStatus, StoredRun};
+pub use runs::{LockOutcome, RunFilter, RunRecord, RunStatus, SkipReason, StoredRun, Trigger};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
 pub use secrets::SecretInfo;
 

@@ -1,7 +1,7 @@
 //! Run records: one row per attempt, inserted in batches.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{scoped, Store, ALL_TENANTS};
 
@@ -55,6 +55,74 @@ impl std::str::FromStr for RunStatus {
     }
 }
 
+/// Why an attempt was recorded as skipped instead of run (stored as its failure kind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The script was deleted or disabled while the job waited.
+    ScriptGone,
+    /// The previous run of the schedule was still going (overlap policy `skip`).
+    Overlap,
+    /// A replay pinned a version that no longer exists.
+    VersionMissing,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::ScriptGone => "script_gone",
+            SkipReason::Overlap => "overlap",
+            SkipReason::VersionMissing => "version_missing",
+        }
+    }
+
+    /// What the record's failure message says.
+    pub fn message(self) -> &'static str {
+        match self {
+            SkipReason::ScriptGone => "the script was deleted or disabled while the job waited",
+            SkipReason::Overlap => "the previous run of this schedule was still going",
+            SkipReason::VersionMissing => "the version the replay pinned no longer exists",
+        }
+    }
+}
+
+/// What made a job: an event, a schedule occurrence, or a dead letter's replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Event,
+    Schedule,
+    Replay,
+}
+
+impl Trigger {
+    pub const ALL: [Trigger; 3] = [Trigger::Event, Trigger::Schedule, Trigger::Replay];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Event => "event",
+            Trigger::Schedule => "schedule",
+            Trigger::Replay => "replay",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Trigger {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Trigger::ALL
+            .into_iter()
+            .find(|trigger| trigger.as_str() == s)
+            .ok_or_else(|| format!("unknown trigger {s:?}"))
+    }
+}
+
 /// One attempt of one job.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunRecord {
@@ -63,7 +131,7 @@ pub struct RunRecord {
     pub version: Option<i32>,
     pub job_id: String,
     pub attempt: i32,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub subject: Option<String>,
     pub event_id: Option<String>,
     pub status: RunStatus,
@@ -82,7 +150,7 @@ pub struct RunRecord {
 impl Store {
     /// One statement for all tenants: a single round trip with a cached prepared statement
     /// on the daemon's store, a transaction that declares the scope otherwise.
-    async fn all_tenants_query(
+    pub(super) async fn all_tenants_query(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -120,7 +188,7 @@ impl Store {
     }
 
     /// Inserts a batch of run records in one statement (so all or none of them are
-    /// committed; see `run_recorded`).
+    /// committed; see `run_recorded`), releasing their attempts' claims.
     pub async fn insert_runs(&self, records: &[RunRecord]) -> anyhow::Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -131,29 +199,45 @@ impl Store {
             };
         }
         let status: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
+        let trigger: Vec<&str> = records.iter().map(|r| r.trigger.as_str()).collect();
         let logs: Vec<String> = records.iter().map(|r| r.logs.to_string()).collect();
         self.all_tenants_statement(
-            "INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
-                event_id, status, failure_kind, failure_message, failure_stack, logs,
-                logs_truncated, cold_start, started_at, duration_ms, scheduled_at)
-             SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger, t.subject,
-                t.event_id, t.status, t.failure_kind, t.failure_message, t.failure_stack,
-                t.logs::jsonb, t.logs_truncated, t.cold_start, t.started_at, t.duration_ms,
-                t.scheduled_at
-             FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
-                $13::text[], $14::bool[], $15::bool[], $16::timestamptz[], $17::float8[],
-                $18::timestamptz[])
-             AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
-                status, failure_kind, failure_message, failure_stack, logs, logs_truncated,
-                cold_start, started_at, duration_ms, scheduled_at)",
+            "WITH t AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[],
+                    $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                    $12::text[], $13::text[], $14::bool[], $15::bool[], $16::timestamptz[],
+                    $17::float8[], $18::timestamptz[])
+                AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
+                    status, failure_kind, failure_message, failure_stack, logs,
+                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at)
+             ), inserted AS (
+                INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
+                    event_id, status, failure_kind, failure_message, failure_stack, logs,
+                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at)
+                SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger,
+                    t.subject, t.event_id, t.status, t.failure_kind, t.failure_message,
+                    t.failure_stack, t.logs::jsonb, t.logs_truncated, t.cold_start,
+                    t.started_at, t.duration_ms, t.scheduled_at
+                FROM t
+             )
+             -- The record releases the attempt's claim in the same statement: a retried
+             -- attempt opens the next one, any other status ends the job.
+             INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
+                claimed_at, lease_until, first_claimed_at)
+             SELECT DISTINCT ON (job_id) job_id, tenant, attempt,
+                CASE WHEN status = 'retrying' THEN 'open' ELSE 'ended' END, '', started_at,
+                now(), started_at
+             FROM t ORDER BY job_id, attempt DESC
+             ON CONFLICT (job_id) DO UPDATE SET
+                state = EXCLUDED.state, attempt = EXCLUDED.attempt, lease_until = now()
+             WHERE c.state <> 'ended' AND c.attempt <= EXCLUDED.attempt",
             &[
                 &column!(tenant),
                 &column!(script),
                 &column!(version),
                 &column!(job_id),
                 &column!(attempt),
-                &column!(trigger),
+                &trigger,
                 &column!(subject),
                 &column!(event_id),
                 &status,
@@ -170,54 +254,6 @@ impl Store {
         )
         .await?;
         Ok(())
-    }
-
-    /// What is recorded of each of these jobs: how many attempts failed and were retried,
-    /// and whether it already ended (ok, dead-lettered or skipped). Jobs with no record
-    /// are left out.
-    pub async fn job_histories(
-        &self,
-        job_ids: &[String],
-    ) -> anyhow::Result<Vec<(String, (u32, bool))>> {
-        let rows = self
-            .all_tenants_query(
-                "SELECT job_id,
-                        count(*) FILTER (WHERE status = 'retrying'),
-                        coalesce(bool_or(status <> 'retrying'), false)
-                 FROM runs WHERE job_id = ANY($1) GROUP BY job_id",
-                &[&job_ids],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let retried: i64 = r.get(1);
-                (
-                    r.get(0),
-                    (u32::try_from(retried).unwrap_or(u32::MAX), r.get(2)),
-                )
-            })
-            .collect())
-    }
-
-    /// The attempts recorded for a job, oldest first.
-    pub async fn runs_of_job(
-        &self,
-        job_id: &str,
-    ) -> anyhow::Result<Vec<(i32, String, DateTime<Utc>)>> {
-        let mut client = self.client().await?;
-        let tx = scoped(&mut client, ALL_TENANTS).await?;
-        let rows = tx
-            .query(
-                "SELECT attempt, status, started_at FROM runs WHERE job_id = $1 ORDER BY started_at, id",
-                &[&job_id],
-            )
-            .await?;
-        tx.commit().await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
     }
 }
 
@@ -402,7 +438,7 @@ fn stored_run(r: &tokio_postgres::Row) -> anyhow::Result<StoredRun> {
             version: r.get(3),
             job_id: r.get(4),
             attempt: r.get(5),
-            trigger: r.get(6),
+            trigger: r.get::<_, String>(6).parse().map_err(anyhow::Error::msg)?,
             subject: r.get(7),
             event_id: r.get(8),
             status: r.get::<_, String>(9).parse().map_err(anyhow::Error::msg)?,
@@ -430,5 +466,16 @@ mod tests {
         }
         assert!("running".parse::<RunStatus>().is_err());
         assert_eq!(format!("[{:<8}]", RunStatus::Ok), "[ok      ]");
+    }
+
+    #[test]
+    fn triggers_round_trip_through_their_stored_and_wire_names() {
+        use super::Trigger;
+        for trigger in Trigger::ALL {
+            assert_eq!(trigger.as_str().parse::<Trigger>(), Ok(trigger));
+            let wire = serde_json::to_string(&trigger).unwrap();
+            assert_eq!(wire, format!("\"{trigger}\""));
+        }
+        assert!("cron".parse::<Trigger>().is_err());
     }
 }

@@ -1,0 +1,203 @@
+//! Attempt claims on the real PostgreSQL: of replicas racing for one attempt exactly one
+//! wins; a record opens the next attempt or ends the job; a claim handed back or past its
+//! lease can be taken again.
+
+mod support;
+
+use std::time::Duration;
+
+use scriptd::store::{Claim, ClaimRequest, ClaimScope, RunRecord, RunStatus, Store, Trigger};
+use support::TestEnv;
+
+fn request(job: &str, lease: Duration) -> ClaimRequest {
+    ClaimRequest {
+        job_id: job.into(),
+        tenant: "acme".into(),
+        lease,
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+async fn claim(store: &Store, replica: &str, scope: ClaimScope, job: &str) -> Claim {
+    let claims = store
+        .claim_attempts(replica, scope, &[request(job, LEASE)])
+        .await
+        .expect("claim");
+    claims.into_iter().next().expect("one answer")
+}
+
+fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
+    RunRecord {
+        tenant: "acme".into(),
+        script: "s".into(),
+        version: Some(1),
+        job_id: job.into(),
+        attempt,
+        trigger: Trigger::Event,
+        subject: None,
+        event_id: None,
+        status,
+        failure_kind: None,
+        failure_message: None,
+        failure_stack: None,
+        logs: serde_json::json!([]),
+        logs_truncated: false,
+        cold_start: false,
+        started_at: chrono::Utc::now(),
+        duration_ms: 1.0,
+        scheduled_at: None,
+    }
+}
+
+fn attempt_won(claim: &Claim) -> Option<u32> {
+    match claim {
+        Claim::Won { attempt, .. } => Some(*attempt),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_replicas_racing_for_an_attempt_exactly_one_wins() {
+    let env = TestEnv::new().await;
+    let jobs: Vec<String> = (0..200).map(|i| format!("job-{i}")).collect();
+    let requests: Vec<ClaimRequest> = jobs.iter().map(|j| request(j, LEASE)).collect();
+    // Eight replicas, each with its own connection, claim the same 200 jobs at once.
+    let racing = (0..8).map(|r| {
+        let settings = env.settings.database.clone();
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let store = Store::connect(&settings).await.expect("store");
+            store
+                .claim_attempts(&format!("replica-{r}"), ClaimScope::Next, &requests)
+                .await
+                .expect("claims")
+        })
+    });
+    let answers: Vec<Vec<Claim>> = futures::future::try_join_all(racing).await.unwrap();
+    for (j, job) in jobs.iter().enumerate() {
+        let won: Vec<u32> = answers.iter().filter_map(|a| attempt_won(&a[j])).collect();
+        assert_eq!(
+            won,
+            [1],
+            "{job}: {:?}",
+            answers.iter().map(|a| &a[j]).collect::<Vec<_>>()
+        );
+        for answer in &answers {
+            assert!(
+                matches!(answer[j], Claim::Won { .. } | Claim::Held { .. }),
+                "{job}: {:?}",
+                answer[j]
+            );
+        }
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_open_the_next_attempt_or_end_the_job() {
+    let env = TestEnv::new().await;
+    let store = &env.store;
+    let first = claim(store, "a", ClaimScope::Next, "j").await;
+    let Claim::Won {
+        attempt: 1,
+        first_at,
+        taken_over: false,
+    } = first
+    else {
+        panic!("{first:?}")
+    };
+    // While attempt 1 runs, nobody else gets it.
+    assert!(matches!(
+        claim(store, "b", ClaimScope::Next, "j").await,
+        Claim::Held { .. }
+    ));
+    store
+        .insert_runs(&[record("j", 1, RunStatus::Retrying)])
+        .await
+        .unwrap();
+    // The fan-out takes first attempts only: the job goes on in its lane.
+    assert_eq!(
+        claim(store, "b", ClaimScope::FirstOnly, "j").await,
+        Claim::Later { done: 1 }
+    );
+    let second = claim(store, "b", ClaimScope::Next, "j").await;
+    assert_eq!(
+        second,
+        Claim::Won {
+            attempt: 2,
+            first_at,
+            taken_over: false
+        }
+    );
+    store
+        .insert_runs(&[record("j", 2, RunStatus::Ok)])
+        .await
+        .unwrap();
+    for scope in [ClaimScope::Next, ClaimScope::FirstOnly] {
+        assert_eq!(claim(store, "c", scope, "j").await, Claim::Ended);
+    }
+    let (state, attempt, _) = store.claim_of("j").await.unwrap().expect("claim row");
+    assert_eq!((state.as_str(), attempt), ("ended", 2));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_handed_back_or_past_its_lease_is_taken_again() {
+    let env = TestEnv::new().await;
+    let store = &env.store;
+    assert_eq!(
+        attempt_won(&claim(store, "a", ClaimScope::FirstOnly, "back").await),
+        Some(1)
+    );
+    // Handed back by another replica: nothing changes.
+    store.release_claim("b", "back", 1).await.unwrap();
+    assert!(matches!(
+        claim(store, "b", ClaimScope::Next, "back").await,
+        Claim::Held { .. }
+    ));
+    // Handed back by its holder: the same attempt, for anyone, first-only included.
+    store.release_claim("a", "back", 1).await.unwrap();
+    assert_eq!(
+        attempt_won(&claim(store, "b", ClaimScope::FirstOnly, "back").await),
+        Some(1)
+    );
+
+    // A holder that never records: once its lease is over the attempt is taken over.
+    let short = store
+        .claim_attempts("dead", ClaimScope::Next, &[request("lost", Duration::ZERO)])
+        .await
+        .unwrap();
+    assert_eq!(attempt_won(&short[0]), Some(1));
+    let taken = claim(store, "alive", ClaimScope::Next, "lost").await;
+    assert!(
+        matches!(
+            taken,
+            Claim::Won {
+                attempt: 1,
+                taken_over: true,
+                ..
+            }
+        ),
+        "{taken:?}"
+    );
+    // The dead replica's late hand-back does not free the new holder's claim.
+    store.release_claim("dead", "lost", 1).await.unwrap();
+    assert!(matches!(
+        claim(store, "other", ClaimScope::Next, "lost").await,
+        Claim::Held { .. }
+    ));
+
+    // The same job twice in one batch: one answer wins, the other waits.
+    let twice = store
+        .claim_attempts(
+            "a",
+            ClaimScope::Next,
+            &[request("dup", LEASE), request("dup", LEASE)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(attempt_won(&twice[0]), Some(1));
+    assert!(matches!(twice[1], Claim::Held { .. }), "{:?}", twice[1]);
+    env.cleanup().await;
+}
