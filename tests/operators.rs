@@ -158,3 +158,43 @@ async fn validate_reports_errors_with_line_and_column() {
     );
     env.cleanup().await;
 }
+
+/// A port on loopback with nothing listening: bound, then closed.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_tell_bad_input_from_an_unavailable_service() {
+    let env = TestEnv::new().await;
+    let code = |args: &[&str], envs: &[(&str, String)]| {
+        env.daemon_command()
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    let no_database = [(
+        "SCRIPTD_DATABASE__URL",
+        format!("postgres://postgres@127.0.0.1:{}/x", closed_port()),
+    )];
+    assert_eq!(code(&["scripts", "list"], &no_database), Some(69));
+    let no_nats = [(
+        "SCRIPTD_NATS__URL",
+        format!("nats://127.0.0.1:{}", closed_port()),
+    )];
+    assert_eq!(code(&["dlq", "list"], &no_nats), Some(69));
+    // Bad input stays 2, whatever the services do.
+    assert_eq!(
+        code(
+            &["scripts", "show", "--tenant", "acme", "--name", "none"],
+            &[]
+        ),
+        Some(2)
+    );
+    assert_eq!(code(&["scripts", "list"], &[]), Some(0));
+    env.cleanup().await;
+}

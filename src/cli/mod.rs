@@ -1,6 +1,7 @@
 //! The command line: what each subcommand does, on top of the library.
 
 mod dlq;
+pub mod exit;
 mod inspect;
 mod ops;
 mod scripts;
@@ -226,13 +227,14 @@ impl LimitArgs {
     }
 }
 
-/// Runs a parsed command line; the process exit code says how it went.
+/// Runs a parsed command line; the process exit code says how it went (`exit`: 0 done,
+/// 1 failed, 2 usage or bad input, 69 a service unavailable).
 pub fn run(cli: Cli) -> ExitCode {
     match execute(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            exit::code(&e)
         }
     }
 }
