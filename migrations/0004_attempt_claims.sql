@@ -16,7 +16,9 @@ CREATE TABLE attempt_claims (
     claimed_at       timestamptz NOT NULL,
     lease_until      timestamptz NOT NULL,
     -- When the job's first attempt was claimed: a dead letter's first_attempt_at.
-    first_claimed_at timestamptz NOT NULL
+    first_claimed_at timestamptz NOT NULL,
+    -- Whether the running claim was taken over from a replica whose lease had ended.
+    taken_over       boolean     NOT NULL DEFAULT false
 );
 
 -- Jobs recorded before claims existed keep their history: attempts that failed and were

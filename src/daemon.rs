@@ -154,9 +154,12 @@ pub async fn run_with_stats(
     crate::telemetry::export_metrics(&stats.metrics);
     let (records, writer) = RecordWriter::start(store.clone());
     let replica: Arc<str> = Arc::from(replica_name());
-    let (claims, claimer) = ClaimTaker::start(store.clone(), replica.clone(), ClaimScope::Next);
+    // Two batches at a time of claims and of hand-backs, for each of the two takers.
+    let claim_store = Store::connect_claims(&settings.database, 8).await?;
+    let (claims, claimer) =
+        ClaimTaker::start(claim_store.clone(), replica.clone(), ClaimScope::Next);
     let (first_claims, first_claimer) =
-        ClaimTaker::start(store.clone(), replica, ClaimScope::FirstOnly);
+        ClaimTaker::start(claim_store, replica, ClaimScope::FirstOnly);
     let background = CancellationToken::new();
     let refresher = supervisor.spawn(
         "index refresher",

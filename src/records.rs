@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::batch::{Batcher, Shape};
-use crate::store::{Claim, ClaimRequest, ClaimScope, RunRecord, Store};
+use crate::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store};
 
 /// Records or lookups per statement, at most.
 const MAX_BATCH: usize = 500;
@@ -73,29 +73,29 @@ async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(),
     Err(last)
 }
 
-/// Attempt claims through batches: many runs claim their attempt at once. One per kind
-/// of caller (job lanes take any attempt, direct runs the first only).
+/// Attempt claims, and their hand-backs, through batches: many runs claim their attempt
+/// at once. One per kind of caller (job lanes take any attempt, direct runs the first only).
 #[derive(Clone)]
 pub struct ClaimTaker {
-    batcher: Batcher<ClaimRequest, Result<Claim, String>>,
-    replica: Arc<str>,
-    store: Store,
+    claims: Batcher<ClaimRequest, Result<Claim, String>>,
+    releases: Batcher<Release, Result<(), String>>,
 }
 
 impl ClaimTaker {
+    /// Starts the two batch tasks; they end when every `ClaimTaker` clone is dropped.
     pub fn start(
         store: Store,
         replica: Arc<str>,
         scope: ClaimScope,
     ) -> (ClaimTaker, tokio::task::JoinHandle<()>) {
-        // A claim stands between a run's engine slot and its start: a second batch may go
-        // while one is under way, so a claim waits for at most its own round trip.
+        // A claim stands between an event and its run: a second batch may go while one is
+        // under way, so a claim waits for at most its own round trip.
         let shape = Shape {
             concurrent: 2,
             ..Shape::serial(MAX_BATCH)
         };
         let (db, who) = (store.clone(), replica.clone());
-        let (batcher, task) = Batcher::start(shape, move |requests: Vec<ClaimRequest>| {
+        let (claims, claiming) = Batcher::start(shape, move |requests: Vec<ClaimRequest>| {
             let (store, replica) = (db.clone(), who.clone());
             async move {
                 match store.claim_attempts(&replica, scope, &requests).await {
@@ -104,17 +104,25 @@ impl ClaimTaker {
                 }
             }
         });
-        let taker = ClaimTaker {
-            batcher,
-            replica,
-            store,
-        };
-        (taker, task)
+        let (releases, releasing) = Batcher::start(shape, move |released: Vec<Release>| {
+            let (store, replica) = (store.clone(), replica.clone());
+            async move {
+                let outcome = store
+                    .release_claims(&replica, &released)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                vec![outcome; released.len()]
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _ = tokio::join!(claiming, releasing);
+        });
+        (ClaimTaker { claims, releases }, task)
     }
 
     /// Claims the next attempt of a job (see `Store::claim_attempts`).
     pub async fn claim(&self, request: ClaimRequest) -> Result<Claim, String> {
-        self.batcher
+        self.claims
             .call(request)
             .await
             .unwrap_or_else(|| Err("the attempt-claim task has stopped".into()))
@@ -122,13 +130,19 @@ impl ClaimTaker {
 
     /// Hands back a claimed attempt that did not run. If this fails the claim stays until
     /// its lease ends, and the job waits that long.
-    pub async fn release(&self, job_id: &str, attempt: u32) {
-        if let Err(e) = self
-            .store
-            .release_claim(&self.replica, job_id, attempt)
+    pub async fn release(&self, job_id: &str, tenant: &str, attempt: u32) {
+        let release = Release {
+            job_id: job_id.to_owned(),
+            tenant: tenant.to_owned(),
+            attempt,
+        };
+        let outcome = self
+            .releases
+            .call(release)
             .await
-        {
-            tracing::warn!(job = %job_id, attempt, error = %format!("{e:#}"), "Could not hand back an attempt claim; the job waits for its lease to end.");
+            .unwrap_or_else(|| Err("the attempt-claim task has stopped".into()));
+        if let Err(e) = outcome {
+            tracing::warn!(job = %job_id, attempt, error = %e, "Could not hand back an attempt claim; the job waits for its lease to end.");
         }
     }
 }

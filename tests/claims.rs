@@ -6,7 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use scriptd::store::{Claim, ClaimRequest, ClaimScope, RunRecord, RunStatus, Store, Trigger};
+use scriptd::store::{
+    Claim, ClaimRequest, ClaimScope, Release, RunRecord, RunStatus, Store, Trigger,
+};
 use support::TestEnv;
 
 fn request(job: &str, lease: Duration) -> ClaimRequest {
@@ -48,6 +50,15 @@ fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
         duration_ms: 1.0,
         scheduled_at: None,
     }
+}
+
+async fn release(store: &Store, replica: &str, job: &str, attempt: u32) {
+    let release = Release {
+        job_id: job.into(),
+        tenant: "acme".into(),
+        attempt,
+    };
+    store.release_claims(replica, &[release]).await.unwrap();
 }
 
 fn attempt_won(claim: &Claim) -> Option<u32> {
@@ -151,13 +162,13 @@ async fn a_claim_handed_back_or_past_its_lease_is_taken_again() {
         Some(1)
     );
     // Handed back by another replica: nothing changes.
-    store.release_claim("b", "back", 1).await.unwrap();
+    release(store, "b", "back", 1).await;
     assert!(matches!(
         claim(store, "b", ClaimScope::Next, "back").await,
         Claim::Held { .. }
     ));
     // Handed back by its holder: the same attempt, for anyone, first-only included.
-    store.release_claim("a", "back", 1).await.unwrap();
+    release(store, "a", "back", 1).await;
     assert_eq!(
         attempt_won(&claim(store, "b", ClaimScope::FirstOnly, "back").await),
         Some(1)
@@ -182,7 +193,7 @@ async fn a_claim_handed_back_or_past_its_lease_is_taken_again() {
         "{taken:?}"
     );
     // The dead replica's late hand-back does not free the new holder's claim.
-    store.release_claim("dead", "lost", 1).await.unwrap();
+    release(store, "dead", "lost", 1).await;
     assert!(matches!(
         claim(store, "other", ClaimScope::Next, "lost").await,
         Claim::Held { .. }

@@ -88,7 +88,9 @@ pub(crate) struct Claimed {
 }
 
 /// How long a claim holds beyond twice the run's timeout (a claimed run may wait for one
-/// run ahead of it in its worker) before another replica may take the attempt over.
+/// run ahead of it in its worker) before another replica may take the attempt over. A
+/// job claimed and still waiting for its slot then is not taken over unless another
+/// replica is handed its message, which this one keeps alive.
 const CLAIM_MARGIN: Duration = Duration::from_secs(15);
 
 /// A job waits for one of these before it runs: its tenant's permit, then the engine's.
@@ -145,21 +147,13 @@ impl Runner {
     }
 
     async fn process_job(&self, msg: &jetstream::Message, job: Job) -> Settle {
-        // Wait for an engine slot first: what the job runs is decided when it can start, so
-        // a disable or deploy meanwhile takes effect, and no claim is held while waiting.
-        let slot = tokio::select! {
-            slot = self.engine_slot(&job.tenant) => match slot {
-                Some(slot) => slot,
-                None => return Settle::Nak(None),
-            },
-            _ = self.stop.cancelled() => {
-                self.stats.returned.fetch_add(1, Ordering::Relaxed);
-                return Settle::Nak(None);
-            }
-        };
         // The claim says which attempt this is, and lets one replica run it: a redelivery
         // may follow a retry, a hand-back at shutdown, a crash or a lost ack, and NATS
         // servers sometimes deliver a message to two replicas at once (nats-server#4460).
+        // It is taken before the engine slot: claimed once the slot had come, slots idled
+        // through claims' round trips and a flood's overflow into the lanes fed on itself
+        // (3-script throughput fell to a third). The lease covers the wait: the message is
+        // kept alive meanwhile, so no other replica is handed the job unless this one dies.
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let claimed = match self.claims.claim(self.claim_request(&job)).await {
             Ok(Claim::Won {
@@ -188,6 +182,21 @@ impl Runner {
                 tracing::warn!(job = %job.id, error = %e, "Cannot claim the job's attempt; it will come back.");
                 return Settle::Nak(Some(Duration::from_secs(2)));
             }
+        };
+        // What the job runs is decided when it can start, so a disable or deploy made
+        // while it waited for its slot takes effect.
+        let slot = tokio::select! {
+            slot = self.engine_slot(&job.tenant) => slot,
+            _ = self.stop.cancelled() => {
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        };
+        let Some(slot) = slot else {
+            self.claims
+                .release(&job.id, &job.tenant, claimed.attempt)
+                .await;
+            return Settle::Nak(None);
         };
         self.attempt(msg.headers.as_ref(), &job, claimed, slot)
             .await
@@ -225,7 +234,9 @@ impl Runner {
             // Not recorded (a lock not free, a pinned version not readable, a dead letter
             // or a record not written): whoever gets the job next runs this attempt, now
             // rather than at the end of the lease.
-            self.claims.release(&job.id, claimed.attempt).await;
+            self.claims
+                .release(&job.id, &job.tenant, claimed.attempt)
+                .await;
         }
         settle
     }

@@ -1,7 +1,7 @@
 //! Attempt claims: the one statement that lets exactly one replica start an attempt of a
 //! job, and the hand-back of a claim whose attempt did not run.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,6 +16,15 @@ pub struct ClaimRequest {
     /// How long the claim holds if this replica never records the attempt (it died): then
     /// another replica may take the attempt over.
     pub lease: Duration,
+}
+
+/// A claimed attempt handed back without running.
+#[derive(Clone, Debug)]
+pub struct Release {
+    pub job_id: String,
+    pub tenant: String,
+    /// The attempt that was claimed.
+    pub attempt: u32,
 }
 
 /// What a claim found.
@@ -48,26 +57,26 @@ pub enum ClaimScope {
     FirstOnly,
 }
 
+/// Claims the next attempt of each job: inserted if new, else taken if the last attempt
+/// is finished (`open`) or the running one's lease has ended. Returns the rows won only; no
+/// join, so the plan is a primary-key upsert whatever the table's size.
 const CLAIM_SQL: &str = "
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[]) AS t(job_id, tenant, lease)
-), claimed AS (
-    INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica, claimed_at,
-                                     lease_until, first_claimed_at)
-    SELECT job_id, tenant, 1, 'running', $4, now(), now() + make_interval(secs => lease), now()
-    FROM input
-    ON CONFLICT (job_id) DO UPDATE SET
-        attempt = CASE WHEN c.state = 'open' THEN c.attempt + 1 ELSE c.attempt END,
-        state = 'running', replica = EXCLUDED.replica, claimed_at = now(),
-        lease_until = EXCLUDED.lease_until
-    WHERE (c.state = 'open' AND (NOT $5 OR c.attempt = 0))
-       OR (c.state = 'running' AND c.lease_until < now() AND (NOT $5 OR c.attempt = 1))
-    RETURNING c.job_id, c.attempt, c.first_claimed_at
-)
-SELECT i.job_id, n.attempt, n.first_claimed_at, o.state, o.attempt, o.lease_until
-FROM input i
-LEFT JOIN claimed n ON n.job_id = i.job_id
-LEFT JOIN attempt_claims o ON o.job_id = i.job_id";
+INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica, claimed_at,
+                                 lease_until, first_claimed_at)
+SELECT job_id, tenant, 1, 'running', $4, now(), now() + make_interval(secs => lease), now()
+FROM unnest($1::text[], $2::text[], $3::float8[]) AS t(job_id, tenant, lease)
+ON CONFLICT (job_id) DO UPDATE SET
+    attempt = CASE WHEN c.state = 'open' THEN c.attempt + 1 ELSE c.attempt END,
+    taken_over = c.state = 'running',
+    state = 'running', replica = EXCLUDED.replica, claimed_at = now(),
+    lease_until = EXCLUDED.lease_until
+WHERE (c.state = 'open' AND (NOT $5 OR c.attempt = 0))
+   OR (c.state = 'running' AND c.lease_until < now() AND (NOT $5 OR c.attempt = 1))
+RETURNING c.job_id, c.attempt, c.first_claimed_at, c.taken_over";
+
+/// Where the jobs not won stand (the rare path: redeliveries).
+const STATE_SQL: &str =
+    "SELECT job_id, state, attempt, lease_until FROM attempt_claims WHERE job_id = ANY($1)";
 
 impl Store {
     /// Claims the next attempt of each job for `replica`, in one statement: of all the
@@ -88,34 +97,37 @@ impl Store {
         let tenants: Vec<&str> = unique.iter().map(|r| r.tenant.as_str()).collect();
         let leases: Vec<f64> = unique.iter().map(|r| r.lease.as_secs_f64()).collect();
         let first_only = scope == ClaimScope::FirstOnly;
-        let rows = self
+        let won = self
             .all_tenants_query(
                 CLAIM_SQL,
                 &[&jobs, &tenants, &leases, &replica, &first_only],
             )
             .await?;
-        let mut found = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let job: String = row.get(0);
-            let won: Option<i32> = row.get(1);
-            let previous: Option<String> = row.get(3);
-            let claim = match (won, previous.as_deref()) {
-                (Some(attempt), previous) => Claim::Won {
-                    attempt: u32::try_from(attempt).unwrap_or(1),
-                    first_at: row.get(2),
-                    taken_over: previous == Some("running"),
-                },
-                (None, Some("ended")) => Claim::Ended,
-                (None, Some("open")) => Claim::Later {
-                    done: u32::try_from(row.get::<_, i32>(4)).unwrap_or(0),
-                },
-                (None, Some(_)) => Claim::Held { until: row.get(5) },
-                // Inserted by a statement that committed after this one began.
-                (None, None) => Claim::Held {
-                    until: Utc::now() + chrono::Duration::seconds(1),
-                },
+        let mut found = HashMap::with_capacity(unique.len());
+        for row in &won {
+            let claim = Claim::Won {
+                attempt: u32::try_from(row.get::<_, i32>(1)).unwrap_or(1),
+                first_at: row.get(2),
+                taken_over: row.get(3),
             };
-            found.insert(job, claim);
+            found.insert(row.get::<_, String>(0), claim);
+        }
+        if found.len() < unique.len() {
+            let rest: Vec<&str> = jobs
+                .iter()
+                .copied()
+                .filter(|j| !found.contains_key(*j))
+                .collect();
+            for row in self.state_of(&rest).await? {
+                let claim = match row.get::<_, String>(1).as_str() {
+                    "ended" => Claim::Ended,
+                    "open" => Claim::Later {
+                        done: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
+                    },
+                    _ => Claim::Held { until: row.get(3) },
+                };
+                found.insert(row.get(0), claim);
+            }
         }
         let mut answered = HashSet::with_capacity(requests.len());
         Ok(requests
@@ -129,19 +141,39 @@ impl Store {
             .collect())
     }
 
-    /// Hands back a claim whose attempt did not run (shutdown, a lock not free, a record
-    /// not written before it started): the attempt may be claimed again at once.
-    pub async fn release_claim(
-        &self,
-        replica: &str,
-        job_id: &str,
-        attempt: u32,
-    ) -> anyhow::Result<()> {
+    /// The claims of these jobs as they stand, planned for these very jobs (an unnamed
+    /// statement: a plan cached while the table was small could scan it whole later).
+    async fn state_of(&self, jobs: &[&str]) -> anyhow::Result<Vec<tokio_postgres::Row>> {
+        let mut client = self.client().await?;
+        if self.all_tenants {
+            return Ok(client.query(STATE_SQL, &[&jobs]).await?);
+        }
+        let tx = super::scoped(&mut client, super::ALL_TENANTS).await?;
+        let rows = tx.query(STATE_SQL, &[&jobs]).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// Hands back claims whose attempts did not run (shutdown, a lock not free, no engine
+    /// slot in time, a record not written): each attempt may be claimed again at once. A
+    /// claim another replica holds by now is left alone. One upsert, like the claim, so its
+    /// plan is the primary key's at any size.
+    pub async fn release_claims(&self, replica: &str, claims: &[Release]) -> anyhow::Result<()> {
+        let jobs: Vec<&str> = claims.iter().map(|c| c.job_id.as_str()).collect();
+        let tenants: Vec<&str> = claims.iter().map(|c| c.tenant.as_str()).collect();
+        let before: Vec<i32> = claims
+            .iter()
+            .map(|c| i32::try_from(c.attempt).unwrap_or(i32::MAX) - 1)
+            .collect();
         self.all_tenants_query(
-            "UPDATE attempt_claims
-             SET state = 'open', attempt = attempt - 1, lease_until = now()
-             WHERE job_id = $1 AND attempt = $2 AND state = 'running' AND replica = $3",
-            &[&job_id, &(attempt as i32), &replica],
+            "INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
+                                             claimed_at, lease_until, first_claimed_at)
+             SELECT DISTINCT ON (job_id) job_id, tenant, before, 'open', $4, now(), now(), now()
+             FROM unnest($1::text[], $2::text[], $3::int[]) AS t(job_id, tenant, before)
+             ON CONFLICT (job_id) DO UPDATE SET
+                state = 'open', attempt = EXCLUDED.attempt, lease_until = now()
+             WHERE c.state = 'running' AND c.replica = $4 AND c.attempt = EXCLUDED.attempt + 1",
+            &[&jobs, &tenants, &before, &replica],
         )
         .await
         .map(drop)

@@ -16,7 +16,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, T
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
-pub use claims::{Claim, ClaimRequest, ClaimScope};
+pub use claims::{Claim, ClaimRequest, ClaimScope, Release};
 pub use kv::KvWrite;
 pub use runs::{LockOutcome, RunFilter, RunRecord, RunStatus, SkipReason, StoredRun, Trigger};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
@@ -48,6 +48,17 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// What a pool's sessions are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sessions {
+    /// Each query declares its tenant.
+    Scoped,
+    /// The daemon's: every tenant.
+    AllTenants,
+    /// The daemon's attempt claims: every tenant, asynchronous commits, generic plans.
+    Claims,
+}
+
 /// Tenant scope of a query: one tenant, or all (the daemon's index and run records).
 pub const ALL_TENANTS: &str = "*";
 
@@ -64,15 +75,34 @@ impl Store {
     /// A pool for `config`; checks one connection so a wrong URL fails here, clearly.
     /// A store whose every query declares its tenant.
     pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Store> {
-        Self::open(config, false).await
+        Self::open(config, Sessions::Scoped, config.pool_size).await
     }
 
     /// The daemon's store: its sessions work for all tenants from the start.
     pub async fn connect_all_tenants(config: &DatabaseConfig) -> anyhow::Result<Store> {
-        Self::open(config, true).await
+        Self::open(config, Sessions::AllTenants, config.pool_size).await
     }
 
-    async fn open(config: &DatabaseConfig, all_tenants: bool) -> anyhow::Result<Store> {
+    /// The daemon's store for attempt claims (`connections` of them): all tenants, and
+    /// commits that do not wait for the WAL to reach the disk. A claim stands between a run's
+    /// engine slot and its start; waiting for a flush there cost more than half the
+    /// throughput. Other sessions see a claim once it commits, flushed or not, so two live
+    /// replicas still cannot both win an attempt; what a PostgreSQL crash can lose is a
+    /// claim whose run then cannot record either, and the attempt is claimed again, as
+    /// after a replica's crash. Run records, which release claims, stay synchronous.
+    pub async fn connect_claims(
+        config: &DatabaseConfig,
+        connections: usize,
+    ) -> anyhow::Result<Store> {
+        Self::open(config, Sessions::Claims, connections).await
+    }
+
+    async fn open(
+        config: &DatabaseConfig,
+        sessions: Sessions,
+        connections: usize,
+    ) -> anyhow::Result<Store> {
+        let all_tenants = sessions != Sessions::Scoped;
         let pg: tokio_postgres::Config = config
             .url
             .parse()
@@ -86,7 +116,7 @@ impl Store {
         );
         let role = config.role.clone();
         let pool = Pool::builder(manager)
-            .max_size(config.pool_size.max(1))
+            .max_size(connections.max(1))
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -99,13 +129,21 @@ impl Store {
                     // `runs` was nearly empty, it scanned the whole table for every job's
                     // history (450 rows read per run after 20 000 runs, the largest CPU
                     // cost per event until PostgreSQL analysed the table again).
-                    let mut setup = String::from("SET plan_cache_mode = force_custom_plan;");
+                    // The claims store's one statement is a primary-key upsert, the same plan
+                    // at any size, and planning was half its cost: generic plans there.
+                    let mut setup = String::new();
+                    if sessions == Sessions::Claims {
+                        setup.push_str("SET synchronous_commit = off;");
+                    } else {
+                        setup.push_str("SET plan_cache_mode = force_custom_plan;");
+                    }
                     if !role.is_empty() {
                         setup.push_str(&format!("SET ROLE {};", quote_ident(&role)));
                     }
                     if all_tenants {
                         setup.push_str("SELECT set_config('scriptd.tenant', '*', false);");
                     }
+
                     client
                         .batch_execute(&setup)
                         .await
