@@ -11,7 +11,7 @@ use crate::bus::NatsConfig;
 use crate::caps::CapabilitiesConfig;
 use crate::daemon::DaemonConfig;
 use crate::engine::EngineConfig;
-use crate::retry::RetryPolicy;
+use crate::pipeline::retry::RetryPolicy;
 use crate::store::DatabaseConfig;
 
 /// Environment variables with this prefix are settings.
@@ -33,7 +33,7 @@ pub struct Settings {
     pub tenants: crate::bus::lanes::TenantsConfig,
     pub daemon: DaemonConfig,
     pub capabilities: CapabilitiesConfig,
-    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub telemetry: crate::observe::telemetry::TelemetryConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use scriptd::retry::RetryOverrides;
+use scriptd::pipeline::retry::RetryOverrides;
 use scriptd::schedule::Overlap;
 use support::{busy_script, TestEnv};
 

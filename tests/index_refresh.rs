@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use scriptd::index::{keep_fresh, ScriptIndex};
+use scriptd::scripts::index::{keep_fresh, ScriptIndex};
 use support::TestEnv;
 use tokio_util::sync::CancellationToken;
 

@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::fanout::FanoutStats;
 use super::lanes::Opened;
-use crate::index::ScriptIndex;
-use crate::subject;
+use crate::scripts::index::ScriptIndex;
+use crate::scripts::subject;
 
 pub struct CatchAll {
     pub events_prefix: String,

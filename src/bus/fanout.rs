@@ -19,9 +19,9 @@ use super::job::{event_job_id, headers_as_json, payload_as_json, EventView, Job}
 use super::runner::{run_span, Claimed, Runner, Settle, RETRY_AT_HEADER};
 use super::{Claims, NatsConfig};
 use crate::engine::{Failure, FailureKind};
-use crate::index::ScriptIndex;
+use crate::scripts::index::ScriptIndex;
+use crate::scripts::subject;
 use crate::store::{Claim, Trigger};
-use crate::subject;
 
 /// Counters of the fan-out since start.
 #[derive(Debug, Default)]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use super::tenants::{TenantSlots, TenantsConfig};
 use super::NatsConfig;
-use crate::index::ScriptIndex;
+use crate::scripts::index::ScriptIndex;
 
 /// The durable consumer of `tenant`'s job lane.
 pub fn lane_consumer(tenant: &str) -> String {
@@ -43,7 +43,7 @@ async fn queued_tenants(
         let (subject, _) = entry?;
         // Anyone may publish under the prefix: a token that is no tenant name gets no lane.
         match subject.split('.').nth(skip) {
-            Some(tenant) if crate::subject::validate_name("tenant", tenant).is_ok() => {
+            Some(tenant) if crate::scripts::subject::validate_name("tenant", tenant).is_ok() => {
                 tenants.insert(tenant.to_owned());
             }
             _ => tracing::debug!(%subject, "A job subject without a valid tenant; no lane."),

@@ -18,11 +18,11 @@ use super::dlq::{self, DeadLetter};
 use super::job::{headers_as_json, Job};
 use super::NatsConfig;
 use crate::engine::{Engine, Failure, Limits, RunResult, ScriptRun};
-use crate::index::ScriptIndex;
-use crate::metrics::Metrics;
-use crate::records::{ClaimTaker, RecordWriter};
-use crate::retry::{Decision, RetryPolicy};
+use crate::observe::metrics::Metrics;
+use crate::pipeline::records::{ClaimTaker, RecordWriter};
+use crate::pipeline::retry::{Decision, RetryPolicy};
 use crate::schedule::Overlap;
+use crate::scripts::index::ScriptIndex;
 use crate::store::{
     Claim, ClaimRequest, LockOutcome, RunRecord, RunStatus, SkipReason, Store, Trigger,
 };
@@ -283,7 +283,7 @@ impl Runner {
             job: job.id.clone(),
             // What the script publishes continues this run's span when spans are exported,
             // else the event's trace.
-            traceparent: crate::telemetry::traceparent_of(&span)
+            traceparent: crate::observe::telemetry::traceparent_of(&span)
                 .or_else(|| header(headers, "traceparent").map(str::to_owned)),
             depth: header(headers, crate::caps::DEPTH_HEADER)
                 .and_then(|d| d.parse().ok())
@@ -380,7 +380,7 @@ impl Runner {
         &self,
         job: &Job,
         attempt: u32,
-        script: &crate::index::IndexedScript,
+        script: &crate::scripts::index::IndexedScript,
     ) -> Result<bool, Settle> {
         if job.trigger != Trigger::Schedule || script.overlap == Overlap::Allow {
             return Ok(false);
@@ -417,7 +417,7 @@ impl Runner {
         &self,
         job: &Job,
         attempt: u32,
-        script: &crate::index::IndexedScript,
+        script: &crate::scripts::index::IndexedScript,
     ) -> Result<(u64, Arc<str>), Settle> {
         let Some(pinned) = job.version.filter(|v| *v != script.version) else {
             return Ok((script.version, script.source.clone()));
@@ -504,7 +504,7 @@ fn retry_due(value: &str) -> Option<Duration> {
 /// one event share its trace.
 pub(crate) fn run_span(job: &Job, headers: Option<&HeaderMap>) -> tracing::Span {
     let span = tracing::info_span!(
-        crate::telemetry::RUN_SPAN,
+        crate::observe::telemetry::RUN_SPAN,
         tenant = %job.tenant,
         script = %job.script,
         job = %job.id,
@@ -513,7 +513,7 @@ pub(crate) fn run_span(job: &Job, headers: Option<&HeaderMap>) -> tracing::Span 
         version = Empty,
         outcome = Empty,
     );
-    crate::telemetry::set_parent(&span, header(headers, "traceparent"));
+    crate::observe::telemetry::set_parent(&span, header(headers, "traceparent"));
     span
 }
 

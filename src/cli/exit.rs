@@ -24,7 +24,7 @@ fn code_number(error: &anyhow::Error) -> u8 {
         UNAVAILABLE
     } else if error
         .chain()
-        .any(|c| c.is::<crate::supervisor::TaskFailed>())
+        .any(|c| c.is::<crate::daemon::supervisor::TaskFailed>())
     {
         FAILED
     } else {
@@ -72,7 +72,7 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let error = anyhow::Error::new(refused).context("connecting to PostgreSQL");
         assert_eq!(code_number(&error), UNAVAILABLE);
-        let task = anyhow::Error::new(crate::supervisor::TaskFailed(
+        let task = anyhow::Error::new(crate::daemon::supervisor::TaskFailed(
             "the job lanes task ended".into(),
         ));
         assert_eq!(code_number(&task), FAILED);

@@ -155,13 +155,13 @@ pub enum EventsCommand {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Cold start, warm run latency and throughput of the engine.
-    Engine(crate::bench::EngineBenchArgs),
+    Engine(crate::bench::engine::EngineBenchArgs),
     /// Engine hosts beside in-process isolates: round trips, throughput, memory over
     /// isolate create/drop cycles with recycling.
-    Hosts(crate::bench_hosts::HostsBenchArgs),
+    Hosts(crate::bench::hosts::HostsBenchArgs),
     /// Raw JetStream rate beside scriptd's end-to-end rate and latency (uses the
     /// configured NATS and PostgreSQL, with throw-away streams and database).
-    Pipeline(crate::bench_pipeline::PipelineBenchArgs),
+    Pipeline(crate::bench::pipeline::PipelineBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -246,7 +246,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     // Spans and metrics are exported by the long-running commands only.
     let export = matches!(cli.command, Command::Run | Command::Dev(_));
-    let _telemetry = crate::telemetry::init(&settings.log, &settings.telemetry, export)?;
+    let _telemetry = crate::observe::telemetry::init(&settings.log, &settings.telemetry, export)?;
     match cli.command {
         Command::EngineHost { stack } => {
             crate::engine::host_main(stack)?;
@@ -308,13 +308,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(scripts::delete(&settings, args))
         }
         Command::Bench(BenchCommand::Pipeline(args)) => {
-            block_on(crate::bench_pipeline::pipeline(&settings, args))
+            block_on(crate::bench::pipeline::pipeline(&settings, args))
         }
         Command::Bench(BenchCommand::Engine(args)) => {
-            block_on(crate::bench::engine(&settings.engine, args))
+            block_on(crate::bench::engine::engine(&settings.engine, args))
         }
         Command::Bench(BenchCommand::Hosts(args)) => {
-            block_on(crate::bench_hosts::hosts(&settings.engine, args))
+            block_on(crate::bench::hosts::hosts(&settings.engine, args))
         }
     }
 }

@@ -14,8 +14,8 @@ use crate::caps::local::Local;
 use crate::caps::net::HostRule;
 use crate::config::Settings;
 use crate::engine::{Engine, EngineConfig, Isolation, ScriptRun, ENGINE_NAME};
-use crate::manifest::{validate_spec, Manifest};
-use crate::retry::RetryOverrides;
+use crate::pipeline::retry::RetryOverrides;
+use crate::scripts::manifest::{validate_spec, Manifest};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
 use crate::units::parse_duration;
 

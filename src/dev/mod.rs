@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::caps::secrets::SecretBox;
 use crate::config::Settings;
-use crate::manifest::Manifest;
+use crate::scripts::manifest::Manifest;
 use crate::store::Store;
 
 /// The tenant of the bundled examples.

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::{scoped, Store, ALL_TENANTS};
 use crate::engine::LimitOverrides;
-use crate::retry::RetryOverrides;
+use crate::pipeline::retry::RetryOverrides;
 use crate::schedule::{CatchUp, Overlap};
 
 /// What a deploy asks for.

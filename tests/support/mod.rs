@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use scriptd::config::Settings;
 use scriptd::daemon::DaemonStats;
 use scriptd::engine::LimitOverrides;
-use scriptd::retry::{RetryOverrides, RetryPolicy};
+use scriptd::pipeline::retry::{RetryOverrides, RetryPolicy};
 use scriptd::store::{ScriptSpec, Store};
 use tokio_util::sync::CancellationToken;
 

@@ -23,7 +23,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogConfig, LogFormat};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::units::duration_str;
 
 /// The `[telemetry]` settings.

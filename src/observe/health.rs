@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::store::Store;
 
 /// How long one readiness check may take.

@@ -66,7 +66,7 @@ pub async fn flood(
     let succeeded_before = stats.runner.succeeded.load(Ordering::Relaxed);
     let flood_subject = format!("{}.noisy.flood", s.nats.events_prefix);
     let db = crate::store::connect_direct(&s.database.url).await?;
-    crate::bench_pipeline::publish_many(js, backlog, |_| flood_subject.clone()).await?;
+    crate::bench::pipeline::publish_many(js, backlog, |_| flood_subject.clone()).await?;
     let (behind_wait, behind_meanwhile) =
         quiet_run(s, js, &db, stats, 0, &mut || rss_peak = rss_peak.max(rss())).await?;
     // The whole backlog is fanned out (run, or queued as jobs) before the second quiet

@@ -10,9 +10,9 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{LimitOverrides, Limits};
-use crate::retry::{RetryOverrides, RetryPolicy};
+use crate::pipeline::retry::{RetryOverrides, RetryPolicy};
+use crate::scripts::subject;
 use crate::store::{ScriptRow, Store, ALL_TENANTS};
-use crate::subject;
 
 /// A script at its current version, ready to run.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::bench::{rows, rss_bytes, run_of, throughput, timed};
+use crate::bench::engine::{rows, rss_bytes, run_of, throughput, timed};
 use crate::engine::{rss_of, Engine, EngineConfig, Isolation};
 
 #[derive(Debug, Args)]

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::job::Job;
 use crate::bus::NatsConfig;
-use crate::index::{IndexedScript, ScriptIndex, Snapshot};
 use crate::schedule::{CatchUp, Schedule};
+use crate::scripts::index::{IndexedScript, ScriptIndex, Snapshot};
 use crate::store::{Store, Trigger};
 
 /// Most occurrences a `catch-up = all` schedule replays after downtime.
@@ -34,7 +34,7 @@ pub struct Ticker {
     pub config: NatsConfig,
     pub index: Arc<ScriptIndex>,
     pub store: Store,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::observe::metrics::Metrics>,
 }
 
 struct Armed {

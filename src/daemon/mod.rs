@@ -2,6 +2,8 @@
 //! until the shutdown token is cancelled, then stops in order: stop pulling, let runs in
 //! flight finish within the grace period, hand back what remains, flush records.
 
+pub mod supervisor;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -17,13 +19,13 @@ use crate::bus::{
 };
 use crate::caps::Live;
 use crate::config::Settings;
+use crate::daemon::supervisor::Supervisor;
 use crate::engine::Engine;
-use crate::health::Readiness;
-use crate::index::{self, ScriptIndex};
-use crate::metrics::{Metrics, Sources};
-use crate::records::{ClaimTaker, RecordWriter};
+use crate::observe::health::Readiness;
+use crate::observe::metrics::{Metrics, Sources};
+use crate::pipeline::records::{ClaimTaker, RecordWriter};
+use crate::scripts::index::{self, ScriptIndex};
 use crate::store::{ClaimScope, Store};
-use crate::supervisor::Supervisor;
 use crate::units::duration_str;
 
 /// The `[daemon]` settings.
@@ -81,7 +83,7 @@ pub async fn run_with_stats(
     let endpoint = CancellationToken::new();
     let _stop_endpoint = endpoint.clone().drop_guard();
     if !settings.telemetry.listen.is_empty() {
-        let bound = crate::health::serve(
+        let bound = crate::observe::health::serve(
             &settings.telemetry.listen,
             stats.readiness.clone(),
             stats.metrics.clone(),
@@ -151,7 +153,7 @@ pub async fn run_with_stats(
         nats: client.clone(),
         postgres: store.pool().clone(),
     });
-    crate::telemetry::export_metrics(&stats.metrics);
+    crate::observe::telemetry::export_metrics(&stats.metrics);
     let (records, writer) = RecordWriter::start(store.clone());
     let replica: Arc<str> = Arc::from(replica_name());
     // Two batches at a time of claims and of hand-backs, for each of the two takers.
@@ -201,7 +203,7 @@ pub async fn run_with_stats(
     });
     let ticker = supervisor.spawn(
         "cron ticker",
-        crate::cron::Ticker {
+        crate::schedule::ticker::Ticker {
             js: js.clone(),
             config: nats.clone(),
             index: index.clone(),
@@ -307,7 +309,7 @@ pub async fn run_with_stats(
         .map(|(task, how)| format!("the {task} task {how}"))
         .collect();
     if !failures.is_empty() {
-        return Err(crate::supervisor::TaskFailed(format!(
+        return Err(crate::daemon::supervisor::TaskFailed(format!(
             "scriptd stopped because {}",
             failures.join("; ")
         ))

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::batch::{Batcher, Shape};
+use crate::pipeline::batch::{Batcher, Shape};
 use crate::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store};
 
 /// Records or lookups per statement, at most.

@@ -14,9 +14,9 @@ use clap::Args;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::bench::procstat::{self, CpuUse};
 use crate::config::Settings;
 use crate::daemon::{self, DaemonStats};
-use crate::procstat::{self, CpuUse};
 use crate::store::{ScriptSpec, Store};
 
 #[derive(Debug, Args)]
@@ -242,7 +242,7 @@ struct EndToEnd {
     /// Runs started straight from the fan-out and runs queued in a lane, in each phase.
     paths_one: (u64, u64),
     paths_three: (u64, u64),
-    fairness: crate::bench_fairness::Fairness,
+    fairness: crate::bench::fairness::Fairness,
 }
 
 async fn end_to_end(
@@ -355,7 +355,7 @@ async fn end_to_end(
     let cpu_three = CpuUse::now().since(cpu_start);
     let paths_three = since(paths(&stats), paths_start);
 
-    let fairness = crate::bench_fairness::flood(s, js, &store, &stats, args.backlog).await?;
+    let fairness = crate::bench::fairness::flood(s, js, &store, &stats, args.backlog).await?;
     done += args.backlog as u64 + 1;
 
     // Many distinct scripts, one event each.

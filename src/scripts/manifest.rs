@@ -7,9 +7,9 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::engine::LimitOverrides;
-use crate::retry::RetryOverrides;
+use crate::pipeline::retry::RetryOverrides;
+use crate::scripts::subject;
 use crate::store::ScriptSpec;
-use crate::subject;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
