@@ -82,6 +82,7 @@ pub(crate) enum Settle {
 /// The attempt a replica claimed and now runs.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Claimed {
+    /// The attempt claimed, 1 for the first.
     pub attempt: u32,
     /// When the job's first attempt was claimed.
     pub first_at: chrono::DateTime<Utc>,

@@ -11,7 +11,9 @@ use super::Store;
 /// A replica asks to run the next attempt of this job.
 #[derive(Clone, Debug)]
 pub struct ClaimRequest {
+    /// The job whose next attempt is asked for.
     pub job_id: String,
+    /// The job's tenant (row-level security scopes the claim to it).
     pub tenant: String,
     /// How long the claim holds if this replica never records the attempt (it died): then
     /// another replica may take the attempt over.
@@ -21,7 +23,9 @@ pub struct ClaimRequest {
 /// A claimed attempt handed back without running.
 #[derive(Clone, Debug)]
 pub struct Release {
+    /// The job whose claim is handed back.
     pub job_id: String,
+    /// The job's tenant.
     pub tenant: String,
     /// The attempt that was claimed.
     pub attempt: u32,
