@@ -47,10 +47,15 @@ pub struct FanoutStats {
     pub too_large: AtomicU64,
 }
 
+/// Hands each event to its tenant's matching scripts (see the module's doc).
 pub struct Fanout {
+    /// Where jobs and dead letters are published.
     pub js: jetstream::Context,
+    /// The `[nats]` settings (subjects, streams, direct-run wait, event size limit).
     pub config: NatsConfig,
+    /// The scripts at their current versions, matched by subject.
     pub index: Arc<ScriptIndex>,
+    /// The fan-out's counters.
     pub stats: Arc<FanoutStats>,
     /// Runs first attempts in the fan-out when set (`nats.direct_runs`).
     pub direct: Option<Arc<Runner>>,

@@ -30,9 +30,13 @@ use crate::store::{
 /// Counters of the runner since start.
 #[derive(Debug, Default)]
 pub struct RunnerStats {
+    /// Attempts that ended ok.
     pub succeeded: AtomicU64,
+    /// Attempts that failed and will be retried.
     pub retried: AtomicU64,
+    /// Jobs sent to the dead-letter subject.
     pub dead_lettered: AtomicU64,
+    /// Attempts recorded as skipped (see `SkipReason`).
     pub skipped: AtomicU64,
     /// Jobs handed back unfinished (shutdown, or their record could not be written).
     pub returned: AtomicU64,
@@ -40,21 +44,34 @@ pub struct RunnerStats {
     pub held_elsewhere: AtomicU64,
 }
 
+/// Runs jobs: claims their attempt, runs the script in the engine, records the attempt and
+/// settles the message (direct runs from the fan-out go through it too).
 pub struct Runner {
+    /// Where dead letters are published.
     pub js: jetstream::Context,
+    /// The `[nats]` settings (subjects, streams).
     pub config: NatsConfig,
+    /// The scripts at their current versions.
     pub index: Arc<ScriptIndex>,
+    /// Where scripts run.
     pub engine: Arc<Engine>,
+    /// Batched run records; a message is settled once its record is committed.
     pub records: RecordWriter,
     /// Claims of job attempts (any attempt: job lanes).
     pub claims: ClaimTaker,
     /// Claims of first attempts (direct runs from the fan-out).
     pub first_claims: ClaimTaker,
+    /// Pinned versions' sources and schedule locks.
     pub store: Store,
+    /// The default limits, under each script's own.
     pub limits: Limits,
+    /// The default retry policy, under each script's own.
     pub retry: RetryPolicy,
+    /// How long JetStream waits for an ack: long runs send progress before it ends.
     pub ack_wait: Duration,
+    /// The runner's counters.
     pub stats: Arc<RunnerStats>,
+    /// The daemon's metrics.
     pub metrics: Arc<Metrics>,
     /// One permit per engine worker: a job waits here, not in the engine's queue, so that
     /// on shutdown the jobs not yet started are handed back at once.
