@@ -105,6 +105,18 @@ pub(crate) struct Claimed {
     pub first_at: chrono::DateTime<Utc>,
 }
 
+/// How one attempt ended, as `Runner::report` tells it.
+struct Finished<'a> {
+    job: &'a Job,
+    attempt: u32,
+    version: Option<u64>,
+    status: RunStatus,
+    /// The failure kind, or a skip's reason.
+    kind: Option<&'a str>,
+    /// How long the run took (none for a skip).
+    took: Option<Duration>,
+}
+
 /// How long a claim holds beyond twice the run's timeout (a claimed run may wait for one
 /// run ahead of it in its worker) before another replica may take the attempt over. A
 /// job claimed and still waiting for its slot then is not taken over unless another
@@ -311,14 +323,8 @@ impl Runner {
         drop(slot);
         let decision = policy.decide(result.outcome.as_ref().map(|_| ()), attempt);
         let (status, settle) = match decision {
-            Decision::Ack => {
-                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-                (RunStatus::Ok, Settle::Ack)
-            }
-            Decision::Retry(delay) => {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                (RunStatus::Retrying, Settle::Retry(delay))
-            }
+            Decision::Ack => (RunStatus::Ok, Settle::Ack),
+            Decision::Retry(delay) => (RunStatus::Retrying, Settle::Retry(delay)),
             Decision::DeadLetter(failure) => {
                 let letter = DeadLetter {
                     tenant: job.tenant.clone(),
@@ -343,25 +349,17 @@ impl Runner {
                     tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Dead-letter publish failed; the job will come back.");
                     return Settle::Nak(Some(Duration::from_secs(1)));
                 }
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(tenant = %job.tenant, script = %job.script, job = %job.id, kind = %letter.failure.kind, attempts = attempt, "Job dead-lettered.");
                 (RunStatus::DeadLettered, Settle::Ack)
             }
         };
-        let kind = result.outcome.as_ref().err().map(|f| f.kind.as_str());
-        self.metrics
-            .run_finished(&job.tenant, status.as_str(), kind, Some(result.duration));
-        span.record("outcome", status.as_str());
-        tracing::debug!(
-            tenant = %job.tenant,
-            script = %job.script,
-            version,
+        self.report(Finished {
+            job,
             attempt,
-            status = status.as_str(),
-            duration_ms = result.duration.as_secs_f64() * 1000.0,
-            job = %job.id,
-            "Run finished."
-        );
+            version: Some(version),
+            status,
+            kind: result.outcome.as_ref().err().map(|f| f.kind.as_str()),
+            took: Some(result.duration),
+        });
         let record = record(
             job,
             attempt,
@@ -468,20 +466,58 @@ impl Runner {
         version: Option<u64>,
         reason: SkipReason,
     ) -> Settle {
-        self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         let status = RunStatus::Skipped;
-        self.metrics
-            .run_finished(&job.tenant, status.as_str(), Some(reason.as_str()), None);
+        self.report(Finished {
+            job,
+            attempt,
+            version,
+            status,
+            kind: Some(reason.as_str()),
+            took: None,
+        });
         if reason == SkipReason::Overlap {
             self.metrics.schedule_skipped(reason.as_str(), 1);
         }
-        tracing::Span::current().record("outcome", status.as_str());
-        tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, version, reason = reason.as_str(), "Job skipped: {}.", reason.message());
         let version = version.map(|v| v as i32);
         let mut skipped = record(job, attempt, version, status, None, Utc::now());
         skipped.failure_kind = Some(reason.as_str().into());
         skipped.failure_message = Some(reason.message().into());
         self.commit(skipped, Settle::Ack).await
+    }
+
+    /// Reports how an attempt ended: the runner's counters, the metrics, the run's span and
+    /// the log line are updated here and nowhere else, so they cannot disagree.
+    fn report(&self, finished: Finished<'_>) {
+        let Finished {
+            job,
+            attempt,
+            version,
+            status,
+            kind,
+            took,
+        } = finished;
+        let counter = match status {
+            RunStatus::Ok => &self.stats.succeeded,
+            RunStatus::Retrying => &self.stats.retried,
+            RunStatus::DeadLettered => &self.stats.dead_lettered,
+            RunStatus::Skipped => &self.stats.skipped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .run_finished(&job.tenant, status.as_str(), kind, took);
+        tracing::Span::current().record("outcome", status.as_str());
+        let duration_ms = took.map(|t| t.as_secs_f64() * 1000.0);
+        match status {
+            RunStatus::DeadLettered => {
+                tracing::warn!(tenant = %job.tenant, script = %job.script, job = %job.id, version, attempt, kind, duration_ms, "Job dead-lettered.")
+            }
+            RunStatus::Skipped => {
+                tracing::info!(tenant = %job.tenant, script = %job.script, job = %job.id, version, attempt, reason = kind, "Job skipped.")
+            }
+            RunStatus::Ok | RunStatus::Retrying => {
+                tracing::debug!(tenant = %job.tenant, script = %job.script, job = %job.id, version, attempt, status = status.as_str(), kind, duration_ms, "Run finished.")
+            }
+        }
     }
 
     /// Writes the record; only a committed record lets the message be settled as decided.
