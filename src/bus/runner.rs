@@ -105,6 +105,11 @@ pub(crate) struct Claimed {
     pub first_at: chrono::DateTime<Utc>,
 }
 
+/// How often a schedule job waiting for the overlap lock (queue-one, or a caught-up
+/// occurrence) asks again: it starts at most this long after the running one ends. Each
+/// ask is three small statements (claim, lock, hand-back), one job per schedule at most.
+const LOCK_POLL: Duration = Duration::from_millis(250);
+
 /// How one attempt ended, as `Runner::report` tells it.
 struct Finished<'a> {
     job: &'a Job,
@@ -410,10 +415,8 @@ impl Runner {
             .await
         {
             Ok(LockOutcome::Acquired) => Ok(true),
-            Ok(LockOutcome::Waiting) => Err(Settle::Nak(Some(Duration::from_millis(500)))),
-            Ok(LockOutcome::Held) if job.catch_up => {
-                Err(Settle::Nak(Some(Duration::from_millis(500))))
-            }
+            Ok(LockOutcome::Waiting) => Err(Settle::Nak(Some(LOCK_POLL))),
+            Ok(LockOutcome::Held) if job.catch_up => Err(Settle::Nak(Some(LOCK_POLL))),
             Ok(LockOutcome::Held) => {
                 let version = Some(script.version);
                 Err(self.skip(job, attempt, version, SkipReason::Overlap).await)
