@@ -30,7 +30,7 @@ pub struct Settings {
     pub retry: RetryPolicy,
     pub database: DatabaseConfig,
     pub nats: NatsConfig,
-    pub tenants: crate::bus::lanes::TenantsConfig,
+    pub tenants: crate::pipeline::tenants::TenantsConfig,
     pub daemon: DaemonConfig,
     pub capabilities: CapabilitiesConfig,
     pub telemetry: crate::observe::telemetry::TelemetryConfig,

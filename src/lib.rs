@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dev;
+pub mod domain;
 pub mod engine;
 pub mod observe;
 pub mod pipeline;

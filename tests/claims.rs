@@ -6,9 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use scriptd::store::{
-    Claim, ClaimRequest, ClaimScope, Release, RunRecord, RunStatus, Store, Trigger,
-};
+use scriptd::domain::{RunStatus, Trigger, Version};
+use scriptd::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store};
 use support::TestEnv;
 
 fn request(job: &str, lease: Duration) -> ClaimRequest {
@@ -33,7 +32,7 @@ fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
     RunRecord {
         tenant: "acme".into(),
         script: "s".into(),
-        version: Some(1),
+        version: Some(Version::FIRST),
         job_id: job.into(),
         attempt,
         trigger: Trigger::Event,

@@ -180,14 +180,14 @@ async fn per_script_limits_override_the_defaults() {
     );
 }
 
-fn counter(tenant: &str, script: &str, version: u64) -> ScriptRun {
+fn counter(tenant: &str, script: &str, version: u32) -> ScriptRun {
     let mut r = run(
         "globalThis.count = 0; export default () => ++globalThis.count;",
         json!({}),
     );
     r.tenant = tenant.into();
     r.script = script.into();
-    r.version = version;
+    r.version = scriptd::domain::Version::new(version);
     r
 }
 

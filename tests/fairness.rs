@@ -69,7 +69,7 @@ async fn a_tenants_backlog_does_not_hold_back_another_tenants_job() {
         async move { stats.fanout.settled.load(Ordering::Relaxed) >= BACKLOG as u64 }
     })
     .await;
-    let noisy_done_before = stats.runner.succeeded.load(Ordering::Relaxed);
+    let noisy_done_before = stats.attempts.succeeded.load(Ordering::Relaxed);
     let published = Instant::now();
     env.publish("quiet", "ping", "{}").await;
     let runs = env
@@ -175,11 +175,11 @@ async fn jobs_of_a_tenant_without_scripts_still_get_a_lane() {
     let env = TestEnv::new().await;
     // A job queued for a tenant that has no script (deleted, or a replay of an old dead
     // letter): no lane opens for it from the script index, only from the queued jobs.
-    let job = scriptd::bus::job::Job {
+    let job = scriptd::pipeline::job::Job {
         id: format!("{}-orphan-1", env.id),
         tenant: "gone".into(),
         script: "old".into(),
-        trigger: scriptd::store::Trigger::Replay,
+        trigger: scriptd::domain::Trigger::Replay,
         subject: None,
         event_id: None,
         event: serde_json::value::RawValue::from_string("{}".into()).unwrap(),

@@ -37,7 +37,7 @@ async fn changes_reach_a_running_index_through_notifications() {
             index
                 .snapshot()
                 .get("acme", "greeter")
-                .is_some_and(|s| s.version == 1)
+                .is_some_and(|s| s.version.get() == 1)
         }
     })
     .await;
@@ -49,7 +49,7 @@ async fn changes_reach_a_running_index_through_notifications() {
             index
                 .snapshot()
                 .get("acme", "greeter")
-                .is_some_and(|s| s.version == 2)
+                .is_some_and(|s| s.version.get() == 2)
         }
     })
     .await;

@@ -179,7 +179,7 @@ async fn a_database_outage_while_events_arrive_loses_nothing() {
         let stats = stats.clone();
         async move {
             stats.fanout.returned.load(Ordering::SeqCst)
-                + stats.runner.returned.load(Ordering::SeqCst)
+                + stats.attempts.returned.load(Ordering::SeqCst)
                 > 0
         }
     })

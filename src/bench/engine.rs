@@ -25,11 +25,11 @@ pub struct EngineBenchArgs {
     pub throughput: usize,
 }
 
-pub(crate) fn run_of(script: &str, version: u64, n: usize) -> ScriptRun {
+pub(crate) fn run_of(script: &str, version: u32, n: usize) -> ScriptRun {
     ScriptRun::new(
         "bench",
         script,
-        version,
+        crate::domain::Version::new(version),
         Arc::<str>::from(TRIVIAL),
         &serde_json::json!({ "n": n }),
         Limits::default(),
@@ -116,7 +116,7 @@ pub async fn engine(config: &EngineConfig, args: EngineBenchArgs) -> anyhow::Res
 
     let mut cold = Vec::with_capacity(args.cold);
     for i in 0..args.cold {
-        cold.push(timed(&engine, run_of("cold", i as u64 + 1, i)).await?);
+        cold.push(timed(&engine, run_of("cold", i as u32 + 1, i)).await?);
     }
     let rss_after_cold = rss_bytes();
     rows("cold start", cold);

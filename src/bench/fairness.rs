@@ -63,7 +63,7 @@ pub async fn flood(
     let rss_before = rss();
     let mut rss_peak = rss_before;
     let settled_before = stats.fanout.settled.load(Ordering::Relaxed);
-    let succeeded_before = stats.runner.succeeded.load(Ordering::Relaxed);
+    let succeeded_before = stats.attempts.succeeded.load(Ordering::Relaxed);
     let flood_subject = format!("{}.noisy.flood", s.nats.events_prefix);
     let db = crate::store::connect_direct(&s.database.url).await?;
     crate::bench::pipeline::publish_many(js, backlog, |_| flood_subject.clone()).await?;
@@ -77,7 +77,7 @@ pub async fn flood(
     }
     let (quiet_wait, noisy_meanwhile) =
         quiet_run(s, js, &db, stats, 1, &mut || rss_peak = rss_peak.max(rss())).await?;
-    while stats.runner.succeeded.load(Ordering::Relaxed) < succeeded_before + backlog as u64 + 2 {
+    while stats.attempts.succeeded.load(Ordering::Relaxed) < succeeded_before + backlog as u64 + 2 {
         rss_peak = rss_peak.max(rss());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -112,7 +112,7 @@ async fn quiet_run(
     before: i64,
     meanwhile: &mut impl FnMut(),
 ) -> anyhow::Result<(Duration, u64)> {
-    let done_before = stats.runner.succeeded.load(Ordering::Relaxed);
+    let done_before = stats.attempts.succeeded.load(Ordering::Relaxed);
     let published = Instant::now();
     js.publish(
         format!("{}.quiet.ping", s.nats.events_prefix),
@@ -147,7 +147,7 @@ async fn quiet_run(
     let since_start = Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0));
     let waited = published.elapsed().saturating_sub(since_start);
     // Less the quiet run itself.
-    let others = (stats.runner.succeeded.load(Ordering::Relaxed) - done_before).saturating_sub(1);
+    let others = (stats.attempts.succeeded.load(Ordering::Relaxed) - done_before).saturating_sub(1);
     Ok((waited, others))
 }
 

@@ -80,7 +80,7 @@ pub async fn hosts(config: &EngineConfig, args: HostsBenchArgs) -> anyhow::Resul
     for i in 0..args.cycles {
         // An engine fault fails the run (the daemon retries it) and replaces the host.
         if hosts
-            .run(run_of("cycle", i as u64 + 1, i))
+            .run(run_of("cycle", i as u32 + 1, i))
             .await
             .outcome
             .is_err()

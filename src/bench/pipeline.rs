@@ -434,7 +434,7 @@ fn rss_mib(pid: u32) -> f64 {
 
 async fn wait_for(stats: &DaemonStats, runs: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while stats.runner.succeeded.load(Ordering::Relaxed) < runs {
+    while stats.attempts.succeeded.load(Ordering::Relaxed) < runs {
         anyhow::ensure!(
             Instant::now() < deadline,
             "runs did not complete within 5 minutes"

@@ -1,32 +1,36 @@
-//! Dead letters: a job that cannot succeed, with everything an operator needs to see why
-//! and to replay it, published to `<dlq_prefix>.<tenant>.<script>` in its own stream.
+//! The dead-letter stream: dead letters published to `<dlq_prefix>.<tenant>.<script>`,
+//! listed and read back for operators.
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use futures::future::BoxFuture;
+use serde::Serialize;
 
 use super::NatsConfig;
-use crate::engine::Failure;
+use crate::pipeline::dead_letter::{DeadLetter, DeadLetters};
 
-/// The payload of a dead-letter message.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DeadLetter {
-    pub tenant: String,
-    pub script: String,
-    pub job_id: String,
-    /// The version of the script that failed last, when one ran.
-    pub script_version: Option<u64>,
-    pub failure: Failure,
-    pub attempts: u32,
-    pub first_attempt_at: DateTime<Utc>,
-    pub last_attempt_at: DateTime<Utc>,
-    /// The job's headers (trace context, replay links, ...).
-    pub headers: serde_json::Map<String, serde_json::Value>,
-    /// The original job payload, byte for byte when it was JSON.
-    pub job: Box<RawValue>,
+/// The daemon's `DeadLetters`: the dead-letter subject.
+pub struct Publisher {
+    /// Where dead letters are published.
+    pub js: jetstream::Context,
+    /// The `[nats]` settings (the dead-letter prefix).
+    pub config: NatsConfig,
+}
+
+impl DeadLetters for Publisher {
+    fn send<'a>(
+        &'a self,
+        letter: &'a DeadLetter,
+        headers: Option<&'a HeaderMap>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            publish(&self.js, &self.config, letter, headers)
+                .await
+                .map(drop)
+        })
+    }
 }
 
 /// Publishes a dead letter and waits for the stream's acknowledgement. Its message id is

@@ -14,18 +14,24 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::dlq::{self, DeadLetter};
-use super::job::{event_job_id, headers_as_json, payload_as_json, EventView, Job};
-use super::runner::{run_span, Claimed, Runner, Settle, RETRY_AT_HEADER};
+use super::dlq;
+use super::runner::RETRY_AT_HEADER;
 use super::{Claims, NatsConfig};
+use crate::domain::Trigger;
 use crate::engine::{Failure, FailureKind};
+use crate::pipeline::attempt::{Attempt, Outcome};
+use crate::pipeline::dead_letter::DeadLetter;
+use crate::pipeline::executor::Executor;
+use crate::pipeline::job::{event_job_id, headers_as_json, payload_as_json, EventView, Job};
+use crate::pipeline::report::run_span;
 use crate::scripts::index::ScriptIndex;
 use crate::scripts::subject;
-use crate::store::{Claim, Trigger};
+use crate::store::{Claim, ClaimScope};
 
 /// Counters of the fan-out since start.
 #[derive(Debug, Default)]
 pub struct FanoutStats {
+    /// Events taken from the events stream.
     pub events: AtomicU64,
     /// Events acknowledged: every run recorded or its job stored (or nothing to run).
     pub settled: AtomicU64,
@@ -58,7 +64,7 @@ pub struct Fanout {
     /// The fan-out's counters.
     pub stats: Arc<FanoutStats>,
     /// Runs first attempts in the fan-out when set (`nats.direct_runs`).
-    pub direct: Option<Arc<Runner>>,
+    pub direct: Option<Arc<Executor>>,
     /// The events being handled here.
     pub in_flight: Claims,
 }
@@ -129,30 +135,24 @@ impl Fanout {
         if msg.payload.len() > self.config.max_event_size.as_usize() {
             self.stats.too_large.fetch_add(1, Ordering::Relaxed);
             for script in &scripts {
-                let letter = DeadLetter {
-                    tenant: script.tenant.clone(),
-                    script: script.name.clone(),
-                    job_id: event_job_id(&stream, sequence, script.id),
-                    script_version: None,
-                    failure: Failure {
-                        kind: FailureKind::BadInput,
-                        message: format!(
-                            "the event payload is {} bytes, over nats.max_event_size ({}); it stays in stream {stream} at sequence {sequence}",
-                            msg.payload.len(),
-                            self.config.max_event_size
-                        ),
-                        stack: None,
-                        retryable: false,
-                    },
-                    attempts: 0,
-                    first_attempt_at: Utc::now(),
-                    last_attempt_at: Utc::now(),
-                    headers: headers_as_json(msg.headers.as_ref()),
-                    job: RawValue::from_string(
-                        serde_json::json!({ "subject": msg.subject.as_str(), "event_id": event_id })
-                            .to_string(),
-                    )?,
+                let failure = Failure {
+                    kind: FailureKind::BadInput,
+                    message: format!(
+                        "the event payload is {} bytes, over nats.max_event_size ({}); it stays in stream {stream} at sequence {sequence}",
+                        msg.payload.len(),
+                        self.config.max_event_size
+                    ),
+                    stack: None,
+                    retryable: false,
                 };
+                let letter = DeadLetter::of_event(
+                    &script.tenant,
+                    &script.name,
+                    event_job_id(&stream, sequence, script.id),
+                    failure,
+                    msg.headers.as_ref(),
+                    &serde_json::json!({ "subject": msg.subject.as_str(), "event_id": event_id }),
+                )?;
                 dlq::publish(&self.js, &self.config, &letter, msg.headers.as_ref()).await?;
             }
             return Ok(());
@@ -189,8 +189,8 @@ impl Fanout {
             scheduled_at: None,
             catch_up: false,
         });
-        if let Some(runner) = &self.direct {
-            let runs = jobs.map(|job| self.direct(runner, job, &headers));
+        if let Some(executor) = &self.direct {
+            let runs = jobs.map(|job| self.direct(executor, job, &headers));
             for done in futures::future::join_all(runs).await {
                 done?;
             }
@@ -216,48 +216,52 @@ impl Fanout {
     /// within `nats.direct_wait` and this replica wins the attempt's claim, else queues the
     /// job in its tenant's lane. Returns once the attempt is recorded (a retry queued in
     /// the lane) or the job is stored.
-    async fn direct(&self, runner: &Runner, job: Job, headers: &HeaderMap) -> anyhow::Result<()> {
+    async fn direct(
+        &self,
+        executor: &Executor,
+        job: Job,
+        headers: &HeaderMap,
+    ) -> anyhow::Result<()> {
         // The claim says whether this event was handled before (a redelivery after a crash,
         // a lost ack, or nats-server#4460): what ended stays ended; a job with a failed
         // attempt, or whose attempt another replica holds, continues in its lane. It is
         // taken before the engine slot, whose wait is short here: claimed once the slot had
         // come, the slot idled through the claim's round trip (1-script throughput -40 %).
-        let claimed = match runner.first_claims.claim(runner.claim_request(&job)).await {
+        let (number, first_at) = match executor.claim(&job, ClaimScope::FirstOnly).await {
             Ok(Claim::Won {
                 attempt, first_at, ..
-            }) => Claimed { attempt, first_at },
+            }) => (attempt, first_at),
             Ok(Claim::Ended) => return Ok(()),
             Ok(Claim::Held { .. } | Claim::Later { .. }) => {
                 return self.queue(&job, headers, None).await;
             }
             Err(e) => anyhow::bail!("cannot claim the first attempt of job {}: {e}", job.id),
         };
-        let slot = tokio::select! {
-            // Stopping: what has not started goes to the lane, for this or another replica.
-            _ = runner.stop.cancelled() => None,
-            slot = tokio::time::timeout(self.config.direct_wait, runner.engine_slot(&job.tenant)) => slot.ok().flatten(),
-        };
+        // Stopping: what has not started goes to the lane, for this or another replica.
+        let slot = tokio::time::timeout(self.config.direct_wait, executor.slot(&job.tenant))
+            .await
+            .ok()
+            .flatten();
         let Some(slot) = slot else {
             self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
-            runner
-                .first_claims
-                .release(&job.id, &job.tenant, claimed.attempt)
-                .await;
+            executor.release(&job, number).await;
             return self.queue(&job, headers, None).await;
         };
         self.stats.direct.fetch_add(1, Ordering::Relaxed);
         let span = run_span(&job, Some(headers));
-        match runner
-            .attempt(Some(headers), &job, claimed, slot)
-            .instrument(span)
-            .await
-        {
-            Settle::Ack | Settle::Term => Ok(()),
-            Settle::Retry(delay) => {
-                let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        let attempt = Attempt {
+            job: &job,
+            number,
+            first_at,
+            headers: Some(headers),
+        };
+        match executor.run(attempt, slot).instrument(span).await {
+            Ok(Outcome::Retry { after }) => {
+                let due = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
                 self.queue(&job, headers, Some(due)).await
             }
-            Settle::Nak(_) => anyhow::bail!("the attempt of job {} was not recorded", job.id),
+            Ok(Outcome::Ok | Outcome::DeadLettered(_) | Outcome::Skipped(_)) => Ok(()),
+            Err(_) => anyhow::bail!("the attempt of job {} was not recorded", job.id),
         }
     }
 

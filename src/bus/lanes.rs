@@ -14,8 +14,8 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use super::tenants::{TenantSlots, TenantsConfig};
 use super::NatsConfig;
+pub use crate::pipeline::tenants::TenantsConfig;
 use crate::scripts::index::ScriptIndex;
 
 /// The durable consumer of `tenant`'s job lane.

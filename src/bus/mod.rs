@@ -4,11 +4,9 @@
 pub mod catch_all;
 pub mod dlq;
 pub mod fanout;
-pub mod job;
 pub mod lanes;
 pub mod replay;
 pub mod runner;
-pub mod tenants;
 
 use std::sync::Arc;
 use std::time::Duration;

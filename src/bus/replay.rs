@@ -9,9 +9,9 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 
 use super::dlq::StoredLetter;
-use super::job::Job;
 use super::NatsConfig;
-use crate::store::Trigger;
+use crate::domain::Trigger;
+use crate::pipeline::job::Job;
 
 /// The dead letter this job replays (its stream sequence).
 pub const REPLAY_OF: &str = "Scriptd-Replay-Of";
@@ -28,7 +28,7 @@ pub enum VersionChoice {
     /// The version that failed.
     Pinned,
     /// This version.
-    Exactly(u64),
+    Exactly(crate::domain::Version),
 }
 
 impl FromStr for VersionChoice {

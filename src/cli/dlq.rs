@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,7 +11,10 @@ use clap::Args;
 use crate::bus::dlq::{self, LetterFilter};
 use crate::bus::replay::{self, VersionChoice};
 use crate::config::Settings;
-use crate::engine::{Engine, EngineConfig, ScriptRun};
+use crate::engine::{Engine, EngineConfig};
+use crate::pipeline::attempt::{self, Attempt, Defaults, Outcome};
+use crate::pipeline::job::Job;
+use crate::scripts::index::Snapshot;
 use crate::store::{RunFilter, Store};
 use crate::units::parse_duration;
 
@@ -215,7 +217,7 @@ pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCod
             "    {} attempt {} v{} {} {}",
             r.started_at.format("%Y-%m-%d %H:%M:%S%.3f"),
             r.attempt,
-            r.version.unwrap_or(0),
+            r.version.map_or("-".into(), |v| v.to_string()),
             r.status,
             r.failure_message.as_deref().unwrap_or("")
         );
@@ -303,41 +305,51 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the replay's script version on its event in an isolate; nothing leaves it.
+/// Plans and runs the replay's first attempt as the daemon would, in an isolate with no
+/// capabilities, and decides its outcome; nothing is published, stored or recorded.
 async fn dry_run(
     store: &Store,
     engine: &Engine,
     settings: &Settings,
-    job: &crate::bus::job::Job,
+    job: &Job,
 ) -> anyhow::Result<serde_json::Value> {
-    let script = store
-        .script(&job.tenant, &job.script)
-        .await?
-        .with_context(|| format!("no script {}/{}", job.tenant, job.script))?;
-    let (version, source) = match job.version {
-        Some(v) if v != script.version as u64 => {
-            let source = store
-                .version_source(&job.tenant, &job.script, v as i32)
-                .await?
-                .with_context(|| format!("{}/{} has no version {v}", job.tenant, job.script))?;
-            (v, source)
-        }
-        _ => (script.version as u64, script.source.clone()),
+    let current = Snapshot::from_rows(
+        store
+            .script(&job.tenant, &job.script)
+            .await?
+            .into_iter()
+            .collect(),
+    );
+    let defaults = Defaults {
+        limits: settings.engine.limits,
+        retry: settings.retry,
     };
-    let run = ScriptRun {
-        tenant: job.tenant.clone(),
-        script: job.script.clone(),
-        version,
-        source: Arc::from(source),
-        input: job.event.clone(),
-        attempt: 1,
-        limits: settings.engine.limits.with(&script.limits),
-        job: job.id.clone(),
-        traceparent: None,
-        depth: 0,
+    let plan =
+        match attempt::plan(job, current.get(&job.tenant, &job.script), store, &defaults).await? {
+            Ok(plan) => plan,
+            Err(reason) => {
+                return Ok(serde_json::json!({
+                    "dry_run": true,
+                    "outcome": Outcome::Skipped(reason).status(),
+                    "reason": reason,
+                    "message": reason.message(),
+                }))
+            }
+        };
+    let attempt = Attempt {
+        job,
+        number: 1,
+        first_at: chrono::Utc::now(),
+        headers: None,
     };
-    let result = engine.run(run).await;
-    Ok(serde_json::json!({ "dry_run": true, "version": version, "run": result }))
+    let result = engine.run(plan.run(&attempt, None)).await;
+    let outcome = plan.decide(&result, attempt.number);
+    Ok(serde_json::json!({
+        "dry_run": true,
+        "version": plan.version,
+        "outcome": outcome.status(),
+        "run": result,
+    }))
 }
 
 pub async fn purge(settings: &Settings, args: PurgeArgs) -> anyhow::Result<ExitCode> {

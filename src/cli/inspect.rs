@@ -10,6 +10,7 @@ use clap::Args;
 
 use super::scripts::NameArgs;
 use crate::config::Settings;
+use crate::domain::Version;
 use crate::store::{RunFilter, ScriptSpec, Store, StoredRun};
 use crate::units::parse_duration;
 
@@ -37,7 +38,7 @@ pub struct RollbackArgs {
     #[command(flatten)]
     pub script: NameArgs,
     /// The version to make current again.
-    pub version: i32,
+    pub version: Version,
 }
 
 #[derive(Debug, Args)]
@@ -234,7 +235,11 @@ pub async fn runs_list(settings: &Settings, args: RunsListArgs) -> anyhow::Resul
             r.id,
             r.started_at.format("%Y-%m-%d %H:%M:%S"),
             r.tenant,
-            format!("{}@v{}", r.script, r.version.unwrap_or(0)),
+            format!(
+                "{}@v{}",
+                r.script,
+                r.version.map_or("-".into(), |v| v.to_string())
+            ),
             r.attempt,
             r.status,
             r.duration_ms,
@@ -270,7 +275,7 @@ pub async fn runs_show(settings: &Settings, args: RunsShowArgs) -> anyhow::Resul
         run.id,
         run.tenant,
         run.script,
-        run.version.unwrap_or(0)
+        run.version.map_or("-".into(), |v| v.to_string())
     );
     println!(
         "  job:      {} (attempt {}, {})",

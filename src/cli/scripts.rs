@@ -139,7 +139,7 @@ pub async fn check_compiles(
     let run = ScriptRun::new(
         &spec.tenant,
         &spec.name,
-        0,
+        crate::domain::Version::DRAFT,
         Arc::<str>::from(spec.source.as_str()),
         &serde_json::Value::Null,
         settings.engine.limits.with(&spec.limits),
@@ -233,7 +233,7 @@ pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCod
     let mut run = ScriptRun::new(
         &args.tenant,
         name,
-        1,
+        crate::domain::Version::FIRST,
         Arc::<str>::from(source),
         &event,
         limits,

@@ -14,8 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::lanes::{Kind as LaneKind, Lanes};
 use crate::bus::{
-    self, catch_all::CatchAll, fanout::Fanout, fanout::FanoutStats, runner::Runner,
-    runner::RunnerStats,
+    self, catch_all::CatchAll, dlq, fanout::Fanout, fanout::FanoutStats, runner::Runner,
 };
 use crate::caps::Live;
 use crate::config::Settings;
@@ -23,7 +22,11 @@ use crate::daemon::supervisor::Supervisor;
 use crate::engine::Engine;
 use crate::observe::health::Readiness;
 use crate::observe::metrics::{Metrics, Sources};
+use crate::pipeline::attempt::Defaults;
+use crate::pipeline::executor::{self, Executor};
 use crate::pipeline::records::{ClaimTaker, RecordWriter};
+use crate::pipeline::report::AttemptStats;
+use crate::pipeline::tenants::TenantSlots;
 use crate::scripts::index::{self, ScriptIndex};
 use crate::store::{ClaimScope, Store};
 use crate::units::duration_str;
@@ -54,10 +57,15 @@ impl Default for DaemonConfig {
 /// HTTP endpoint listens (tests read these directly).
 #[derive(Clone, Default)]
 pub struct DaemonStats {
+    /// The fan-out's counters.
     pub fanout: Arc<FanoutStats>,
-    pub runner: Arc<RunnerStats>,
+    /// The attempts' counters.
+    pub attempts: Arc<AttemptStats>,
+    /// The metrics `/metrics` serves.
     pub metrics: Arc<Metrics>,
+    /// What `/readyz` answers.
     pub readiness: Arc<Readiness>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, once bound.
     pub listening: Arc<OnceLock<SocketAddr>>,
     /// The script index, once loaded.
     pub index: Arc<OnceLock<Arc<ScriptIndex>>>,
@@ -148,7 +156,7 @@ pub async fn run_with_stats(
     }
     stats.metrics.attach(Sources {
         fanout: stats.fanout.clone(),
-        runner: stats.runner.clone(),
+        runner: stats.attempts.clone(),
         engine: engine.clone(),
         nats: client.clone(),
         postgres: store.pool().clone(),
@@ -173,24 +181,30 @@ pub async fn run_with_stats(
         ),
     );
 
-    let runner = Arc::new(Runner {
-        js: js.clone(),
-        config: nats.clone(),
+    let executor = Arc::new(Executor::new(executor::Parts {
         index: index.clone(),
         engine: engine.clone(),
+        store: store.clone(),
         records,
         claims,
         first_claims,
-        store: store.clone(),
-        limits: settings.engine.limits,
-        retry: settings.retry,
-        ack_wait: nats.ack_wait,
-        stats: stats.runner.clone(),
+        letters: Arc::new(dlq::Publisher {
+            js: js.clone(),
+            config: nats.clone(),
+        }),
+        defaults: Defaults {
+            limits: settings.engine.limits,
+            retry: settings.retry,
+        },
+        // Two per worker, as the engine's own slots.
+        tenant_slots: TenantSlots::new(settings.tenants.clone(), 2 * engine.workers()),
+        stats: stats.attempts.clone(),
         metrics: stats.metrics.clone(),
-        // Two per worker keep every worker busy while results travel back.
-        slots: Arc::new(tokio::sync::Semaphore::new(2 * engine.workers())),
-        tenant_slots: bus::lanes::TenantSlots::new(settings.tenants.clone(), 2 * engine.workers()),
         stop: shutdown.clone(),
+    }));
+    let runner = Arc::new(Runner {
+        executor: executor.clone(),
+        ack_wait: nats.ack_wait,
         in_flight: Default::default(),
     });
     let fanout = Arc::new(Fanout {
@@ -198,7 +212,7 @@ pub async fn run_with_stats(
         config: nats.clone(),
         index: index.clone(),
         stats: stats.fanout.clone(),
-        direct: nats.direct_runs.then(|| runner.clone()),
+        direct: nats.direct_runs.then(|| executor.clone()),
         in_flight: Default::default(),
     });
     let ticker = supervisor.spawn(

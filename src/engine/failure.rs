@@ -4,54 +4,39 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+crate::domain::named_enum! {
 /// The reason a run did not produce a result. The names (snake_case) are stable: they are
 /// stored in run records and dead letters and used as metric labels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureKind {
+pub enum FailureKind ("failure kind") {
     /// The source does not compile as an ES module (syntax error, forbidden import).
-    Syntax,
+    Syntax = "syntax",
     /// The module has no default export, or it is not a function.
-    NoHandler,
+    NoHandler = "no_handler",
     /// The source is larger than the source-size limit.
-    SourceTooLarge,
+    SourceTooLarge = "source_too_large",
     /// The handler (or the module's top level) threw, or its promise rejected.
-    Exception,
+    Exception = "exception",
     /// The run exceeded its wall-clock limit and was terminated.
-    Timeout,
+    Timeout = "timeout",
     /// The isolate reached its heap limit (ArrayBuffers included) and was terminated.
-    HeapLimit,
+    HeapLimit = "heap_limit",
     /// The handler returned a promise that can never settle: nothing is left that could
     /// resolve it.
-    Unsettled,
+    Unsettled = "unsettled",
     /// The JSON of the return value is larger than the result-size limit.
-    ResultTooLarge,
+    ResultTooLarge = "result_too_large",
     /// The return value cannot be represented as JSON (BigInt, a cycle, ...).
-    ResultNotSerialisable,
+    ResultNotSerialisable = "result_not_serialisable",
     /// The engine itself failed (isolate could not be created, worker gone).
-    Engine,
+    Engine = "engine",
     /// The engine host process running the script died (killed, crashed, out of memory).
-    EngineCrashed,
+    EngineCrashed = "engine_crashed",
     /// The trigger's input cannot be handed to a script (an event over the size limit).
-    BadInput,
+    BadInput = "bad_input",
+}
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 12] = [
-        FailureKind::Syntax,
-        FailureKind::NoHandler,
-        FailureKind::SourceTooLarge,
-        FailureKind::Exception,
-        FailureKind::Timeout,
-        FailureKind::HeapLimit,
-        FailureKind::Unsettled,
-        FailureKind::ResultTooLarge,
-        FailureKind::ResultNotSerialisable,
-        FailureKind::Engine,
-        FailureKind::EngineCrashed,
-        FailureKind::BadInput,
-    ];
-
     /// Whether another attempt could succeed. Faults of the script's code or output are
     /// deterministic and go straight to the dead-letter subject; faults that may depend on
     /// timing, load or external state are retried. `heap_limit_retryable` is the operator's
@@ -71,29 +56,6 @@ impl FailureKind {
             | FailureKind::ResultNotSerialisable
             | FailureKind::BadInput => false,
         }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Syntax => "syntax",
-            FailureKind::NoHandler => "no_handler",
-            FailureKind::SourceTooLarge => "source_too_large",
-            FailureKind::Exception => "exception",
-            FailureKind::Timeout => "timeout",
-            FailureKind::HeapLimit => "heap_limit",
-            FailureKind::Unsettled => "unsettled",
-            FailureKind::ResultTooLarge => "result_too_large",
-            FailureKind::ResultNotSerialisable => "result_not_serialisable",
-            FailureKind::Engine => "engine",
-            FailureKind::EngineCrashed => "engine_crashed",
-            FailureKind::BadInput => "bad_input",
-        }
-    }
-}
-
-impl fmt::Display for FailureKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -28,6 +28,7 @@ pub use limits::{LimitOverrides, Limits};
 pub use ops::SharedCapabilities;
 pub use sandbox::LogLine;
 
+use crate::domain::Version;
 use crate::units::ByteSize;
 use worker::{Task, WorkerHandle};
 
@@ -92,7 +93,7 @@ impl Default for EngineConfig {
 pub struct ScriptRun {
     pub tenant: String,
     pub script: String,
-    pub version: u64,
+    pub version: Version,
     pub source: Arc<str>,
     /// The event given to the handler, as JSON text.
     pub input: Box<RawValue>,
@@ -111,7 +112,7 @@ impl ScriptRun {
     pub fn new(
         tenant: impl Into<String>,
         script: impl Into<String>,
-        version: u64,
+        version: Version,
         source: impl Into<Arc<str>>,
         input: &serde_json::Value,
         limits: Limits,

@@ -3,11 +3,12 @@
 
 use super::isolate::ScriptIsolate;
 use super::ScriptRun;
+use crate::domain::Version;
 
 struct Entry {
     tenant: String,
     script: String,
-    version: u64,
+    version: Version,
     isolate: ScriptIsolate,
     memory: usize,
     last_used: u64,

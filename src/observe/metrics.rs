@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::bus::fanout::FanoutStats;
-use crate::bus::runner::RunnerStats;
 use crate::engine::Engine;
+use crate::pipeline::report::AttemptStats;
 
 /// Upper bounds (seconds) of the run duration buckets.
 const RUN_BUCKETS: &[f64] = &[
@@ -89,7 +89,7 @@ struct OtelHistograms {
 /// The parts whose own counters and state are read at render time.
 pub struct Sources {
     pub fanout: Arc<FanoutStats>,
-    pub runner: Arc<RunnerStats>,
+    pub runner: Arc<AttemptStats>,
     pub engine: Arc<Engine>,
     pub nats: async_nats::Client,
     pub postgres: deadpool_postgres::Pool,

@@ -1,6 +1,15 @@
-//! The attempt path's shared parts: batched run records and attempt claims (`records`,
-//! over `batch`) and the retry policy (`retry`).
+//! The attempt path, free of NATS: what a job is (`job`), what one attempt runs and how it
+//! can end (`attempt`, with the `retry` policy), the `executor` that carries an attempt
+//! from its claim to its record, how its end is told (`report`), dead letters
+//! (`dead_letter`), batched records and claims (`records` over `batch`) and each tenant's
+//! share of the engine (`tenants`). `bus` feeds it messages and settles them.
 
+pub mod attempt;
 pub mod batch;
+pub mod dead_letter;
+pub mod executor;
+pub mod job;
 pub mod records;
+pub mod report;
 pub mod retry;
+pub mod tenants;

@@ -1,11 +1,12 @@
 //! The retry policy: exponential backoff (the `backoff` crate's policy) as a pure function of
-//! the attempt number, and the decision taken about a finished run.
+//! the attempt number, and the outcome it gives a finished run.
 
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
 use serde::{Deserialize, Serialize};
 
+use super::attempt::Outcome;
 use crate::engine::Failure;
 use crate::units::duration_str;
 
@@ -59,17 +60,6 @@ pub struct RetryOverrides {
     pub max_interval: Option<Duration>,
 }
 
-/// What to do with a job message after a run.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Decision {
-    /// The run succeeded (or there is nothing left to do): acknowledge.
-    Ack,
-    /// Ask for redelivery after this delay.
-    Retry(Duration),
-    /// Publish to the dead-letter subject, then acknowledge.
-    DeadLetter(Failure),
-}
-
 impl RetryPolicy {
     pub fn with(self, o: &RetryOverrides) -> RetryPolicy {
         RetryPolicy {
@@ -101,13 +91,13 @@ impl RetryPolicy {
     }
 
     /// The decision after attempt number `attempt` ended with `outcome`.
-    pub fn decide(&self, outcome: Result<(), &Failure>, attempt: u32) -> Decision {
+    pub fn decide(&self, outcome: Result<(), &Failure>, attempt: u32) -> Outcome {
         match outcome {
-            Ok(()) => Decision::Ack,
-            Err(f) if f.retryable && attempt < self.max_attempts => {
-                Decision::Retry(self.delay(attempt))
-            }
-            Err(f) => Decision::DeadLetter(f.clone()),
+            Ok(()) => Outcome::Ok,
+            Err(f) if f.retryable && attempt < self.max_attempts => Outcome::Retry {
+                after: self.delay(attempt),
+            },
+            Err(f) => Outcome::DeadLettered(f.clone()),
         }
     }
 }
@@ -159,22 +149,26 @@ mod tests {
     fn retryable_failures_retry_until_max_attempts_then_dead_letter() {
         let p = exact();
         let f = failure(FailureKind::Exception);
-        assert_eq!(p.decide(Ok(()), 1), Decision::Ack);
+        assert_eq!(p.decide(Ok(()), 1), Outcome::Ok);
         assert_eq!(
             p.decide(Err(&f), 1),
-            Decision::Retry(Duration::from_millis(100))
+            Outcome::Retry {
+                after: Duration::from_millis(100)
+            }
         );
         assert_eq!(
             p.decide(Err(&f), 3),
-            Decision::Retry(Duration::from_millis(400))
+            Outcome::Retry {
+                after: Duration::from_millis(400)
+            }
         );
-        assert_eq!(p.decide(Err(&f), 4), Decision::DeadLetter(f.clone()));
+        assert_eq!(p.decide(Err(&f), 4), Outcome::DeadLettered(f.clone()));
     }
 
     #[test]
     fn non_retryable_failures_dead_letter_at_once() {
         let f = failure(FailureKind::Syntax);
-        assert_eq!(exact().decide(Err(&f), 1), Decision::DeadLetter(f.clone()));
+        assert_eq!(exact().decide(Err(&f), 1), Outcome::DeadLettered(f.clone()));
     }
 
     #[test]

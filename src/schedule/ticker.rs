@@ -18,11 +18,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::job::Job;
 use crate::bus::NatsConfig;
+use crate::domain::Trigger;
+use crate::pipeline::job::Job;
 use crate::schedule::{CatchUp, Schedule};
 use crate::scripts::index::{IndexedScript, ScriptIndex, Snapshot};
-use crate::store::{Store, Trigger};
+use crate::store::Store;
 
 /// Most occurrences a `catch-up = all` schedule replays after downtime.
 pub const MAX_CATCH_UP: usize = 100;

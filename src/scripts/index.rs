@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::Version;
 use crate::engine::{LimitOverrides, Limits};
 use crate::pipeline::retry::{RetryOverrides, RetryPolicy};
 use crate::scripts::subject;
@@ -21,7 +22,7 @@ pub struct IndexedScript {
     pub tenant: String,
     pub name: String,
     pub enabled: bool,
-    pub version: u64,
+    pub version: Version,
     pub source: Arc<str>,
     pub subjects: Vec<String>,
     pub cron: Option<String>,
@@ -70,7 +71,7 @@ impl Snapshot {
                     tenant: spec.tenant,
                     name: spec.name,
                     enabled: r.enabled,
-                    version: r.version as u64,
+                    version: r.version,
                     source: Arc::from(spec.source),
                     subjects: spec.subjects,
                     cron: spec.cron,

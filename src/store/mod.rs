@@ -18,7 +18,7 @@ use tokio_postgres::NoTls;
 
 pub use claims::{Claim, ClaimRequest, ClaimScope, Release};
 pub use kv::KvWrite;
-pub use runs::{LockOutcome, RunFilter, RunRecord, RunStatus, SkipReason, StoredRun, Trigger};
+pub use runs::{LockOutcome, RunFilter, RunRecord, StoredRun};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
 pub use secrets::SecretInfo;
 

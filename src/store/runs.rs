@@ -1,134 +1,17 @@
 //! Run records: one row per attempt, inserted in batches.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{scoped, Store, ALL_TENANTS};
-
-/// How an attempt ended, as stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunStatus {
-    /// The handler returned a value.
-    Ok,
-    /// Failed; another attempt follows.
-    Retrying,
-    /// Failed for the last time; the job went to the dead-letter subject.
-    DeadLettered,
-    /// Not run: the script was deleted or disabled while the job waited.
-    Skipped,
-}
-
-impl RunStatus {
-    pub const ALL: [RunStatus; 4] = [
-        RunStatus::Ok,
-        RunStatus::Retrying,
-        RunStatus::DeadLettered,
-        RunStatus::Skipped,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunStatus::Ok => "ok",
-            RunStatus::Retrying => "retrying",
-            RunStatus::DeadLettered => "dead_lettered",
-            RunStatus::Skipped => "skipped",
-        }
-    }
-}
-
-impl std::fmt::Display for RunStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // `pad` keeps widths like `{:<13}` in tables.
-        f.pad(self.as_str())
-    }
-}
-
-impl std::str::FromStr for RunStatus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        RunStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| format!("unknown run status {s:?}"))
-    }
-}
-
-/// Why an attempt was recorded as skipped instead of run (stored as its failure kind).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SkipReason {
-    /// The script was deleted or disabled while the job waited.
-    ScriptGone,
-    /// The previous run of the schedule was still going (overlap policy `skip`).
-    Overlap,
-    /// A replay pinned a version that no longer exists.
-    VersionMissing,
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::ScriptGone => "script_gone",
-            SkipReason::Overlap => "overlap",
-            SkipReason::VersionMissing => "version_missing",
-        }
-    }
-
-    /// What the record's failure message says.
-    pub fn message(self) -> &'static str {
-        match self {
-            SkipReason::ScriptGone => "the script was deleted or disabled while the job waited",
-            SkipReason::Overlap => "the previous run of this schedule was still going",
-            SkipReason::VersionMissing => "the version the replay pinned no longer exists",
-        }
-    }
-}
-
-/// What made a job: an event, a schedule occurrence, or a dead letter's replay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    Event,
-    Schedule,
-    Replay,
-}
-
-impl Trigger {
-    pub const ALL: [Trigger; 3] = [Trigger::Event, Trigger::Schedule, Trigger::Replay];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Event => "event",
-            Trigger::Schedule => "schedule",
-            Trigger::Replay => "replay",
-        }
-    }
-}
-
-impl std::fmt::Display for Trigger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Trigger {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Trigger::ALL
-            .into_iter()
-            .find(|trigger| trigger.as_str() == s)
-            .ok_or_else(|| format!("unknown trigger {s:?}"))
-    }
-}
+use crate::domain::{RunStatus, Trigger, Version};
 
 /// One attempt of one job.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunRecord {
     pub tenant: String,
     pub script: String,
-    pub version: Option<i32>,
+    pub version: Option<Version>,
     pub job_id: String,
     pub attempt: i32,
     pub trigger: Trigger,
@@ -453,29 +336,4 @@ fn stored_run(r: &tokio_postgres::Row) -> anyhow::Result<StoredRun> {
             scheduled_at: r.get(18),
         },
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RunStatus;
-
-    #[test]
-    fn statuses_round_trip_through_their_stored_names() {
-        for status in RunStatus::ALL {
-            assert_eq!(status.as_str().parse::<RunStatus>(), Ok(status));
-        }
-        assert!("running".parse::<RunStatus>().is_err());
-        assert_eq!(format!("[{:<8}]", RunStatus::Ok), "[ok      ]");
-    }
-
-    #[test]
-    fn triggers_round_trip_through_their_stored_and_wire_names() {
-        use super::Trigger;
-        for trigger in Trigger::ALL {
-            assert_eq!(trigger.as_str().parse::<Trigger>(), Ok(trigger));
-            let wire = serde_json::to_string(&trigger).unwrap();
-            assert_eq!(wire, format!("\"{trigger}\""));
-        }
-        assert!("cron".parse::<Trigger>().is_err());
-    }
 }

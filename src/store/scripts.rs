@@ -6,6 +6,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::{scoped, Store, ALL_TENANTS};
+use crate::domain::Version;
 use crate::engine::LimitOverrides;
 use crate::pipeline::retry::RetryOverrides;
 use crate::schedule::{CatchUp, Overlap};
@@ -29,8 +30,10 @@ pub struct ScriptSpec {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Deployed {
+    /// The script's id.
     pub id: i64,
-    pub version: i32,
+    /// The current version after the deploy.
+    pub version: Version,
     pub sha256: String,
     /// The source was the current version's: settings were updated, no version was made.
     pub unchanged_source: bool,
@@ -41,7 +44,7 @@ pub struct Deployed {
 pub struct ScriptRow {
     pub id: i64,
     pub enabled: bool,
-    pub version: i32,
+    pub version: Version,
     pub sha256: String,
     /// Tenant, name, source of the current version, triggers, limits and retry policy.
     #[serde(flatten)]
@@ -89,10 +92,10 @@ impl Store {
         let (id, version, unchanged_source) = match existing {
             Some(row) => {
                 let id: i64 = row.get(0);
-                let current: i32 = row.get(1);
+                let current: Version = row.get(1);
                 let current_sha: String = row.get(2);
                 let unchanged = current_sha == sha;
-                let version = if unchanged { current } else { current + 1 };
+                let version = if unchanged { current } else { current.next() };
                 tx.execute(
                     "UPDATE scripts SET current_version = $2, subjects = $3, cron = $4,
                         timezone = $5, limits = $6, retry = $7, updated_at = now()
@@ -129,7 +132,7 @@ impl Store {
                         ],
                     )
                     .await?;
-                (row.get(0), 1, false)
+                (row.get(0), Version::FIRST, false)
             }
         };
         if !unchanged_source {
@@ -232,7 +235,7 @@ impl Store {
 /// One stored version of a script.
 #[derive(Clone, Debug, Serialize)]
 pub struct VersionRow {
-    pub version: i32,
+    pub version: Version,
     pub sha256: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub current: bool,
@@ -281,7 +284,7 @@ impl Store {
         &self,
         tenant: &str,
         name: &str,
-        version: i32,
+        version: Version,
     ) -> anyhow::Result<Option<String>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
@@ -299,7 +302,12 @@ impl Store {
 
     /// Makes an existing version current again; false if the script or version does not
     /// exist. Running daemons are notified like after a deploy.
-    pub async fn rollback(&self, tenant: &str, name: &str, version: i32) -> anyhow::Result<bool> {
+    pub async fn rollback(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Version,
+    ) -> anyhow::Result<bool> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let n = tx

@@ -32,7 +32,7 @@ pub fn run(source: &str, event: serde_json::Value) -> ScriptRun {
     ScriptRun::new(
         "acme",
         "script",
-        1,
+        scriptd::domain::Version::FIRST,
         Arc::<str>::from(source),
         &event,
         limits(),

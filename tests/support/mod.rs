@@ -198,7 +198,12 @@ impl TestEnv {
             retry,
             ..Default::default()
         };
-        self.store.deploy(&spec).await.expect("deploy").version
+        self.store
+            .deploy(&spec)
+            .await
+            .expect("deploy")
+            .version
+            .get() as i32
     }
 
     pub async fn publish(
@@ -527,7 +532,12 @@ impl TestEnv {
             retry,
             ..Default::default()
         };
-        self.store.deploy(&spec).await.expect("deploy").version
+        self.store
+            .deploy(&spec)
+            .await
+            .expect("deploy")
+            .version
+            .get() as i32
     }
 
     /// The scheduled instants of the recorded runs with this status, oldest first.

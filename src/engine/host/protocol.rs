@@ -11,6 +11,7 @@ use tokio_util::codec::LengthDelimitedCodec;
 use crate::caps::{
     CapError, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp, KvReply, Publish,
 };
+use crate::domain::Version;
 use crate::engine::{EngineConfig, Failure, Limits, LogLine, RunResult, ScriptRun, StatsSnapshot};
 
 /// The host's end of the socket.
@@ -93,7 +94,7 @@ pub enum FromHost {
 pub struct WireRun {
     pub tenant: String,
     pub script: String,
-    pub version: u64,
+    pub version: Version,
     pub source: String,
     pub input: Box<RawValue>,
     pub attempt: u32,

@@ -6,27 +6,30 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::store::Trigger;
+use crate::domain::{Trigger, Version};
 
 /// The payload of a job message.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Job {
     /// Also the message's `Nats-Msg-Id`.
     pub id: String,
+    /// The tenant whose script runs.
     pub tenant: String,
+    /// The script's name.
     pub script: String,
     /// What made the job.
     pub trigger: Trigger,
     /// The NATS subject that triggered the job, for event jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// The event's id (its `Nats-Msg-Id`, or stream and sequence), for event jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
     /// The first argument of the handler.
     pub event: Box<RawValue>,
     /// Run this version rather than the current one (replays pinned to a version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<u64>,
+    pub version: Option<Version>,
     /// The occurrence a schedule job stands for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_at: Option<chrono::DateTime<chrono::Utc>>,

@@ -1,0 +1,381 @@
+//! The one attempt path: claims a job's attempt, waits for a run slot, plans the run, takes
+//! a schedule's overlap lock, runs the script in the engine, decides the `Outcome`, sends a
+//! dead letter, tells of the end (`AttemptEnded`) and commits the run record. Job lanes and
+//! the fan-out's direct runs both come through here; they only turn its answer into what
+//! their message gets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::attempt::{self, header, Attempt, Defaults, HandBack, Outcome, Plan};
+use super::dead_letter::{DeadLetter, DeadLetters};
+use super::job::Job;
+use super::records::{ClaimTaker, RecordWriter};
+use super::report::{AttemptEnded, AttemptStats};
+use super::tenants::TenantSlots;
+use crate::domain::{SkipReason, Trigger, Version};
+use crate::engine::{Engine, RunResult};
+use crate::observe::metrics::Metrics;
+use crate::schedule::Overlap;
+use crate::scripts::index::ScriptIndex;
+use crate::store::{Claim, ClaimRequest, ClaimScope, LockOutcome, RunRecord, Store};
+
+/// How often a schedule job waiting for the overlap lock (queue-one, or a caught-up
+/// occurrence) asks again: it starts at most this long after the running one ends. Each
+/// ask is three small statements (claim, lock, hand-back), one job per schedule at most.
+const LOCK_POLL: Duration = Duration::from_millis(250);
+
+/// How long a claim holds beyond twice the run's timeout (a claimed run may wait for one
+/// run ahead of it in its worker) before another replica may take the attempt over. A
+/// job claimed and still waiting for its slot then is not taken over unless another
+/// replica is handed its message, which this one keeps alive.
+const CLAIM_MARGIN: Duration = Duration::from_secs(15);
+
+/// A job waits for one of these before it runs: its tenant's permit, then the engine's.
+pub type Slot = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// What an executor is made of.
+pub struct Parts {
+    /// The scripts at their current versions.
+    pub index: Arc<ScriptIndex>,
+    /// Where scripts run.
+    pub engine: Arc<Engine>,
+    /// Pinned versions' sources and schedule locks.
+    pub store: Store,
+    /// Batched run records; an attempt ends once its record is committed.
+    pub records: RecordWriter,
+    /// Claims of any attempt (job lanes).
+    pub claims: ClaimTaker,
+    /// Claims of first attempts only (direct runs from the fan-out).
+    pub first_claims: ClaimTaker,
+    /// Where dead letters go.
+    pub letters: Arc<dyn DeadLetters>,
+    /// Limits and retry policy under each script's own.
+    pub defaults: Defaults,
+    /// Each tenant's share of the engine.
+    pub tenant_slots: TenantSlots,
+    /// The counters attempts are told to.
+    pub stats: Arc<AttemptStats>,
+    /// The daemon's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The daemon's shutdown signal: jobs waiting for a slot are handed back.
+    pub stop: CancellationToken,
+}
+
+/// Runs attempts (see the module's doc).
+pub struct Executor {
+    parts: Parts,
+    /// One permit per engine slot: a job waits here, not in the engine's queue, so that on
+    /// shutdown the jobs not yet started are handed back at once.
+    slots: Arc<Semaphore>,
+}
+
+impl Executor {
+    pub fn new(parts: Parts) -> Executor {
+        // Two per worker keep every worker busy while results travel back.
+        let slots = Arc::new(Semaphore::new(2 * parts.engine.workers()));
+        Executor { parts, slots }
+    }
+
+    /// The counters attempts are told to.
+    pub fn stats(&self) -> &AttemptStats {
+        &self.parts.stats
+    }
+
+    /// The daemon's shutdown signal.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.parts.stop
+    }
+
+    /// Claims the next attempt of `job` (or its first only, for `ClaimScope::FirstOnly`);
+    /// the claim's lease covers the run's timeout, the wait behind one run in its worker,
+    /// and a margin.
+    pub async fn claim(&self, job: &Job, scope: ClaimScope) -> Result<Claim, String> {
+        let timeout = self
+            .parts
+            .index
+            .snapshot()
+            .get(&job.tenant, &job.script)
+            .map_or(self.parts.defaults.limits.timeout, |s| {
+                s.limits(&self.parts.defaults.limits).timeout
+            });
+        let request = ClaimRequest {
+            job_id: job.id.clone(),
+            tenant: job.tenant.clone(),
+            lease: 2 * timeout + CLAIM_MARGIN,
+        };
+        match scope {
+            ClaimScope::Next => self.parts.claims.claim(request).await,
+            ClaimScope::FirstOnly => self.parts.first_claims.claim(request).await,
+        }
+    }
+
+    /// Hands back attempt `number` of `job`, claimed and not run: whoever gets the job
+    /// next runs it, now rather than at the end of the lease.
+    pub async fn release(&self, job: &Job, number: u32) {
+        self.parts
+            .claims
+            .release(&job.id, &job.tenant, number)
+            .await;
+    }
+
+    /// One of the tenant's run permits, then one of the engine's; none once stopping.
+    pub async fn slot(&self, tenant: &str) -> Option<Slot> {
+        let wait = async {
+            let own = self.parts.tenant_slots.acquire(tenant).await?;
+            let engine = self.slots.clone().acquire_owned().await.ok()?;
+            Some((own, engine))
+        };
+        tokio::select! {
+            slot = wait => slot,
+            _ = self.parts.stop.cancelled() => None,
+        }
+    }
+
+    /// Runs the claimed `attempt` in the `slot` it holds, within the job's span: plans it,
+    /// runs it, decides and records its outcome. An attempt that ends without a record is
+    /// handed back, its claim released.
+    pub async fn run(&self, attempt: Attempt<'_>, slot: Slot) -> Result<Outcome, HandBack> {
+        let ended = self.run_claimed(&attempt, slot).await;
+        if ended.is_err() {
+            self.release(attempt.job, attempt.number).await;
+        }
+        ended
+    }
+
+    async fn run_claimed(&self, attempt: &Attempt<'_>, slot: Slot) -> Result<Outcome, HandBack> {
+        let job = attempt.job;
+        let span = tracing::Span::current();
+        span.record("attempt", attempt.number);
+        // What the job runs is decided when it can start, so a disable or deploy made
+        // while it waited for its slot takes effect.
+        let current = self
+            .parts
+            .index
+            .snapshot()
+            .get(&job.tenant, &job.script)
+            .cloned();
+        let plan = match attempt::plan(
+            job,
+            current.as_ref(),
+            &self.parts.store,
+            &self.parts.defaults,
+        )
+        .await
+        {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(reason)) => return self.skip(attempt, job.version, reason).await,
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot load the pinned version; the job will come back.");
+                return Err(HandBack::SOON);
+            }
+        };
+        let locked = match self.overlap_lock(job, &plan).await {
+            Lock::Free => false,
+            Lock::Taken => true,
+            Lock::Busy => {
+                let version = Some(plan.script.version);
+                return self.skip(attempt, version, SkipReason::Overlap).await;
+            }
+            Lock::Wait(hand_back) => return Err(hand_back),
+        };
+        let started_at = Utc::now();
+        span.record("version", plan.version.get());
+        self.parts.metrics.run_started();
+        if let (Some(at), 1) = (job.scheduled_at, attempt.number) {
+            let delay = (started_at - at).to_std().unwrap_or_default();
+            self.parts.metrics.schedule_started(delay);
+        }
+        // What the script publishes continues this run's span when spans are exported,
+        // else the event's trace.
+        let traceparent = crate::observe::telemetry::traceparent_of(&span)
+            .or_else(|| header(attempt.headers, "traceparent").map(str::to_owned));
+        let result = self.parts.engine.run(plan.run(attempt, traceparent)).await;
+        drop(slot);
+        let outcome = plan.decide(&result, attempt.number);
+        if let Outcome::DeadLettered(failure) = &outcome {
+            self.dead_letter(attempt, &plan, failure, started_at)
+                .await?;
+        }
+        AttemptEnded {
+            job,
+            attempt: attempt.number,
+            version: Some(plan.version),
+            outcome: &outcome,
+            kind: result.outcome.as_ref().err().map(|f| f.kind.as_str()),
+            took: Some(result.duration),
+        }
+        .emit(&self.parts.stats, &self.parts.metrics);
+        let record = run_record(
+            attempt,
+            Some(plan.version),
+            &outcome,
+            Some(&result),
+            started_at,
+        );
+        let committed = self.commit(record).await;
+        if locked && !matches!(outcome, Outcome::Retry { .. }) {
+            if let Err(e) = self
+                .parts
+                .store
+                .unlock_schedule(&job.tenant, &job.script, &job.id)
+                .await
+            {
+                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Could not release the schedule lock; it expires by itself.");
+            }
+        }
+        committed.map(|()| outcome)
+    }
+
+    async fn dead_letter(
+        &self,
+        attempt: &Attempt<'_>,
+        plan: &Plan,
+        failure: &crate::engine::Failure,
+        started_at: chrono::DateTime<Utc>,
+    ) -> Result<(), HandBack> {
+        let job = attempt.job;
+        let again = HandBack {
+            after: Some(Duration::from_secs(1)),
+        };
+        let letter = DeadLetter::of_attempt(attempt, plan.version, failure.clone(), started_at)
+            .map_err(|_| again)?;
+        let span = tracing::info_span!("scriptd.dead_letter", kind = %failure.kind, attempts = attempt.number);
+        if let Err(e) = self
+            .parts
+            .letters
+            .send(&letter, attempt.headers)
+            .instrument(span)
+            .await
+        {
+            tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Dead-letter publish failed; the job will come back.");
+            return Err(again);
+        }
+        Ok(())
+    }
+
+    /// For schedule jobs whose script does not allow overlapping runs: takes the script's
+    /// schedule lock (held across retries, released when the job ends, expiring after the
+    /// timeout plus a margin if a daemon dies).
+    async fn overlap_lock(&self, job: &Job, plan: &Plan) -> Lock {
+        let script = &plan.script;
+        if job.trigger != Trigger::Schedule || script.overlap == Overlap::Allow {
+            return Lock::Free;
+        }
+        let hold_for = plan.limits.timeout + Duration::from_secs(30);
+        let expires_at = Utc::now() + chrono::Duration::from_std(hold_for).unwrap_or_default();
+        let queue = script.overlap == Overlap::QueueOne;
+        let poll = HandBack {
+            after: Some(LOCK_POLL),
+        };
+        match self
+            .parts
+            .store
+            .lock_schedule(&job.tenant, &job.script, &job.id, expires_at, queue)
+            .await
+        {
+            Ok(LockOutcome::Acquired) => Lock::Taken,
+            Ok(LockOutcome::Waiting) => Lock::Wait(poll),
+            Ok(LockOutcome::Held) if job.catch_up => Lock::Wait(poll),
+            Ok(LockOutcome::Held) => Lock::Busy,
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Cannot take the schedule lock; the job will come back.");
+                Lock::Wait(HandBack::SOON)
+            }
+        }
+    }
+
+    /// Records `attempt` as skipped for `reason`, and tells of it.
+    async fn skip(
+        &self,
+        attempt: &Attempt<'_>,
+        version: Option<Version>,
+        reason: SkipReason,
+    ) -> Result<Outcome, HandBack> {
+        let outcome = Outcome::Skipped(reason);
+        AttemptEnded {
+            job: attempt.job,
+            attempt: attempt.number,
+            version,
+            outcome: &outcome,
+            kind: Some(reason.as_str()),
+            took: None,
+        }
+        .emit(&self.parts.stats, &self.parts.metrics);
+        let record = run_record(attempt, version, &outcome, None, Utc::now());
+        self.commit(record).await.map(|()| outcome)
+    }
+
+    /// Writes the record; only a committed record ends the attempt.
+    async fn commit(&self, record: RunRecord) -> Result<(), HandBack> {
+        self.parts.records.write(record).await.map_err(|e| {
+            self.parts
+                .stats
+                .returned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "Run record not written; the job will run again.");
+            HandBack::SOON
+        })
+    }
+}
+
+/// Where a job stands with its schedule's overlap lock.
+enum Lock {
+    /// The job needs none.
+    Free,
+    /// This job holds it now.
+    Taken,
+    /// Another job holds it and this one is skipped.
+    Busy,
+    /// This job waits for it (or it could not be asked for).
+    Wait(HandBack),
+}
+
+/// The run record of `attempt`, ended with `outcome` (after `result`, when it ran).
+fn run_record(
+    attempt: &Attempt<'_>,
+    version: Option<Version>,
+    outcome: &Outcome,
+    result: Option<&RunResult>,
+    started_at: chrono::DateTime<Utc>,
+) -> RunRecord {
+    let job = attempt.job;
+    let failure = result.and_then(|r| r.outcome.as_ref().err());
+    let (kind, message) = match outcome {
+        Outcome::Skipped(reason) => (
+            Some(reason.as_str().to_owned()),
+            Some(reason.message().to_owned()),
+        ),
+        _ => (
+            failure.map(|f| f.kind.as_str().to_owned()),
+            failure.map(|f| f.message.clone()),
+        ),
+    };
+    RunRecord {
+        tenant: job.tenant.clone(),
+        script: job.script.clone(),
+        version,
+        job_id: job.id.clone(),
+        attempt: attempt.number as i32,
+        trigger: job.trigger,
+        subject: job.subject.clone(),
+        event_id: job.event_id.clone(),
+        status: outcome.status(),
+        failure_kind: kind,
+        failure_message: message,
+        failure_stack: failure.and_then(|f| f.stack.clone()),
+        logs: result
+            .map(|r| serde_json::to_value(&r.logs).unwrap_or_default())
+            .unwrap_or_else(|| serde_json::Value::Array(vec![])),
+        logs_truncated: result.is_some_and(|r| r.logs_truncated),
+        cold_start: result.is_some_and(|r| r.cold_start),
+        started_at,
+        duration_ms: result.map_or(0.0, |r| r.duration.as_secs_f64() * 1000.0),
+        scheduled_at: job.scheduled_at,
+    }
+}
