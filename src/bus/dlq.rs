@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::Serialize;
 
+use super::error::{BusError, Doing, Result};
 use super::NatsConfig;
-use crate::pipeline::dead_letter::{DeadLetter, DeadLetters};
+use crate::pipeline::dead_letter::{DeadLetter, DeadLetters, SendError};
 
 /// The daemon's `DeadLetters`: the dead-letter subject.
 pub struct Publisher {
@@ -24,11 +25,12 @@ impl DeadLetters for Publisher {
         &'a self,
         letter: &'a DeadLetter,
         headers: Option<&'a HeaderMap>,
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
+    ) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
             publish(&self.js, &self.config, letter, headers)
                 .await
                 .map(drop)
+                .map_err(SendError::from)
         })
     }
 }
@@ -40,7 +42,7 @@ pub async fn publish(
     config: &NatsConfig,
     letter: &DeadLetter,
     job_headers: Option<&HeaderMap>,
-) -> anyhow::Result<u64> {
+) -> Result<u64> {
     let mut headers = HeaderMap::new();
     if let Some(original) = job_headers {
         for (name, values) in original.iter() {
@@ -57,15 +59,20 @@ pub async fn publish(
     headers.insert("Scriptd-Failure-Kind", letter.failure.kind.as_str());
     headers.insert("Scriptd-Attempts", letter.attempts.to_string().as_str());
     headers.insert("Scriptd-Job-Id", letter.job_id.as_str());
-    let payload = Bytes::from(serde_json::to_vec(letter)?);
-    let ack = js
-        .publish_with_headers(
-            config.dlq_subject(&letter.tenant, &letter.script),
-            headers,
-            payload,
+    let subject = config.dlq_subject(&letter.tenant, &letter.script);
+    let doing = || {
+        format!(
+            "publishing the dead letter of job {} to {subject}",
+            letter.job_id
         )
-        .await?
-        .await?;
+    };
+    let payload = Bytes::from(serde_json::to_vec(letter).doing(doing)?);
+    let ack = js
+        .publish_with_headers(subject.clone(), headers, payload)
+        .await
+        .doing(doing)?
+        .await
+        .doing(doing)?;
     Ok(ack.sequence)
 }
 
@@ -112,28 +119,28 @@ impl LetterFilter {
 pub async fn stream(
     js: &jetstream::Context,
     config: &NatsConfig,
-) -> anyhow::Result<jetstream::stream::Stream> {
+) -> Result<jetstream::stream::Stream> {
     js.get_stream(config.dlq_stream()).await.map_err(|e| {
-        anyhow::anyhow!(
+        BusError::Stream(format!(
             "the dead-letter stream {} is not there ({e}): has a daemon with these [nats] settings run against {}?",
             config.dlq_stream(),
             config.url
-        )
+        ))
     })
 }
 
 /// One dead letter by stream sequence.
-pub async fn get(
-    stream: &jetstream::stream::Stream,
-    sequence: u64,
-) -> anyhow::Result<StoredLetter> {
+pub async fn get(stream: &jetstream::stream::Stream, sequence: u64) -> Result<StoredLetter> {
     let message = stream.get_raw_message(sequence).await.map_err(|e| {
-        anyhow::anyhow!(
+        BusError::Letter(format!(
             "no dead letter at sequence {sequence} ({e}); `scriptd dlq list` shows what there is"
-        )
+        ))
     })?;
-    let letter: DeadLetter = serde_json::from_slice(&message.payload)
-        .map_err(|e| anyhow::anyhow!("sequence {sequence} is not a scriptd dead letter: {e}"))?;
+    let letter: DeadLetter = serde_json::from_slice(&message.payload).map_err(|e| {
+        BusError::Letter(format!(
+            "sequence {sequence} is not a scriptd dead letter: {e}"
+        ))
+    })?;
     let nanos = message.time.unix_timestamp_nanos();
     Ok(StoredLetter {
         sequence,
@@ -149,8 +156,13 @@ pub async fn list(
     stream: &mut jetstream::stream::Stream,
     filter: &LetterFilter,
     limit: usize,
-) -> anyhow::Result<Vec<StoredLetter>> {
-    let state = stream.info().await?.state.clone();
+) -> Result<Vec<StoredLetter>> {
+    let state = stream
+        .info()
+        .await
+        .doing(|| "reading the dead-letter stream".into())?
+        .state
+        .clone();
     let mut found = Vec::new();
     if state.messages == 0 {
         return Ok(found);

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::dlq;
+use super::error::{BusError, Doing, Result};
 use super::runner::RETRY_AT_HEADER;
 use super::{Claims, NatsConfig};
 use crate::domain::Trigger;
@@ -82,7 +83,7 @@ impl Fanout {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let outcome = tokio::select! {
             outcome = super::keeping_alive(&msg, self.config.ack_wait, self.fan_out(&msg)) => outcome,
-            _ = hard_stop.cancelled() => Err(anyhow::anyhow!("runs still going at the end of the shutdown grace period")),
+            _ = hard_stop.cancelled() => Err(BusError::Unsettled("runs still going at the end of the shutdown grace period".into())),
         };
         let settle = match outcome {
             Ok(()) => {
@@ -101,8 +102,10 @@ impl Fanout {
         }
     }
 
-    async fn fan_out(&self, msg: &jetstream::Message) -> anyhow::Result<()> {
-        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+    async fn fan_out(&self, msg: &jetstream::Message) -> Result<()> {
+        let info = msg.info().map_err(|e| {
+            BusError::Unsettled(format!("an event message without its JetStream info: {e}"))
+        })?;
         let sequence = info.stream_sequence;
         let published = info.published.unix_timestamp_nanos();
         let parsed = match subject::parse_event_subject(&self.config.events_prefix, &msg.subject) {
@@ -152,7 +155,8 @@ impl Fanout {
                     failure,
                     msg.headers.as_ref(),
                     &serde_json::json!({ "subject": msg.subject.as_str(), "event_id": event_id }),
-                )?;
+                )
+                .doing(|| "writing a dead letter".into())?;
                 dlq::publish(&self.js, &self.config, &letter, msg.headers.as_ref()).await?;
             }
             return Ok(());
@@ -169,7 +173,9 @@ impl Fanout {
             headers: headers_as_json(msg.headers.as_ref()),
             time,
         };
-        let event = RawValue::from_string(serde_json::to_string(&view)?)?;
+        let event = serde_json::to_string(&view)
+            .and_then(RawValue::from_string)
+            .doing(|| "writing the event for its scripts".into())?;
         // What a job of this event carries besides its id: the trace and the chain depth.
         let mut headers = HeaderMap::new();
         for name in ["traceparent", crate::caps::DEPTH_HEADER] {
@@ -204,7 +210,7 @@ impl Fanout {
             futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
                 .await
         {
-            ack?;
+            ack.doing(|| "storing a job".into())?;
         }
         self.stats
             .jobs
@@ -216,12 +222,7 @@ impl Fanout {
     /// within `nats.direct_wait` and this replica wins the attempt's claim, else queues the
     /// job in its tenant's lane. Returns once the attempt is recorded (a retry queued in
     /// the lane) or the job is stored.
-    async fn direct(
-        &self,
-        executor: &Executor,
-        job: Job,
-        headers: &HeaderMap,
-    ) -> anyhow::Result<()> {
+    async fn direct(&self, executor: &Executor, job: Job, headers: &HeaderMap) -> Result<()> {
         // The claim says whether this event was handled before (a redelivery after a crash,
         // a lost ack, or nats-server#4460): what ended stays ended; a job with a failed
         // attempt, or whose attempt another replica holds, continues in its lane. It is
@@ -235,7 +236,12 @@ impl Fanout {
             Ok(Claim::Held { .. } | Claim::Later { .. }) => {
                 return self.queue(&job, headers, None).await;
             }
-            Err(e) => anyhow::bail!("cannot claim the first attempt of job {}: {e}", job.id),
+            Err(e) => {
+                return Err(BusError::Unsettled(format!(
+                    "cannot claim the first attempt of job {}: {e}",
+                    job.id
+                )))
+            }
         };
         // Stopping: what has not started goes to the lane, for this or another replica.
         let slot = tokio::time::timeout(self.config.direct_wait, executor.slot(&job.tenant))
@@ -261,7 +267,10 @@ impl Fanout {
                 self.queue(&job, headers, Some(due)).await
             }
             Ok(Outcome::Ok | Outcome::DeadLettered(_) | Outcome::Skipped(_)) => Ok(()),
-            Err(_) => anyhow::bail!("the attempt of job {} was not recorded", job.id),
+            Err(_) => Err(BusError::Unsettled(format!(
+                "the attempt of job {} was not recorded",
+                job.id
+            ))),
         }
     }
 
@@ -271,8 +280,11 @@ impl Fanout {
         job: &Job,
         headers: &HeaderMap,
         due: Option<chrono::DateTime<Utc>>,
-    ) -> anyhow::Result<()> {
-        self.publish(job, headers, due).await?.await?;
+    ) -> Result<()> {
+        self.publish(job, headers, due)
+            .await?
+            .await
+            .doing(|| format!("storing job {}", job.id))?;
         self.stats.jobs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -285,20 +297,21 @@ impl Fanout {
         job: &Job,
         headers: &HeaderMap,
         due: Option<chrono::DateTime<Utc>>,
-    ) -> anyhow::Result<jetstream::context::PublishAckFuture> {
+    ) -> Result<jetstream::context::PublishAckFuture> {
         let mut headers = headers.clone();
         headers.insert("Nats-Msg-Id", job.id.as_str());
         if let Some(due) = due {
             headers.insert(RETRY_AT_HEADER, due.timestamp_millis().to_string().as_str());
         }
-        let ack = self
-            .js
+        let doing = || format!("publishing job {}", job.id);
+        let payload = serde_json::to_vec(job).doing(doing)?;
+        self.js
             .publish_with_headers(
                 self.config.job_subject(&job.tenant, &job.script),
                 headers,
-                Bytes::from(serde_json::to_vec(job)?),
+                Bytes::from(payload),
             )
-            .await?;
-        Ok(ack)
+            .await
+            .doing(doing)
     }
 }

@@ -8,12 +8,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::error::{Doing, Result};
 use super::NatsConfig;
 pub use crate::pipeline::tenants::TenantsConfig;
 use crate::scripts::index::ScriptIndex;
@@ -29,18 +29,18 @@ pub fn event_lane_consumer(tenant: &str) -> String {
 }
 
 /// Tenants with jobs in the stream (a work queue holds only jobs not yet acknowledged).
-async fn queued_tenants(
-    js: &jetstream::Context,
-    config: &NatsConfig,
-) -> anyhow::Result<HashSet<String>> {
-    let stream = js.get_stream(config.jobs_stream()).await?;
+async fn queued_tenants(js: &jetstream::Context, config: &NatsConfig) -> Result<HashSet<String>> {
+    let name = config.jobs_stream();
+    let doing = || format!("listing the subjects of stream {name}");
+    let stream = js.get_stream(&name).await.doing(doing)?;
     let mut subjects = stream
         .info_with_subjects(format!("{}.>", config.jobs_prefix))
-        .await?;
+        .await
+        .doing(doing)?;
     let mut tenants = HashSet::new();
     let skip = config.jobs_prefix.split('.').count();
     while let Some(entry) = subjects.next().await {
-        let (subject, _) = entry?;
+        let (subject, _) = entry.doing(doing)?;
         // Anyone may publish under the prefix: a token that is no tenant name gets no lane.
         match subject.split('.').nth(skip) {
             Some(tenant) if crate::scripts::subject::validate_name("tenant", tenant).is_ok() => {
@@ -58,13 +58,15 @@ async fn queued_tenants(
 async fn tenants_with_event_lanes(
     js: &jetstream::Context,
     config: &NatsConfig,
-) -> anyhow::Result<HashSet<String>> {
-    let stream = js.get_stream(config.events_stream()).await?;
+) -> Result<HashSet<String>> {
+    let name = config.events_stream();
+    let doing = || format!("listing the consumers of stream {name}");
+    let stream = js.get_stream(&name).await.doing(doing)?;
     let mut names = stream.consumer_names();
     let prefix = format!("{}-", super::FANOUT_CONSUMER);
     let mut tenants = HashSet::new();
     while let Some(name) = names.next().await {
-        if let Some(tenant) = name?.strip_prefix(&prefix) {
+        if let Some(tenant) = name.doing(doing)?.strip_prefix(&prefix) {
             tenants.insert(tenant.to_owned());
         }
     }
@@ -189,7 +191,7 @@ impl Lanes {
         lanes.wait().await;
     }
 
-    async fn open(&self, tenant: &str) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+    async fn open(&self, tenant: &str) -> Result<jetstream::consumer::PullConsumer> {
         match self.kind {
             Kind::Jobs => {
                 super::durable_consumer(
@@ -210,16 +212,13 @@ impl Lanes {
     /// consumer's acknowledgement floor: the tenant's events up to there were settled as
     /// no one's (it had no scripts yet) or, before event lanes, fanned out by the catch-all
     /// itself; the catch-all leaves those after it to the lane.
-    async fn open_event_lane(
-        &self,
-        tenant: &str,
-    ) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+    async fn open_event_lane(&self, tenant: &str) -> Result<jetstream::consumer::PullConsumer> {
         let stream_name = self.config.events_stream();
         let stream = self
             .js
             .get_stream(&stream_name)
             .await
-            .with_context(|| format!("stream {stream_name} is missing"))?;
+            .doing(|| format!("stream {stream_name} is missing"))?;
         let name = event_lane_consumer(tenant);
         let mut wanted = super::pull_config(
             &name,
@@ -233,13 +232,18 @@ impl Lanes {
             self.js
                 .update_consumer_on_stream(wanted, &stream_name)
                 .await
-                .with_context(|| format!("updating consumer {name}"))?;
+                .doing(|| format!("updating consumer {name}"))?;
         } else {
             let mut catch_all = stream
                 .get_consumer::<pull::Config>(super::FANOUT_CONSUMER)
                 .await
-                .map_err(|e| anyhow::anyhow!("opening consumer {}: {e}", super::FANOUT_CONSUMER))?;
-            let floor = catch_all.info().await?.ack_floor.stream_sequence;
+                .doing(|| format!("opening consumer {}", super::FANOUT_CONSUMER))?;
+            let floor = catch_all
+                .info()
+                .await
+                .doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))?
+                .ack_floor
+                .stream_sequence;
             wanted.deliver_policy = DeliverPolicy::ByStartSequence {
                 start_sequence: floor + 1,
             };
@@ -251,6 +255,6 @@ impl Lanes {
         stream
             .get_consumer(&name)
             .await
-            .map_err(|e| anyhow::anyhow!("opening consumer {name}: {e}"))
+            .doing(|| format!("opening consumer {name}"))
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod catch_all;
 pub mod dlq;
+pub mod error;
 pub mod fanout;
 pub mod lanes;
 pub mod replay;
@@ -11,7 +12,6 @@ pub mod runner;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::units::{duration_str, ByteSize};
+use error::{BusError, Doing, Result};
 
 /// The `[nats]` settings. Subject prefixes and the stream name prefix let several
 /// deployments (or test runs) share one server.
@@ -264,7 +265,7 @@ pub const FANOUT_CONSUMER: &str = "scriptd-fanout";
 pub const RUNNER_CONSUMER: &str = "scriptd-runner";
 
 /// Connects, retrying until the server answers; the client reconnects by itself later.
-pub async fn connect(config: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         .name("scriptd")
         .retry_on_initial_connect()
@@ -280,16 +281,14 @@ pub async fn connect(config: &NatsConfig) -> anyhow::Result<async_nats::Client> 
         })
         .connect(&config.url)
         .await
-        .with_context(|| {
-            format!(
-                "connecting to NATS at {} (is nats-server running with -js?)",
-                config.url
-            )
+        .map_err(|source| BusError::Unavailable {
+            url: config.url.clone(),
+            source,
         })
 }
 
 /// The three streams, created or updated to this configuration.
-pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> anyhow::Result<()> {
+pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Result<()> {
     let streams = [
         (
             config.events_stream(),
@@ -332,21 +331,27 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> any
         };
         match js.get_stream(&name).await {
             Ok(mut existing) => {
-                let found = existing.info().await?.config.retention;
-                anyhow::ensure!(
-                    found == retention,
-                    "stream {name} has {found:?} retention, this scriptd needs {retention:?}: \
-                     it was made by an earlier scriptd. Stop every replica, let them finish \
-                     their jobs, delete the stream (nats stream rm {name}) and start again"
-                );
+                let found = existing
+                    .info()
+                    .await
+                    .doing(|| format!("reading stream {name}"))?
+                    .config
+                    .retention;
+                if found != retention {
+                    return Err(BusError::Stream(format!(
+                        "stream {name} has {found:?} retention, this scriptd needs {retention:?}: \
+                         it was made by an earlier scriptd. Stop every replica, let them finish \
+                         their jobs, delete the stream (nats stream rm {name}) and start again"
+                    )));
+                }
                 js.update_stream(&wanted)
                     .await
-                    .with_context(|| format!("updating stream {name}"))?;
+                    .doing(|| format!("updating stream {name}"))?;
             }
             Err(_) => {
                 js.create_stream(wanted)
                     .await
-                    .with_context(|| format!("creating stream {name}"))?;
+                    .doing(|| format!("creating stream {name}"))?;
             }
         }
     }
@@ -361,29 +366,29 @@ pub async fn durable_consumer(
     ack_wait: Duration,
     max_ack_pending: usize,
     filter_subject: Option<String>,
-) -> anyhow::Result<consumer::PullConsumer> {
+) -> Result<consumer::PullConsumer> {
     let stream = js
         .get_stream(stream_name)
         .await
-        .with_context(|| format!("stream {stream_name} is missing"))?;
+        .doing(|| format!("stream {stream_name} is missing"))?;
     let config = pull_config(name, ack_wait, max_ack_pending, filter_subject);
     match stream.get_consumer::<consumer::pull::Config>(name).await {
         Ok(_) => {
             js.update_consumer_on_stream(config, stream_name)
                 .await
-                .with_context(|| format!("updating consumer {name}"))?;
+                .doing(|| format!("updating consumer {name}"))?;
         }
         Err(_) => {
             stream
                 .create_consumer(config)
                 .await
-                .with_context(|| format!("creating consumer {name}"))?;
+                .doing(|| format!("creating consumer {name}"))?;
         }
     }
     stream
         .get_consumer(name)
         .await
-        .map_err(|e| anyhow::anyhow!("opening consumer {name}: {e}"))
+        .doing(|| format!("opening consumer {name}"))
 }
 
 /// The settings every durable pull consumer of scriptd has.

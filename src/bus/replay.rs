@@ -9,6 +9,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 
 use super::dlq::StoredLetter;
+use super::error::{BusError, Doing, Result};
 use super::NatsConfig;
 use crate::domain::Trigger;
 use crate::pipeline::job::Job;
@@ -47,23 +48,21 @@ impl FromStr for VersionChoice {
 }
 
 /// The replay job of a dead letter, and the headers that go with it.
-pub fn replay_job(
-    stored: &StoredLetter,
-    choice: VersionChoice,
-) -> anyhow::Result<(Job, HeaderMap)> {
+pub fn replay_job(stored: &StoredLetter, choice: VersionChoice) -> Result<(Job, HeaderMap)> {
     let letter = &stored.letter;
     let original: Job = serde_json::from_str(letter.job.get()).map_err(|_| {
-        anyhow::anyhow!(
+        BusError::Letter(format!(
             "dead letter {} holds no job to replay ({}: {})",
-            stored.sequence,
-            letter.failure.kind,
-            letter.failure.message
-        )
+            stored.sequence, letter.failure.kind, letter.failure.message
+        ))
     })?;
     let version = match choice {
         VersionChoice::Latest => None,
         VersionChoice::Pinned => Some(letter.script_version.ok_or_else(|| {
-            anyhow::anyhow!("dead letter {} names no version to pin", stored.sequence)
+            BusError::Letter(format!(
+                "dead letter {} names no version to pin",
+                stored.sequence
+            ))
         })?),
         VersionChoice::Exactly(n) => Some(n),
     };
@@ -104,14 +103,15 @@ pub async fn publish(
     config: &NatsConfig,
     job: &Job,
     headers: HeaderMap,
-) -> anyhow::Result<u64> {
+) -> Result<u64> {
+    let subject = config.job_subject(&job.tenant, &job.script);
+    let doing = || format!("publishing replay job {} to {subject}", job.id);
+    let payload = serde_json::to_vec(job).doing(doing)?;
     let ack = js
-        .publish_with_headers(
-            config.job_subject(&job.tenant, &job.script),
-            headers,
-            Bytes::from(serde_json::to_vec(job)?),
-        )
-        .await?
-        .await?;
+        .publish_with_headers(subject.clone(), headers, Bytes::from(payload))
+        .await
+        .doing(doing)?
+        .await
+        .doing(doing)?;
     Ok(ack.sequence)
 }

@@ -72,7 +72,8 @@ impl Live {
 }
 
 /// A service failure as the script sees it; the detail goes to the daemon's log.
-fn service_error(what: &str, call: &Call, error: anyhow::Error) -> CapError {
+fn service_error(what: &str, call: &Call, error: impl Into<anyhow::Error>) -> CapError {
+    let error = error.into();
     tracing::warn!(tenant = %call.tenant, script = %call.script, job = %call.job, error = %format!("{error:#}"), "{what} failed.");
     CapError::failed(format!(
         "{what} failed: the service is unavailable, try again later"
@@ -106,9 +107,9 @@ impl Capabilities for Live {
                 .js
                 .publish_with_headers(subject.clone(), headers, message.data.into())
                 .await
-                .map_err(|e| service_error("ctx.publish", &call, e.into()))?;
+                .map_err(|e| service_error("ctx.publish", &call, e))?;
             ack.await
-                .map_err(|e| service_error("ctx.publish", &call, e.into()))?;
+                .map_err(|e| service_error("ctx.publish", &call, e))?;
             Ok(subject)
         })
     }

@@ -33,6 +33,9 @@ fn code_number(error: &anyhow::Error) -> u8 {
 }
 
 fn unavailable(cause: &(dyn Error + 'static)) -> bool {
+    if let Some(e) = cause.downcast_ref::<crate::store::StoreError>() {
+        return e.is_unavailable();
+    }
     if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
         // A connection lost; one that could not be made has an I/O error as its source,
         // found further down the chain.

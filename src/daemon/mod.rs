@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::bus::lanes::{Kind as LaneKind, Lanes};
 use crate::bus::{
@@ -18,7 +19,7 @@ use crate::bus::{
 };
 use crate::caps::Live;
 use crate::config::Settings;
-use crate::daemon::supervisor::Supervisor;
+use crate::daemon::supervisor::{Supervisor, TaskFailed};
 use crate::engine::Engine;
 use crate::observe::health::Readiness;
 use crate::observe::metrics::{Metrics, Sources};
@@ -76,37 +77,346 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     run_with_stats(settings, shutdown, DaemonStats::default()).await
 }
 
+/// Runs the daemon until `shutdown` is cancelled or one of its tasks fails, telling
+/// `stats` of its work as it goes.
 pub async fn run_with_stats(
     settings: Settings,
     shutdown: CancellationToken,
     stats: DaemonStats,
 ) -> anyhow::Result<()> {
-    // The daemon stops on the caller's signal, or by itself when one of its tasks fails.
-    let shutdown = shutdown.child_token();
-    let mut supervisor = Supervisor::default();
-    stats
-        .metrics
-        .set_tenant_labels(settings.telemetry.tenant_labels);
-    // The endpoint answers from the start: alive at once, ready once everything is.
+    match Daemon::start(settings, shutdown, stats).await? {
+        Some(daemon) => daemon.run().await,
+        None => Ok(()),
+    }
+}
+
+/// A started daemon: its services connected and its tasks running under a supervisor.
+pub struct Daemon {
+    grace: Duration,
+    stats: DaemonStats,
+    supervisor: Supervisor,
+    /// The caller's signal, or the daemon's own when one of its tasks fails.
+    shutdown: CancellationToken,
+    /// Ends runs still going at the end of the grace period.
+    hard_stop: CancellationToken,
+    /// Stops the index refresher and the ticker once the consumers have drained.
+    background: CancellationToken,
+    /// The catch-all, the event lanes and the job lanes: drained within the grace period.
+    consumers: Vec<JoinHandle<()>>,
+    /// The index refresher and the cron ticker.
+    background_tasks: Vec<JoinHandle<()>>,
+    /// The record writer and the claim takers: they end once the consumers are gone.
+    writers: Vec<JoinHandle<()>>,
+    engine: Arc<Engine>,
+    client: async_nats::Client,
+    _endpoint: DropGuard,
+}
+
+/// What the daemon's tasks share.
+struct Wiring {
+    index: Arc<ScriptIndex>,
+    js: jetstream::Context,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl Daemon {
+    /// Serves its endpoint, waits for PostgreSQL and the script index (none if `shutdown`
+    /// comes first), connects to NATS, starts the engine and spawns every task.
+    pub async fn start(
+        settings: Settings,
+        shutdown: CancellationToken,
+        stats: DaemonStats,
+    ) -> anyhow::Result<Option<Daemon>> {
+        // The daemon stops on the caller's signal, or by itself when one of its tasks fails.
+        let shutdown = shutdown.child_token();
+        stats
+            .metrics
+            .set_tenant_labels(settings.telemetry.tenant_labels);
+        let endpoint = serve_endpoint(&settings, &stats).await?;
+        let Some((store, index)) = load(&settings, &shutdown, &stats).await? else {
+            return Ok(None);
+        };
+        let client = bus::connect(&settings.nats).await?;
+        let js = jetstream::new(client.clone());
+        bus::ensure_streams(&js, &settings.nats).await?;
+        let nats = &settings.nats;
+        stats.readiness.attach(
+            client.clone(),
+            js.clone(),
+            store.clone(),
+            vec![nats.events_stream(), nats.jobs_stream(), nats.dlq_stream()],
+        );
+        let caps = Live::new(
+            &settings.capabilities,
+            js.clone(),
+            &nats.events_prefix,
+            store.clone(),
+        )?;
+        let engine = Arc::new(Engine::start_with(&settings.engine, Arc::new(caps))?);
+        if !engine.wait_ready(Duration::from_secs(30)).await {
+            tracing::warn!("Not every engine host is up after 30s; runs wait for those that are.");
+        }
+        stats.metrics.attach(Sources {
+            fanout: stats.fanout.clone(),
+            runner: stats.attempts.clone(),
+            engine: engine.clone(),
+            nats: client.clone(),
+            postgres: store.pool().clone(),
+        });
+        crate::observe::telemetry::export_metrics(&stats.metrics);
+
+        let mut daemon = Daemon {
+            grace: settings.daemon.shutdown_grace,
+            stats,
+            supervisor: Supervisor::default(),
+            shutdown,
+            hard_stop: CancellationToken::new(),
+            background: CancellationToken::new(),
+            consumers: Vec::new(),
+            background_tasks: Vec::new(),
+            writers: Vec::new(),
+            engine,
+            client,
+            _endpoint: endpoint,
+        };
+        let wiring = Wiring {
+            index,
+            js,
+            shutdown: daemon.shutdown.clone(),
+            hard_stop: daemon.hard_stop.clone(),
+        };
+        let executor = daemon.executor(&settings, &wiring, &store).await?;
+        daemon.spawn_background(&settings, &wiring, store);
+        daemon.spawn_consumers(&settings, &wiring, executor).await?;
+        tracing::info!(
+            engine = crate::engine::ENGINE_NAME,
+            workers = daemon.engine.workers(),
+            events = %format!("{}.>", nats.events_prefix),
+            "scriptd is running."
+        );
+        Ok(Some(daemon))
+    }
+
+    /// The attempt path, with its record writer and claim takers (whose tasks the daemon
+    /// awaits at the end).
+    async fn executor(
+        &mut self,
+        settings: &Settings,
+        wiring: &Wiring,
+        store: &Store,
+    ) -> anyhow::Result<Arc<Executor>> {
+        let (records, writer) = RecordWriter::start(store.clone());
+        let replica: Arc<str> = Arc::from(replica_name());
+        // Two batches at a time of claims and of hand-backs, for each of the two takers.
+        let claim_store = Store::connect_claims(&settings.database, 8).await?;
+        let (claims, claimer) =
+            ClaimTaker::start(claim_store.clone(), replica.clone(), ClaimScope::Next);
+        let (first_claims, first_claimer) =
+            ClaimTaker::start(claim_store, replica, ClaimScope::FirstOnly);
+        self.writers.extend([writer, claimer, first_claimer]);
+        Ok(Arc::new(Executor::new(executor::Parts {
+            index: wiring.index.clone(),
+            engine: self.engine.clone(),
+            store: store.clone(),
+            records,
+            claims,
+            first_claims,
+            letters: Arc::new(dlq::Publisher {
+                js: wiring.js.clone(),
+                config: settings.nats.clone(),
+            }),
+            defaults: Defaults {
+                limits: settings.engine.limits,
+                retry: settings.retry,
+            },
+            // Two per worker, as the engine's own slots.
+            tenant_slots: TenantSlots::new(settings.tenants.clone(), 2 * self.engine.workers()),
+            stats: self.stats.attempts.clone(),
+            metrics: self.stats.metrics.clone(),
+            stop: wiring.shutdown.clone(),
+        })))
+    }
+
+    /// The index refresher and the cron ticker.
+    fn spawn_background(&mut self, settings: &Settings, wiring: &Wiring, store: Store) {
+        let refresher = self.supervisor.spawn(
+            "index refresher",
+            index::keep_fresh(
+                wiring.index.clone(),
+                store.clone(),
+                settings.daemon.index_reload_interval,
+                self.background.clone(),
+            ),
+        );
+        let ticker = crate::schedule::ticker::Ticker {
+            js: wiring.js.clone(),
+            config: settings.nats.clone(),
+            index: wiring.index.clone(),
+            store,
+            metrics: self.stats.metrics.clone(),
+        };
+        let ticker = self
+            .supervisor
+            .spawn("cron ticker", ticker.run(wiring.shutdown.clone()));
+        self.background_tasks.extend([refresher, ticker]);
+    }
+
+    /// The events catch-all, the event lanes (fan-out, with direct runs through `executor`
+    /// when on) and the job lanes (the runner). They alone hold the executor: once they
+    /// end, its record writer and claim takers can finish.
+    async fn spawn_consumers(
+        &mut self,
+        settings: &Settings,
+        wiring: &Wiring,
+        executor: Arc<Executor>,
+    ) -> anyhow::Result<()> {
+        let nats = &settings.nats;
+        let runner = Arc::new(Runner {
+            executor: executor.clone(),
+            ack_wait: nats.ack_wait,
+            in_flight: Default::default(),
+        });
+        let fanout = Arc::new(Fanout {
+            js: wiring.js.clone(),
+            config: nats.clone(),
+            index: wiring.index.clone(),
+            stats: self.stats.fanout.clone(),
+            direct: nats.direct_runs.then_some(executor),
+            in_flight: Default::default(),
+        });
+        let catch_all_consumer = bus::durable_consumer(
+            &wiring.js,
+            &nats.events_stream(),
+            bus::FANOUT_CONSUMER,
+            nats.ack_wait,
+            nats.max_in_flight * 4,
+            None,
+        )
+        .await?;
+        let event_lanes = bus::lanes::Opened::default();
+        let catch_all = Arc::new(CatchAll {
+            events_prefix: nats.events_prefix.clone(),
+            ack_wait: nats.ack_wait,
+            index: wiring.index.clone(),
+            lanes: event_lanes.clone(),
+            stats: self.stats.fanout.clone(),
+            stop: wiring.shutdown.clone(),
+        });
+        let passing = self.supervisor.spawn(
+            "events catch-all",
+            bus::pull(
+                catch_all_consumer,
+                nats.max_in_flight,
+                wiring.shutdown.clone(),
+                move |m| {
+                    let catch_all = catch_all.clone();
+                    Box::pin(async move { catch_all.handle(m).await })
+                },
+            ),
+        );
+        let lanes = |kind, opened| Lanes {
+            js: wiring.js.clone(),
+            config: nats.clone(),
+            tenants: settings.tenants.clone(),
+            index: wiring.index.clone(),
+            kind,
+            opened,
+        };
+        let hard_stop = wiring.hard_stop.clone();
+        let fanning = self.supervisor.spawn(
+            "event lanes",
+            lanes(LaneKind::Events, event_lanes).run(wiring.shutdown.clone(), move |m| {
+                let (fanout, hard_stop) = (fanout.clone(), hard_stop.clone());
+                Box::pin(async move { fanout.handle(m, hard_stop).await })
+            }),
+        );
+        let hard_stop = wiring.hard_stop.clone();
+        let running = self.supervisor.spawn(
+            "job lanes",
+            lanes(LaneKind::Jobs, Default::default()).run(wiring.shutdown.clone(), move |m| {
+                let (runner, hard_stop) = (runner.clone(), hard_stop.clone());
+                Box::pin(async move { runner.handle(m, hard_stop).await })
+            }),
+        );
+        self.consumers.extend([passing, fanning, running]);
+        Ok(())
+    }
+
+    /// Runs until the shutdown signal or a task's failure, then stops in order: stop
+    /// pulling, let runs in flight finish within the grace period, hand back what
+    /// remains, flush records. A task's failure is an error naming it.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let failed = self.supervisor.watch(&self.shutdown).await;
+        if let Some((task, how)) = &failed {
+            tracing::error!(task, %how, "A daemon task stopped unexpectedly; shutting down.");
+            self.stats
+                .readiness
+                .task_failed(format!("the {task} task {how}"));
+            self.shutdown.cancel();
+        }
+        tracing::info!(grace = %humantime::format_duration(self.grace), "Shutting down: no new messages; waiting for runs in flight.");
+        let mut consumers = tokio::spawn(futures::future::join_all(std::mem::take(
+            &mut self.consumers,
+        )));
+        if tokio::time::timeout(self.grace, &mut consumers)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "Runs still in flight after the grace period are handed back to JetStream."
+            );
+            self.hard_stop.cancel();
+            let _ = consumers.await;
+        }
+        self.background.cancel();
+        futures::future::join_all(std::mem::take(&mut self.background_tasks)).await;
+        drop(self.engine);
+        futures::future::join_all(std::mem::take(&mut self.writers)).await;
+        self.client.flush().await.ok();
+        let failures: Vec<String> = failed
+            .into_iter()
+            .chain(self.supervisor.panics())
+            .map(|(task, how)| format!("the {task} task {how}"))
+            .collect();
+        if !failures.is_empty() {
+            return Err(
+                TaskFailed(format!("scriptd stopped because {}", failures.join("; "))).into(),
+            );
+        }
+        tracing::info!("scriptd stopped.");
+        Ok(())
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` from the start, when a listener is set:
+/// alive at once, ready once everything is. The endpoint stops when the guard drops.
+async fn serve_endpoint(settings: &Settings, stats: &DaemonStats) -> anyhow::Result<DropGuard> {
     let endpoint = CancellationToken::new();
-    let _stop_endpoint = endpoint.clone().drop_guard();
     if !settings.telemetry.listen.is_empty() {
         let bound = crate::observe::health::serve(
             &settings.telemetry.listen,
             stats.readiness.clone(),
             stats.metrics.clone(),
-            endpoint,
+            endpoint.clone(),
         )
         .await?;
         tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
         let _ = stats.listening.set(bound);
     }
-    let Some(store) = until_ready("PostgreSQL", &shutdown, || {
-        Store::connect_all_tenants(&settings.database)
-    })
-    .await
-    else {
-        return Ok(());
+    Ok(endpoint.drop_guard())
+}
+
+/// Waits for PostgreSQL, applies migrations if asked to, and loads the script index;
+/// none if `shutdown` comes first.
+async fn load(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+    stats: &DaemonStats,
+) -> anyhow::Result<Option<(Store, Arc<ScriptIndex>)>> {
+    let connect = || Store::connect_all_tenants(&settings.database);
+    let Some(store) = until_ready("PostgreSQL", shutdown, connect).await else {
+        return Ok(None);
     };
     if settings.database.migrate_on_start {
         for applied in Store::migrate(&settings.database).await? {
@@ -114,223 +424,16 @@ pub async fn run_with_stats(
         }
     }
     let index = Arc::new(ScriptIndex::default());
-    if until_ready("the script index", &shutdown, || index.reload(&store))
+    if until_ready("the script index", shutdown, || index.reload(&store))
         .await
         .is_none()
     {
-        return Ok(());
+        return Ok(None);
     }
     tracing::info!(scripts = index.snapshot().len(), "Script index loaded.");
     stats.readiness.index_loaded();
     let _ = stats.index.set(index.clone());
-
-    let client = bus::connect(&settings.nats).await?;
-    let js = jetstream::new(client.clone());
-    bus::ensure_streams(&js, &settings.nats).await?;
-    let nats = &settings.nats;
-    stats.readiness.attach(
-        client.clone(),
-        js.clone(),
-        store.clone(),
-        vec![nats.events_stream(), nats.jobs_stream(), nats.dlq_stream()],
-    );
-    let catch_all_consumer = bus::durable_consumer(
-        &js,
-        &nats.events_stream(),
-        bus::FANOUT_CONSUMER,
-        nats.ack_wait,
-        nats.max_in_flight * 4,
-        None,
-    )
-    .await?;
-
-    let caps = Live::new(
-        &settings.capabilities,
-        js.clone(),
-        &nats.events_prefix,
-        store.clone(),
-    )?;
-    let engine = Arc::new(Engine::start_with(&settings.engine, Arc::new(caps))?);
-    if !engine.wait_ready(Duration::from_secs(30)).await {
-        tracing::warn!("Not every engine host is up after 30s; runs wait for those that are.");
-    }
-    stats.metrics.attach(Sources {
-        fanout: stats.fanout.clone(),
-        runner: stats.attempts.clone(),
-        engine: engine.clone(),
-        nats: client.clone(),
-        postgres: store.pool().clone(),
-    });
-    crate::observe::telemetry::export_metrics(&stats.metrics);
-    let (records, writer) = RecordWriter::start(store.clone());
-    let replica: Arc<str> = Arc::from(replica_name());
-    // Two batches at a time of claims and of hand-backs, for each of the two takers.
-    let claim_store = Store::connect_claims(&settings.database, 8).await?;
-    let (claims, claimer) =
-        ClaimTaker::start(claim_store.clone(), replica.clone(), ClaimScope::Next);
-    let (first_claims, first_claimer) =
-        ClaimTaker::start(claim_store, replica, ClaimScope::FirstOnly);
-    let background = CancellationToken::new();
-    let refresher = supervisor.spawn(
-        "index refresher",
-        index::keep_fresh(
-            index.clone(),
-            store.clone(),
-            settings.daemon.index_reload_interval,
-            background.clone(),
-        ),
-    );
-
-    let executor = Arc::new(Executor::new(executor::Parts {
-        index: index.clone(),
-        engine: engine.clone(),
-        store: store.clone(),
-        records,
-        claims,
-        first_claims,
-        letters: Arc::new(dlq::Publisher {
-            js: js.clone(),
-            config: nats.clone(),
-        }),
-        defaults: Defaults {
-            limits: settings.engine.limits,
-            retry: settings.retry,
-        },
-        // Two per worker, as the engine's own slots.
-        tenant_slots: TenantSlots::new(settings.tenants.clone(), 2 * engine.workers()),
-        stats: stats.attempts.clone(),
-        metrics: stats.metrics.clone(),
-        stop: shutdown.clone(),
-    }));
-    let runner = Arc::new(Runner {
-        executor: executor.clone(),
-        ack_wait: nats.ack_wait,
-        in_flight: Default::default(),
-    });
-    let fanout = Arc::new(Fanout {
-        js: js.clone(),
-        config: nats.clone(),
-        index: index.clone(),
-        stats: stats.fanout.clone(),
-        direct: nats.direct_runs.then(|| executor.clone()),
-        in_flight: Default::default(),
-    });
-    let ticker = supervisor.spawn(
-        "cron ticker",
-        crate::schedule::ticker::Ticker {
-            js: js.clone(),
-            config: nats.clone(),
-            index: index.clone(),
-            store: store.clone(),
-            metrics: stats.metrics.clone(),
-        }
-        .run(shutdown.clone()),
-    );
-    let hard_stop = CancellationToken::new();
-    let event_lanes = bus::lanes::Opened::default();
-    let passing = {
-        let catch_all = Arc::new(CatchAll {
-            events_prefix: nats.events_prefix.clone(),
-            ack_wait: nats.ack_wait,
-            index: index.clone(),
-            lanes: event_lanes.clone(),
-            stats: stats.fanout.clone(),
-            stop: shutdown.clone(),
-        });
-        supervisor.spawn(
-            "events catch-all",
-            bus::pull(
-                catch_all_consumer,
-                nats.max_in_flight,
-                shutdown.clone(),
-                move |m| {
-                    let catch_all = catch_all.clone();
-                    Box::pin(async move { catch_all.handle(m).await })
-                },
-            ),
-        )
-    };
-    let lanes = |kind, opened| Lanes {
-        js: js.clone(),
-        config: nats.clone(),
-        tenants: settings.tenants.clone(),
-        index: index.clone(),
-        kind,
-        opened,
-    };
-    let fanning = {
-        let hard_stop = hard_stop.clone();
-        supervisor.spawn(
-            "event lanes",
-            lanes(LaneKind::Events, event_lanes).run(shutdown.clone(), move |m| {
-                let fanout = fanout.clone();
-                let hard_stop = hard_stop.clone();
-                Box::pin(async move { fanout.handle(m, hard_stop).await })
-            }),
-        )
-    };
-    let running = {
-        let hard_stop = hard_stop.clone();
-        supervisor.spawn(
-            "job lanes",
-            lanes(LaneKind::Jobs, Default::default()).run(shutdown.clone(), move |m| {
-                let runner = runner.clone();
-                let hard_stop = hard_stop.clone();
-                Box::pin(async move { runner.handle(m, hard_stop).await })
-            }),
-        )
-    };
-    tracing::info!(
-        engine = crate::engine::ENGINE_NAME,
-        workers = engine.workers(),
-        events = %format!("{}.>", nats.events_prefix),
-        "scriptd is running."
-    );
-
-    let failed = supervisor.watch(&shutdown).await;
-    if let Some((task, how)) = &failed {
-        tracing::error!(task, %how, "A daemon task stopped unexpectedly; shutting down.");
-        stats
-            .readiness
-            .task_failed(format!("the {task} task {how}"));
-        shutdown.cancel();
-    }
-    tracing::info!(grace = %humantime::format_duration(settings.daemon.shutdown_grace), "Shutting down: no new messages; waiting for runs in flight.");
-    let mut consumers = tokio::spawn(async move {
-        let _ = passing.await;
-        let _ = fanning.await;
-        let _ = running.await;
-    });
-    if tokio::time::timeout(settings.daemon.shutdown_grace, &mut consumers)
-        .await
-        .is_err()
-    {
-        tracing::warn!("Runs still in flight after the grace period are handed back to JetStream.");
-        hard_stop.cancel();
-        let _ = consumers.await;
-    }
-    background.cancel();
-    let _ = refresher.await;
-    let _ = ticker.await;
-    drop(engine);
-    let _ = writer.await;
-    let _ = claimer.await;
-    let _ = first_claimer.await;
-    client.flush().await.ok();
-    let failures: Vec<String> = failed
-        .into_iter()
-        .chain(supervisor.panics())
-        .map(|(task, how)| format!("the {task} task {how}"))
-        .collect();
-    if !failures.is_empty() {
-        return Err(crate::daemon::supervisor::TaskFailed(format!(
-            "scriptd stopped because {}",
-            failures.join("; ")
-        ))
-        .into());
-    }
-    tracing::info!("scriptd stopped.");
-    Ok(())
+    Ok(Some((store, index)))
 }
 
 /// This process's name in attempt claims: host, process id and a random part (a process
@@ -347,16 +450,22 @@ fn replica_name() -> String {
 }
 
 /// Calls `attempt` until it succeeds or `shutdown` is cancelled, logging each failure.
-async fn until_ready<T, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> Option<T>
+async fn until_ready<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Option<T>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: Into<anyhow::Error>,
 {
     let mut delay = Duration::from_millis(250);
     loop {
         match attempt().await {
             Ok(value) => return Some(value),
             Err(e) => {
+                let e: anyhow::Error = e.into();
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "Waiting for {what}.");
             }
         }

@@ -88,6 +88,9 @@ impl DeadLetter {
     }
 }
 
+/// Why a dead letter could not be sent (the sink's own error).
+pub type SendError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Where dead letters go. The daemon's sends them to the dead-letter subject and returns
 /// once they are stored.
 pub trait DeadLetters: Send + Sync {
@@ -96,5 +99,5 @@ pub trait DeadLetters: Send + Sync {
         &'a self,
         letter: &'a DeadLetter,
         headers: Option<&'a HeaderMap>,
-    ) -> BoxFuture<'a, anyhow::Result<()>>;
+    ) -> BoxFuture<'a, Result<(), SendError>>;
 }

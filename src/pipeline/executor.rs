@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::attempt::{self, header, Attempt, Defaults, HandBack, Outcome, Plan};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::job::Job;
-use super::records::{ClaimTaker, RecordWriter};
+use super::records::{BatchError, ClaimTaker, RecordWriter};
 use super::report::{AttemptEnded, AttemptStats};
 use super::tenants::TenantSlots;
 use crate::domain::{SkipReason, Trigger, Version};
@@ -95,7 +95,7 @@ impl Executor {
     /// Claims the next attempt of `job` (or its first only, for `ClaimScope::FirstOnly`);
     /// the claim's lease covers the run's timeout, the wait behind one run in its worker,
     /// and a margin.
-    pub async fn claim(&self, job: &Job, scope: ClaimScope) -> Result<Claim, String> {
+    pub async fn claim(&self, job: &Job, scope: ClaimScope) -> Result<Claim, BatchError> {
         let timeout = self
             .parts
             .index

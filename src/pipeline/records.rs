@@ -6,7 +6,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::pipeline::batch::{Batcher, Shape};
-use crate::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store};
+use crate::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store, StoreError};
+
+/// Why a record was not written or a claim not taken: the store's error (shared by every
+/// caller whose item was in the failed batch), or the batch task gone.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The store failed the batch.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// The task that writes these batches has stopped (the daemon is stopping).
+    #[error("the {0} task has stopped")]
+    Stopped(&'static str),
+}
+
+impl From<StoreError> for BatchError {
+    fn from(e: StoreError) -> BatchError {
+        BatchError::Store(Arc::new(e))
+    }
+}
 
 /// Records or lookups per statement, at most.
 const MAX_BATCH: usize = 500;
@@ -17,9 +35,10 @@ const LINGER: Duration = Duration::from_millis(1);
 /// messages unacknowledged, so nothing is lost).
 const TRIES: u32 = 3;
 
+/// Writes run records in batches (see the module's doc).
 #[derive(Clone)]
 pub struct RecordWriter {
-    batcher: Batcher<RunRecord, Result<(), String>>,
+    batcher: Batcher<RunRecord, Result<(), BatchError>>,
 }
 
 impl RecordWriter {
@@ -41,16 +60,16 @@ impl RecordWriter {
     }
 
     /// Queues a record and waits until it is committed.
-    pub async fn write(&self, record: RunRecord) -> Result<(), String> {
+    pub async fn write(&self, record: RunRecord) -> Result<(), BatchError> {
         self.batcher
             .call(record)
             .await
-            .unwrap_or_else(|| Err("the run-record writer has stopped".into()))
+            .unwrap_or(Err(BatchError::Stopped("run-record writer")))
     }
 }
 
-async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(), String> {
-    let mut last = String::new();
+async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(), BatchError> {
+    let mut last = BatchError::Stopped("run-record writer");
     for attempt in 1..=TRIES {
         // A try whose answer was lost with its connection may have been committed: sent
         // again, it would record those runs twice.
@@ -62,8 +81,8 @@ async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(),
         match store.insert_runs(records).await {
             Ok(()) => return Ok(()),
             Err(e) => {
-                last = format!("{e:#}");
-                tracing::warn!(records = records.len(), attempt, error = %last, "Writing run records failed.");
+                tracing::warn!(records = records.len(), attempt, error = %e, "Writing run records failed.");
+                last = e.into();
                 if attempt < TRIES {
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 }
@@ -77,8 +96,8 @@ async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(),
 /// at once. One per kind of caller (job lanes take any attempt, direct runs the first only).
 #[derive(Clone)]
 pub struct ClaimTaker {
-    claims: Batcher<ClaimRequest, Result<Claim, String>>,
-    releases: Batcher<Release, Result<(), String>>,
+    claims: Batcher<ClaimRequest, Result<Claim, BatchError>>,
+    releases: Batcher<Release, Result<(), BatchError>>,
 }
 
 impl ClaimTaker {
@@ -100,7 +119,7 @@ impl ClaimTaker {
             async move {
                 match store.claim_attempts(&replica, scope, &requests).await {
                     Ok(claims) => claims.into_iter().map(Ok).collect(),
-                    Err(e) => vec![Err(format!("{e:#}")); requests.len()],
+                    Err(e) => vec![Err(BatchError::from(e)); requests.len()],
                 }
             }
         });
@@ -110,7 +129,7 @@ impl ClaimTaker {
                 let outcome = store
                     .release_claims(&replica, &released)
                     .await
-                    .map_err(|e| format!("{e:#}"));
+                    .map_err(BatchError::from);
                 vec![outcome; released.len()]
             }
         });
@@ -121,11 +140,11 @@ impl ClaimTaker {
     }
 
     /// Claims the next attempt of a job (see `Store::claim_attempts`).
-    pub async fn claim(&self, request: ClaimRequest) -> Result<Claim, String> {
+    pub async fn claim(&self, request: ClaimRequest) -> Result<Claim, BatchError> {
         self.claims
             .call(request)
             .await
-            .unwrap_or_else(|| Err("the attempt-claim task has stopped".into()))
+            .unwrap_or(Err(BatchError::Stopped("attempt-claim")))
     }
 
     /// Hands back a claimed attempt that did not run. If this fails the claim stays until
@@ -140,7 +159,7 @@ impl ClaimTaker {
             .releases
             .call(release)
             .await
-            .unwrap_or_else(|| Err("the attempt-claim task has stopped".into()));
+            .unwrap_or(Err(BatchError::Stopped("attempt-claim")));
         if let Err(e) = outcome {
             tracing::warn!(job = %job_id, attempt, error = %e, "Could not hand back an attempt claim; the job waits for its lease to end.");
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::error::Result;
 use super::Store;
 
 /// A replica asks to run the next attempt of this job.
@@ -91,7 +92,7 @@ impl Store {
         replica: &str,
         scope: ClaimScope,
         requests: &[ClaimRequest],
-    ) -> anyhow::Result<Vec<Claim>> {
+    ) -> Result<Vec<Claim>> {
         let mut seen = HashSet::with_capacity(requests.len());
         let unique: Vec<&ClaimRequest> = requests
             .iter()
@@ -147,7 +148,7 @@ impl Store {
 
     /// The claims of these jobs as they stand, planned for these very jobs (an unnamed
     /// statement: a plan cached while the table was small could scan it whole later).
-    async fn state_of(&self, jobs: &[&str]) -> anyhow::Result<Vec<tokio_postgres::Row>> {
+    async fn state_of(&self, jobs: &[&str]) -> Result<Vec<tokio_postgres::Row>> {
         let mut client = self.client().await?;
         if self.all_tenants {
             return Ok(client.query(STATE_SQL, &[&jobs]).await?);
@@ -162,7 +163,7 @@ impl Store {
     /// slot in time, a record not written): each attempt may be claimed again at once. A
     /// claim another replica holds by now is left alone. One upsert, like the claim, so its
     /// plan is the primary key's at any size.
-    pub async fn release_claims(&self, replica: &str, claims: &[Release]) -> anyhow::Result<()> {
+    pub async fn release_claims(&self, replica: &str, claims: &[Release]) -> Result<()> {
         let jobs: Vec<&str> = claims.iter().map(|c| c.job_id.as_str()).collect();
         let tenants: Vec<&str> = claims.iter().map(|c| c.tenant.as_str()).collect();
         let before: Vec<i32> = claims
@@ -184,7 +185,7 @@ impl Store {
     }
 
     /// The claim of one job as stored: (state, attempt, replica).
-    pub async fn claim_of(&self, job_id: &str) -> anyhow::Result<Option<(String, i32, String)>> {
+    pub async fn claim_of(&self, job_id: &str) -> Result<Option<(String, i32, String)>> {
         let rows = self
             .all_tenants_query(
                 "SELECT state, attempt, replica FROM attempt_claims WHERE job_id = $1",

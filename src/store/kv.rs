@@ -1,8 +1,7 @@
 //! Tenant key-value storage for scripts' `ctx.kv`: JSON values, a byte quota per tenant kept
 //! exact under concurrent writers by a per-tenant usage row locked in every write.
 
-use anyhow::Context;
-
+use super::error::{Doing, Result};
 use super::{scoped, Store};
 
 /// Why a write was refused.
@@ -17,7 +16,7 @@ pub enum KvWrite {
 }
 
 impl Store {
-    pub async fn kv_get(&self, tenant: &str, key: &str) -> anyhow::Result<Option<String>> {
+    pub async fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<String>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let row = tx
@@ -26,7 +25,7 @@ impl Store {
                 &[&tenant, &key],
             )
             .await
-            .context("reading a key")?;
+            .doing("reading a key")?;
         tx.commit().await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -39,7 +38,7 @@ impl Store {
         key: &str,
         value: &str,
         quota: u64,
-    ) -> anyhow::Result<KvWrite> {
+    ) -> Result<KvWrite> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let size = (key.len() + value.len()) as i32;
@@ -74,7 +73,7 @@ impl Store {
             &[&tenant, &key, &value, &size],
         )
         .await
-        .context("writing a key")?;
+        .doing("writing a key")?;
         tx.execute(
             "UPDATE kv_usage SET bytes = $2, keys = keys + $3 WHERE tenant = $1",
             &[&tenant, &needed, &i64::from(old.is_none())],
@@ -85,7 +84,7 @@ impl Store {
     }
 
     /// Deletes `key`; whether it existed.
-    pub async fn kv_delete(&self, tenant: &str, key: &str) -> anyhow::Result<bool> {
+    pub async fn kv_delete(&self, tenant: &str, key: &str) -> Result<bool> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let removed = tx
@@ -94,7 +93,7 @@ impl Store {
                 &[&tenant, &key],
             )
             .await
-            .context("deleting a key")?;
+            .doing("deleting a key")?;
         if let Some(row) = &removed {
             let size: i32 = row.get(0);
             tx.execute(
@@ -108,12 +107,7 @@ impl Store {
     }
 
     /// Keys starting with `prefix`, in order, at most `limit`.
-    pub async fn kv_list(
-        &self,
-        tenant: &str,
-        prefix: &str,
-        limit: usize,
-    ) -> anyhow::Result<Vec<String>> {
+    pub async fn kv_list(&self, tenant: &str, prefix: &str, limit: usize) -> Result<Vec<String>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let rows = tx
@@ -123,13 +117,13 @@ impl Store {
                 &[&tenant, &prefix, &(limit as i64)],
             )
             .await
-            .context("listing keys")?;
+            .doing("listing keys")?;
         tx.commit().await?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
     /// Bytes and keys a tenant's key-value data uses.
-    pub async fn kv_usage(&self, tenant: &str) -> anyhow::Result<(i64, i64)> {
+    pub async fn kv_usage(&self, tenant: &str) -> Result<(i64, i64)> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let row = tx

@@ -1,7 +1,7 @@
 //! Schema migrations: the SQL files of `migrations/`, embedded in the binary and applied in
 //! order, once, under an advisory lock so concurrent daemons do not race.
 
-use anyhow::Context;
+use super::error::{Doing, Result};
 use tokio_postgres::Client;
 
 /// (version, name, SQL), in order.
@@ -28,21 +28,21 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 const LOCK_KEY: i64 = 0x5c71_9d00_0001;
 
 /// Applies the missing migrations; returns the names of those applied now.
-pub async fn migrate(client: &mut Client) -> anyhow::Result<Vec<String>> {
+pub async fn migrate(client: &mut Client) -> Result<Vec<String>> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .await
-        .context("taking the migration lock")?;
+        .doing("taking the migration lock")?;
     let result = apply(client).await;
     let unlocked = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await;
     let applied = result?;
-    unlocked.context("releasing the migration lock")?;
+    unlocked.doing("releasing the migration lock")?;
     Ok(applied)
 }
 
-async fn apply(client: &mut Client) -> anyhow::Result<Vec<String>> {
+async fn apply(client: &mut Client) -> Result<Vec<String>> {
     let exists: bool = client
         .query_one("SELECT to_regclass('scriptd_migrations') IS NOT NULL", &[])
         .await?
@@ -57,7 +57,7 @@ async fn apply(client: &mut Client) -> anyhow::Result<Vec<String>> {
                 )",
             )
             .await
-            .context("creating the migrations table")?;
+            .doing("creating the migrations table")?;
     }
     let done: Vec<i32> = client
         .query("SELECT version FROM scriptd_migrations", &[])
@@ -73,7 +73,7 @@ async fn apply(client: &mut Client) -> anyhow::Result<Vec<String>> {
         let tx = client.transaction().await?;
         tx.batch_execute(sql)
             .await
-            .with_context(|| format!("applying migration {version:04}_{name}"))?;
+            .doing(&format!("applying migration {version:04}_{name}"))?;
         tx.execute(
             "INSERT INTO scriptd_migrations (version, name) VALUES ($1, $2)",
             &[version, name],

@@ -3,6 +3,7 @@
 //! cross-tenant work); row-level security enforces it for the `database.role` role.
 
 mod claims;
+mod error;
 mod kv;
 mod migrate;
 mod runs;
@@ -11,12 +12,13 @@ mod secrets;
 
 use std::time::Duration;
 
-use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Transaction};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
 pub use claims::{Claim, ClaimRequest, ClaimScope, Release};
+use error::Doing;
+pub use error::{Result, StoreError};
 pub use kv::KvWrite;
 pub use runs::{LockOutcome, RunFilter, RunRecord, StoredRun};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
@@ -74,12 +76,12 @@ pub struct Store {
 impl Store {
     /// A pool for `config`; checks one connection so a wrong URL fails here, clearly.
     /// A store whose every query declares its tenant.
-    pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Store> {
+    pub async fn connect(config: &DatabaseConfig) -> Result<Store> {
         Self::open(config, Sessions::Scoped, config.pool_size).await
     }
 
     /// The daemon's store: its sessions work for all tenants from the start.
-    pub async fn connect_all_tenants(config: &DatabaseConfig) -> anyhow::Result<Store> {
+    pub async fn connect_all_tenants(config: &DatabaseConfig) -> Result<Store> {
         Self::open(config, Sessions::AllTenants, config.pool_size).await
     }
 
@@ -90,10 +92,7 @@ impl Store {
     /// replicas still cannot both win an attempt; what a PostgreSQL crash can lose is a
     /// claim whose run then cannot record either, and the attempt is claimed again, as
     /// after a replica's crash. Run records, which release claims, stay synchronous.
-    pub async fn connect_claims(
-        config: &DatabaseConfig,
-        connections: usize,
-    ) -> anyhow::Result<Store> {
+    pub async fn connect_claims(config: &DatabaseConfig, connections: usize) -> Result<Store> {
         Self::open(config, Sessions::Claims, connections).await
     }
 
@@ -101,12 +100,14 @@ impl Store {
         config: &DatabaseConfig,
         sessions: Sessions,
         connections: usize,
-    ) -> anyhow::Result<Store> {
+    ) -> Result<Store> {
         let all_tenants = sessions != Sessions::Scoped;
-        let pg: tokio_postgres::Config = config
-            .url
-            .parse()
-            .with_context(|| format!("invalid database.url {:?}", redact(&config.url)))?;
+        let pg: tokio_postgres::Config = config.url.parse().map_err(|e| {
+            StoreError::Config(format!(
+                "invalid database.url {:?}: {e}",
+                redact(&config.url)
+            ))
+        })?;
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -152,7 +153,7 @@ impl Store {
                 })
             }))
             .build()
-            .context("building the database pool")?;
+            .map_err(|e| StoreError::Config(format!("building the database pool: {e}")))?;
         let store = Store {
             pool,
             url: config.url.clone(),
@@ -163,13 +164,13 @@ impl Store {
     }
 
     /// Applies missing migrations (as the login user, not the restricted role).
-    pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<Vec<String>> {
+    pub async fn migrate(config: &DatabaseConfig) -> Result<Vec<String>> {
         let mut client = connect_direct(&config.url).await?;
         migrate::migrate(&mut client).await
     }
 
-    pub async fn client(&self) -> anyhow::Result<Object> {
-        self.pool.get().await.with_context(|| {
+    pub async fn client(&self) -> Result<Object> {
+        self.pool.get().await.doing(&{
             format!(
                 "no database connection to {} (is PostgreSQL running, does the database exist, \
                  and were migrations applied with `scriptd migrate`?)",
@@ -188,7 +189,7 @@ impl Store {
 }
 
 /// A transaction working for `tenant` (or [`ALL_TENANTS`]).
-pub async fn scoped<'a>(client: &'a mut Object, tenant: &str) -> anyhow::Result<Transaction<'a>> {
+pub async fn scoped<'a>(client: &'a mut Object, tenant: &str) -> Result<Transaction<'a>> {
     let tx = client.transaction().await?;
     tx.execute("SELECT set_config('scriptd.tenant', $1, true)", &[&tenant])
         .await?;
@@ -196,8 +197,8 @@ pub async fn scoped<'a>(client: &'a mut Object, tenant: &str) -> anyhow::Result<
 }
 
 /// A plain connection outside the pool (migrations, LISTEN).
-pub async fn connect_direct(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
+pub async fn connect_direct(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.doing(&{
         format!(
             "connecting to PostgreSQL at {} (is it running and does the database exist?)",
             redact(url)

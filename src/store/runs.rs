@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::error::{bad_data, Result};
 use super::{scoped, Store, ALL_TENANTS};
 use crate::domain::{RunStatus, Trigger, Version};
 
@@ -37,7 +38,7 @@ impl Store {
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> anyhow::Result<Vec<tokio_postgres::Row>> {
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let mut client = self.client().await?;
         if self.all_tenants {
             let statement = client.prepare_cached(sql).await?;
@@ -53,14 +54,14 @@ impl Store {
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         self.all_tenants_query(sql, params).await.map(drop)
     }
 
     /// Whether the attempt of `record` (same job, attempt and start) is in `runs`. A batch
     /// is inserted by one statement, all or nothing, so one of its records tells whether a
     /// batch whose answer was lost with its connection was committed.
-    pub async fn run_recorded(&self, record: &RunRecord) -> anyhow::Result<bool> {
+    pub async fn run_recorded(&self, record: &RunRecord) -> Result<bool> {
         let rows = self
             .all_tenants_query(
                 "SELECT 1 FROM runs WHERE job_id = $1 AND attempt = $2 AND started_at = $3",
@@ -72,7 +73,7 @@ impl Store {
 
     /// Inserts a batch of run records in one statement (so all or none of them are
     /// committed; see `run_recorded`), releasing their attempts' claims.
-    pub async fn insert_runs(&self, records: &[RunRecord]) -> anyhow::Result<()> {
+    pub async fn insert_runs(&self, records: &[RunRecord]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -157,7 +158,7 @@ impl Store {
         &self,
         tenant: &str,
         script: &str,
-    ) -> anyhow::Result<Option<DateTime<Utc>>> {
+    ) -> Result<Option<DateTime<Utc>>> {
         let rows = self
             .all_tenants_query(
                 "SELECT max(scheduled_at) FROM runs
@@ -177,7 +178,7 @@ impl Store {
         job_id: &str,
         expires_at: DateTime<Utc>,
         queue: bool,
-    ) -> anyhow::Result<LockOutcome> {
+    ) -> Result<LockOutcome> {
         let rows = self
             .all_tenants_query(
                 "INSERT INTO schedule_locks (tenant, script, job_id, expires_at)
@@ -213,12 +214,7 @@ impl Store {
     }
 
     /// Releases the overlap lock if `job_id` holds it.
-    pub async fn unlock_schedule(
-        &self,
-        tenant: &str,
-        script: &str,
-        job_id: &str,
-    ) -> anyhow::Result<()> {
+    pub async fn unlock_schedule(&self, tenant: &str, script: &str, job_id: &str) -> Result<()> {
         self.all_tenants_statement(
             "DELETE FROM schedule_locks WHERE tenant = $1 AND script = $2 AND job_id = $3
                AND queued_job IS NULL",
@@ -267,7 +263,7 @@ const STORED_RUN_COLUMNS: &str = "id, tenant, script, version, job_id, attempt, 
 
 impl Store {
     /// Runs matching `filter`, newest first.
-    pub async fn list_runs(&self, filter: &RunFilter) -> anyhow::Result<Vec<StoredRun>> {
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<StoredRun>> {
         let scope = filter.tenant.as_deref().unwrap_or(ALL_TENANTS);
         let mut client = self.client().await?;
         let tx = scoped(&mut client, scope).await?;
@@ -298,7 +294,7 @@ impl Store {
     }
 
     /// One run by id.
-    pub async fn run_by_id(&self, id: i64) -> anyhow::Result<Option<StoredRun>> {
+    pub async fn run_by_id(&self, id: i64) -> Result<Option<StoredRun>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, ALL_TENANTS).await?;
         let row = tx
@@ -312,7 +308,7 @@ impl Store {
     }
 }
 
-fn stored_run(r: &tokio_postgres::Row) -> anyhow::Result<StoredRun> {
+fn stored_run(r: &tokio_postgres::Row) -> Result<StoredRun> {
     Ok(StoredRun {
         id: r.get(0),
         run: RunRecord {
@@ -321,10 +317,16 @@ fn stored_run(r: &tokio_postgres::Row) -> anyhow::Result<StoredRun> {
             version: r.get(3),
             job_id: r.get(4),
             attempt: r.get(5),
-            trigger: r.get::<_, String>(6).parse().map_err(anyhow::Error::msg)?,
+            trigger: r
+                .get::<_, String>(6)
+                .parse()
+                .map_err(|e| bad_data("trigger", e))?,
             subject: r.get(7),
             event_id: r.get(8),
-            status: r.get::<_, String>(9).parse().map_err(anyhow::Error::msg)?,
+            status: r
+                .get::<_, String>(9)
+                .parse()
+                .map_err(|e| bad_data("run status", e))?,
             failure_kind: r.get(10),
             failure_message: r.get(11),
             failure_stack: r.get(12),

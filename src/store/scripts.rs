@@ -1,10 +1,10 @@
 //! Scripts and their immutable versions: deploy (new version on a new source), list, and
 //! the full load the daemon's index is built from.
 
-use anyhow::Context;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::error::{bad_data, Doing, Result};
 use super::{scoped, Store, ALL_TENANTS};
 use crate::domain::Version;
 use crate::engine::LimitOverrides;
@@ -75,12 +75,12 @@ const SELECT_CURRENT: &str =
 impl Store {
     /// Creates the script or a new version of it, in one transaction that also notifies
     /// running daemons.
-    pub async fn deploy(&self, spec: &ScriptSpec) -> anyhow::Result<Deployed> {
+    pub async fn deploy(&self, spec: &ScriptSpec) -> Result<Deployed> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, &spec.tenant).await?;
         let sha = sha256_hex(&spec.source);
-        let limits = serde_json::to_value(spec.limits)?;
-        let retry = serde_json::to_value(spec.retry)?;
+        let limits = serde_json::to_value(spec.limits).map_err(|e| bad_data("limits", e))?;
+        let retry = serde_json::to_value(spec.retry).map_err(|e| bad_data("retry policy", e))?;
         let existing = tx
             .query_opt(
                 "SELECT s.id, s.current_version, v.sha256 FROM scripts s
@@ -145,7 +145,7 @@ impl Store {
         }
         tx.execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &spec.tenant])
             .await?;
-        tx.commit().await.context("committing the deploy")?;
+        tx.commit().await.doing("committing the deploy")?;
         Ok(Deployed {
             id,
             version,
@@ -155,12 +155,7 @@ impl Store {
     }
 
     /// Enables or disables a script; returns false if it does not exist.
-    pub async fn set_enabled(
-        &self,
-        tenant: &str,
-        name: &str,
-        enabled: bool,
-    ) -> anyhow::Result<bool> {
+    pub async fn set_enabled(&self, tenant: &str, name: &str, enabled: bool) -> Result<bool> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let n = tx
@@ -176,7 +171,7 @@ impl Store {
     }
 
     /// Deletes a script and its versions; returns false if it does not exist.
-    pub async fn delete_script(&self, tenant: &str, name: &str) -> anyhow::Result<bool> {
+    pub async fn delete_script(&self, tenant: &str, name: &str) -> Result<bool> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let n = tx
@@ -193,7 +188,7 @@ impl Store {
 
     /// Scripts at their current version: one tenant's, or every tenant's with
     /// [`ALL_TENANTS`].
-    pub async fn scripts(&self, tenant: &str) -> anyhow::Result<Vec<ScriptRow>> {
+    pub async fn scripts(&self, tenant: &str) -> Result<Vec<ScriptRow>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let rows = if tenant == ALL_TENANTS {
@@ -221,10 +216,18 @@ impl Store {
                         subjects: r.get(5),
                         cron: r.get(6),
                         timezone: r.get(7),
-                        overlap: r.get::<_, String>(12).parse().map_err(anyhow::Error::msg)?,
-                        catch_up: r.get::<_, String>(13).parse().map_err(anyhow::Error::msg)?,
-                        limits: serde_json::from_value(r.get(8)).context("stored limits")?,
-                        retry: serde_json::from_value(r.get(9)).context("stored retry policy")?,
+                        overlap: r
+                            .get::<_, String>(12)
+                            .parse()
+                            .map_err(|e| bad_data("script setting", e))?,
+                        catch_up: r
+                            .get::<_, String>(13)
+                            .parse()
+                            .map_err(|e| bad_data("script setting", e))?,
+                        limits: serde_json::from_value(r.get(8))
+                            .map_err(|e| bad_data("limits", e))?,
+                        retry: serde_json::from_value(r.get(9))
+                            .map_err(|e| bad_data("retry policy", e))?,
                     },
                 })
             })
@@ -245,7 +248,7 @@ pub struct VersionRow {
 
 impl Store {
     /// One script at its current version.
-    pub async fn script(&self, tenant: &str, name: &str) -> anyhow::Result<Option<ScriptRow>> {
+    pub async fn script(&self, tenant: &str, name: &str) -> Result<Option<ScriptRow>> {
         Ok(self
             .scripts(tenant)
             .await?
@@ -254,7 +257,7 @@ impl Store {
     }
 
     /// Every version of a script, newest first; empty if the script does not exist.
-    pub async fn versions(&self, tenant: &str, name: &str) -> anyhow::Result<Vec<VersionRow>> {
+    pub async fn versions(&self, tenant: &str, name: &str) -> Result<Vec<VersionRow>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let rows = tx
@@ -285,7 +288,7 @@ impl Store {
         tenant: &str,
         name: &str,
         version: Version,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> Result<Option<String>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let row = tx
@@ -302,12 +305,7 @@ impl Store {
 
     /// Makes an existing version current again; false if the script or version does not
     /// exist. Running daemons are notified like after a deploy.
-    pub async fn rollback(
-        &self,
-        tenant: &str,
-        name: &str,
-        version: Version,
-    ) -> anyhow::Result<bool> {
+    pub async fn rollback(&self, tenant: &str, name: &str, version: Version) -> Result<bool> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let n = tx

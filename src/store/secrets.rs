@@ -1,10 +1,10 @@
 //! Tenant secrets (stored sealed; this module never sees a plain value) and tenant
 //! policies set by operators (the hosts `fetch` may call).
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::error::{Doing, Result};
 use super::{scoped, Store};
 use crate::caps::secrets::Sealed;
 
@@ -17,12 +17,7 @@ pub struct SecretInfo {
 }
 
 impl Store {
-    pub async fn secret_put(
-        &self,
-        tenant: &str,
-        name: &str,
-        sealed: &Sealed,
-    ) -> anyhow::Result<()> {
+    pub async fn secret_put(&self, tenant: &str, name: &str, sealed: &Sealed) -> Result<()> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         tx.execute(
@@ -32,12 +27,12 @@ impl Store {
             &[&tenant, &name, &sealed.key_id, &sealed.nonce, &sealed.ciphertext],
         )
         .await
-        .context("storing a secret")?;
+        .doing("storing a secret")?;
         tx.commit().await?;
         Ok(())
     }
 
-    pub async fn secret_get(&self, tenant: &str, name: &str) -> anyhow::Result<Option<Sealed>> {
+    pub async fn secret_get(&self, tenant: &str, name: &str) -> Result<Option<Sealed>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let row = tx
@@ -46,7 +41,7 @@ impl Store {
                 &[&tenant, &name],
             )
             .await
-            .context("reading a secret")?;
+            .doing("reading a secret")?;
         tx.commit().await?;
         Ok(row.map(|r| Sealed {
             key_id: r.get(0),
@@ -55,7 +50,7 @@ impl Store {
         }))
     }
 
-    pub async fn secret_list(&self, tenant: &str) -> anyhow::Result<Vec<SecretInfo>> {
+    pub async fn secret_list(&self, tenant: &str) -> Result<Vec<SecretInfo>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let rows = tx
@@ -75,7 +70,7 @@ impl Store {
             .collect())
     }
 
-    pub async fn secret_delete(&self, tenant: &str, name: &str) -> anyhow::Result<bool> {
+    pub async fn secret_delete(&self, tenant: &str, name: &str) -> Result<bool> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let n = tx
@@ -89,7 +84,7 @@ impl Store {
     }
 
     /// The hosts the tenant's scripts may fetch from (empty: none).
-    pub async fn fetch_allow_list(&self, tenant: &str) -> anyhow::Result<Vec<String>> {
+    pub async fn fetch_allow_list(&self, tenant: &str) -> Result<Vec<String>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let row = tx
@@ -98,12 +93,12 @@ impl Store {
                 &[&tenant],
             )
             .await
-            .context("reading the tenant's fetch allow list")?;
+            .doing("reading the tenant's fetch allow list")?;
         tx.commit().await?;
         Ok(row.map(|r| r.get(0)).unwrap_or_default())
     }
 
-    pub async fn set_fetch_allow_list(&self, tenant: &str, hosts: &[String]) -> anyhow::Result<()> {
+    pub async fn set_fetch_allow_list(&self, tenant: &str, hosts: &[String]) -> Result<()> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         tx.execute(
@@ -112,7 +107,7 @@ impl Store {
             &[&tenant, &hosts],
         )
         .await
-        .context("storing the tenant's fetch allow list")?;
+        .doing("storing the tenant's fetch allow list")?;
         tx.commit().await?;
         Ok(())
     }
