@@ -3,16 +3,18 @@
 //! start into typed structs; nothing reads the environment afterwards.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::NatsConfig;
 use crate::caps::CapabilitiesConfig;
-use crate::daemon::DaemonConfig;
 use crate::engine::EngineConfig;
-use crate::pipeline::retry::RetryPolicy;
+use crate::observe::telemetry::LogConfig;
+use crate::retry::RetryPolicy;
 use crate::store::DatabaseConfig;
+use crate::units::duration_str;
 
 /// Environment variables with this prefix are settings.
 pub const ENV_PREFIX: &str = "SCRIPTD_";
@@ -36,29 +38,24 @@ pub struct Settings {
     pub telemetry: crate::observe::telemetry::TelemetryConfig,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Readable lines for a terminal.
-    #[default]
-    Human,
-    /// One JSON object per line, for log collectors.
-    Json,
-}
-
+/// The `[daemon]` settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// A tracing filter (`info`, `scriptd=debug,warn`); `RUST_LOG` replaces it when set.
-    pub filter: String,
+pub struct DaemonConfig {
+    /// How long runs in flight may take to finish after a shutdown signal; what is still
+    /// running then is handed back to JetStream for another replica.
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
+    /// Full reload of the script index, the fallback for missed change notifications.
+    #[serde(with = "duration_str")]
+    pub index_reload_interval: Duration,
 }
 
-impl Default for LogConfig {
+impl Default for DaemonConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Human,
-            filter: "info".into(),
+        DaemonConfig {
+            shutdown_grace: Duration::from_secs(20),
+            index_reload_interval: Duration::from_secs(30),
         }
     }
 }
@@ -206,7 +203,7 @@ mod tests {
         assert_eq!(s.engine.workers, 3);
         assert_eq!(s.engine.limits.timeout, Duration::from_secs(2));
         assert_eq!(s.engine.limits.heap, ByteSize::mib(16));
-        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.log.format, crate::observe::telemetry::LogFormat::Json);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The small types every layer speaks: a script `Version`, what made a job (`Trigger`), how
-//! an attempt ended as stored (`RunStatus`), why one was skipped (`SkipReason`), and the
-//! `named_enum!` that gives such enums their one stable name each.
+//! an attempt ended as stored (`RunStatus`), why one was skipped (`SkipReason`), a
+//! schedule's `Overlap` and `CatchUp` policies, and the `named_enum!` that gives such enums
+//! their one stable name each.
 
 use std::fmt;
 
@@ -95,6 +96,78 @@ named_enum! {
         Event = "event",
         Schedule = "schedule",
         Replay = "replay",
+    }
+}
+
+/// What a schedule does when an occurrence comes while its previous run is still going.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overlap {
+    /// Do not start; record the occurrence as skipped.
+    #[default]
+    Skip,
+    /// Start anyway: runs may overlap.
+    Allow,
+    /// Start when the running one ends; at most one occurrence waits, later ones are skipped.
+    QueueOne,
+}
+
+/// What a schedule does with the occurrences missed while no daemon was running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CatchUp {
+    /// Run the latest missed occurrence once, with the number missed.
+    #[default]
+    None,
+    /// Run every missed occurrence, oldest first, up to a bound.
+    All,
+}
+
+impl Overlap {
+    /// The name manifests and the database use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlap::Skip => "skip",
+            Overlap::Allow => "allow",
+            Overlap::QueueOne => "queue-one",
+        }
+    }
+}
+
+impl std::str::FromStr for Overlap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "skip" => Ok(Overlap::Skip),
+            "allow" => Ok(Overlap::Allow),
+            "queue-one" => Ok(Overlap::QueueOne),
+            other => Err(format!(
+                "overlap {other:?} is not one of skip, allow, queue-one"
+            )),
+        }
+    }
+}
+
+impl CatchUp {
+    /// The name manifests and the database use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::None => "none",
+            CatchUp::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for CatchUp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(CatchUp::None),
+            "all" => Ok(CatchUp::All),
+            other => Err(format!("catch-up {other:?} is not one of none, all")),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use scriptd::caps::secrets::SecretBox;
 use scriptd::engine::LimitOverrides;
-use scriptd::pipeline::retry::RetryOverrides;
+use scriptd::retry::RetryOverrides;
 use support::http::TestServer;
 use support::{Run, TestEnv};
 

@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use scriptd::pipeline::retry::RetryOverrides;
-use scriptd::schedule::Overlap;
+use scriptd::domain::Overlap;
+use scriptd::retry::RetryOverrides;
 use support::{busy_script, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -275,7 +275,7 @@ async fn catch_up_all_runs_every_missed_occurrence() {
         source: "export default () => 1".into(),
         cron: Some(EVERY_SECOND.into()),
         timezone: "UTC".into(),
-        catch_up: scriptd::schedule::CatchUp::All,
+        catch_up: scriptd::domain::CatchUp::All,
         // With `skip`, a regular occurrence arriving while a caught-up one runs is skipped.
         overlap: Overlap::Allow,
         ..Default::default()

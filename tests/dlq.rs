@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use scriptd::pipeline::retry::RetryOverrides;
+use scriptd::retry::RetryOverrides;
 use support::{json, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);

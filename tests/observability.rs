@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use scriptd::engine::LimitOverrides;
-use scriptd::pipeline::retry::RetryOverrides;
+use scriptd::retry::RetryOverrides;
 use support::otlp::Collector;
 use support::{Child, OwnNats, RunningDaemon, TestEnv};
 

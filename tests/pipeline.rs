@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use scriptd::pipeline::retry::RetryOverrides;
+use scriptd::retry::RetryOverrides;
 use support::{busy_script, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);

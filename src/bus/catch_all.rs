@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::fanout::FanoutStats;
 use super::lanes::Opened;
 use crate::scripts::index::ScriptIndex;
-use crate::scripts::subject;
+use crate::subject;
 
 pub struct CatchAll {
     pub events_prefix: String,

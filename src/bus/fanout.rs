@@ -26,8 +26,8 @@ use crate::pipeline::executor::Executor;
 use crate::pipeline::job::{event_job_id, headers_as_json, payload_as_json, EventView, Job};
 use crate::pipeline::report::run_span;
 use crate::scripts::index::ScriptIndex;
-use crate::scripts::subject;
 use crate::store::{Claim, ClaimScope};
+use crate::subject;
 
 /// Counters of the fan-out since start.
 #[derive(Debug, Default)]

@@ -43,7 +43,7 @@ async fn queued_tenants(js: &jetstream::Context, config: &NatsConfig) -> Result<
         let (subject, _) = entry.doing(doing)?;
         // Anyone may publish under the prefix: a token that is no tenant name gets no lane.
         match subject.split('.').nth(skip) {
-            Some(tenant) if crate::scripts::subject::validate_name("tenant", tenant).is_ok() => {
+            Some(tenant) if crate::subject::validate_name("tenant", tenant).is_ok() => {
                 tenants.insert(tenant.to_owned());
             }
             _ => tracing::debug!(%subject, "A job subject without a valid tenant; no lane."),

@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod lanes;
 pub mod replay;
 pub mod runner;
+pub mod ticker;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,7 +5,6 @@
 
 mod config;
 pub mod fetch;
-mod live;
 pub mod local;
 pub mod net;
 pub mod secrets;
@@ -16,7 +15,9 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use config::{CapabilitiesConfig, FetchConfig, KvConfig, PublishConfig, SecretsConfig};
-pub use live::{Live, DEPTH_HEADER};
+
+/// Header carrying how many script publishes led to an event.
+pub const DEPTH_HEADER: &str = "Scriptd-Chain-Depth";
 
 /// Who is calling: the run a capability call belongs to. Built by the engine from the run,
 /// never from script input.

@@ -1,5 +1,6 @@
 //! The command line: what each subcommand does, on top of the library.
 
+pub mod dev;
 mod dlq;
 pub mod exit;
 mod inspect;
@@ -17,8 +18,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{LogFormat, Settings};
+use crate::config::Settings;
 use crate::engine::LimitOverrides;
+use crate::observe::telemetry::LogFormat;
 use crate::units::{parse_duration, ByteSize};
 
 const VERSION: &str = if cfg!(feature = "quickjs") {
@@ -47,7 +49,7 @@ pub enum Command {
     /// Everything on one machine for trying scriptd: uses NATS and PostgreSQL when they
     /// answer at the configured URLs, otherwise starts them; migrates, deploys
     /// scripts-examples/ and runs the daemon.
-    Dev(crate::dev::DevArgs),
+    Dev(crate::cli::dev::DevArgs),
     /// Apply database migrations.
     Migrate,
     /// Work with tenant scripts.
@@ -274,7 +276,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Tenants(TenantsCommand::Show(args)) => block_on(tenants::show(&settings, args)),
         Command::Run => block_on(ops::run_daemon(settings)),
-        Command::Dev(args) => block_on(crate::dev::run(settings, args)),
+        Command::Dev(args) => block_on(crate::cli::dev::run(settings, args)),
         Command::Migrate => block_on(ops::migrate(&settings)),
         Command::Events(EventsCommand::Publish(args)) => block_on(ops::publish(&settings, args)),
         Command::Scripts(ScriptsCommand::Test(args)) => block_on(scripts::test(&settings, args)),

@@ -9,8 +9,8 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::scripts::subject;
 use crate::store::Store;
+use crate::subject;
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {

@@ -14,7 +14,7 @@ use crate::caps::local::Local;
 use crate::caps::net::HostRule;
 use crate::config::Settings;
 use crate::engine::{Engine, EngineConfig, Isolation, ScriptRun, ENGINE_NAME};
-use crate::pipeline::retry::RetryOverrides;
+use crate::retry::RetryOverrides;
 use crate::scripts::manifest::{validate_spec, Manifest};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
 use crate::units::parse_duration;
@@ -38,10 +38,10 @@ pub struct DeployArgs {
     pub timezone: String,
     /// When an occurrence comes while the previous run goes on: skip, allow or queue-one.
     #[arg(long, default_value = "skip")]
-    pub overlap: crate::schedule::Overlap,
+    pub overlap: crate::domain::Overlap,
     /// Missed occurrences after downtime: none (the latest once) or all (bounded).
     #[arg(long, default_value = "none")]
-    pub catch_up: crate::schedule::CatchUp,
+    pub catch_up: crate::domain::CatchUp,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Attempts in all before the job is dead-lettered.

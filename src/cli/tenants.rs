@@ -10,8 +10,8 @@ use clap::Args;
 use crate::caps::net::HostRule;
 use crate::caps::secrets::SecretBox;
 use crate::config::Settings;
-use crate::scripts::subject;
 use crate::store::Store;
+use crate::subject;
 
 #[derive(Debug, Args)]
 pub struct SecretSetArgs {

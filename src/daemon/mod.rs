@@ -2,6 +2,7 @@
 //! until the shutdown token is cancelled, then stops in order: stop pulling, let runs in
 //! flight finish within the grace period, hand back what remains, flush records.
 
+mod caps;
 pub mod supervisor;
 
 use std::net::SocketAddr;
@@ -9,7 +10,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -17,7 +17,6 @@ use crate::bus::lanes::{Kind as LaneKind, Lanes};
 use crate::bus::{
     self, catch_all::CatchAll, dlq, fanout::Fanout, fanout::FanoutStats, runner::Runner,
 };
-use crate::caps::Live;
 use crate::config::Settings;
 use crate::daemon::supervisor::{Supervisor, TaskFailed};
 use crate::engine::Engine;
@@ -30,29 +29,7 @@ use crate::pipeline::report::AttemptStats;
 use crate::pipeline::tenants::TenantSlots;
 use crate::scripts::index::{self, ScriptIndex};
 use crate::store::{ClaimScope, Store};
-use crate::units::duration_str;
-
-/// The `[daemon]` settings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DaemonConfig {
-    /// How long runs in flight may take to finish after a shutdown signal; what is still
-    /// running then is handed back to JetStream for another replica.
-    #[serde(with = "duration_str")]
-    pub shutdown_grace: Duration,
-    /// Full reload of the script index, the fallback for missed change notifications.
-    #[serde(with = "duration_str")]
-    pub index_reload_interval: Duration,
-}
-
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        DaemonConfig {
-            shutdown_grace: Duration::from_secs(20),
-            index_reload_interval: Duration::from_secs(30),
-        }
-    }
-}
+use caps::Live;
 
 /// What a running daemon exposes: its counters and metrics, its readiness, and where its
 /// HTTP endpoint listens (tests read these directly).
@@ -249,7 +226,7 @@ impl Daemon {
                 self.background.clone(),
             ),
         );
-        let ticker = crate::schedule::ticker::Ticker {
+        let ticker = crate::bus::ticker::Ticker {
             js: wiring.js.clone(),
             config: settings.nats.clone(),
             index: wiring.index.clone(),

@@ -85,7 +85,7 @@ pub async fn op_scriptd_publish(
     let mut sequence = 0;
     let (caps, call) = begin(&state, |scope, config| {
         let config = &config.publish;
-        crate::scripts::subject::validate_event_type(&event_type)
+        crate::subject::validate_event_type(&event_type)
             .map_err(|e| CapError::invalid(format!("ctx.publish: {e}")))?;
         if data.len() > config.max_size.as_usize() {
             return Err(CapError::limit(format!(

@@ -10,9 +10,9 @@ use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
 
 use super::job::Job;
-use super::retry::RetryPolicy;
 use crate::domain::{RunStatus, SkipReason, Version};
 use crate::engine::{Failure, Limits, RunResult, ScriptRun};
+use crate::retry::RetryPolicy;
 use crate::scripts::index::IndexedScript;
 use crate::store::Store;
 
@@ -151,10 +151,16 @@ impl Plan {
         }
     }
 
-    /// The outcome of attempt number `number` that ended with `result`: the retry policy's.
+    /// The outcome of attempt number `number` that ended with `result`: ok, or for a
+    /// failure another attempt after the retry policy's delay, or the dead letter.
     pub fn decide(&self, result: &RunResult, number: u32) -> Outcome {
-        self.policy
-            .decide(result.outcome.as_ref().map(|_| ()), number)
+        match &result.outcome {
+            Ok(_) => Outcome::Ok,
+            Err(failure) => match self.policy.retry_after(failure, number) {
+                Some(after) => Outcome::Retry { after },
+                None => Outcome::DeadLettered(failure.clone()),
+            },
+        }
     }
 }
 

@@ -18,10 +18,10 @@ use super::job::Job;
 use super::records::{BatchError, ClaimTaker, RecordWriter};
 use super::report::{AttemptEnded, AttemptStats};
 use super::tenants::TenantSlots;
+use crate::domain::Overlap;
 use crate::domain::{SkipReason, Trigger, Version};
 use crate::engine::{Engine, RunResult};
 use crate::observe::metrics::Metrics;
-use crate::schedule::Overlap;
 use crate::scripts::index::ScriptIndex;
 use crate::store::{Claim, ClaimRequest, ClaimScope, LockOutcome, RunRecord, Store};
 

@@ -11,5 +11,4 @@ pub mod executor;
 pub mod job;
 pub mod records;
 pub mod report;
-pub mod retry;
 pub mod tenants;

@@ -1,7 +1,8 @@
-//! Cron schedules: the expression and its occurrences (`expr`, re-exported here) and the
-//! ticker that turns occurrences into jobs (`ticker`).
+//! Cron schedules: the expression in its time zone and its occurrences (`expr`, re-exported
+//! here). The ticker that turns occurrences into jobs is a trigger like the fan-out and
+//! lives with it in `bus::ticker`: manifests validate expressions here, and the ticker reads
+//! the script index, so keeping the two apart keeps the modules free of cycles.
 
 pub mod expr;
-pub mod ticker;
 
 pub use expr::*;

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::Version;
 use crate::engine::{LimitOverrides, Limits};
-use crate::pipeline::retry::{RetryOverrides, RetryPolicy};
-use crate::scripts::subject;
+use crate::retry::{RetryOverrides, RetryPolicy};
 use crate::store::{ScriptRow, Store, ALL_TENANTS};
+use crate::subject;
 
 /// A script at its current version, ready to run.
 #[derive(Debug)]
@@ -27,8 +27,8 @@ pub struct IndexedScript {
     pub subjects: Vec<String>,
     pub cron: Option<String>,
     pub timezone: String,
-    pub overlap: crate::schedule::Overlap,
-    pub catch_up: crate::schedule::CatchUp,
+    pub overlap: crate::domain::Overlap,
+    pub catch_up: crate::domain::CatchUp,
     pub limits: LimitOverrides,
     pub retry: RetryOverrides,
 }

@@ -7,9 +7,9 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::engine::LimitOverrides;
-use crate::pipeline::retry::RetryOverrides;
-use crate::scripts::subject;
+use crate::retry::RetryOverrides;
 use crate::store::ScriptSpec;
+use crate::subject;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,9 +25,9 @@ pub struct Manifest {
     #[serde(default = "utc")]
     pub timezone: String,
     #[serde(default)]
-    pub overlap: crate::schedule::Overlap,
+    pub overlap: crate::domain::Overlap,
     #[serde(default)]
-    pub catch_up: crate::schedule::CatchUp,
+    pub catch_up: crate::domain::CatchUp,
     #[serde(default)]
     pub limits: LimitOverrides,
     #[serde(default)]

@@ -1,7 +1,5 @@
 //! Tenant scripts as the daemon sees them: the in-memory index of current versions
-//! (`index`), deploy manifests (`manifest`) and the NATS subjects scripts are matched on
-//! (`subject`).
+//! (`index`) and deploy manifests (`manifest`).
 
 pub mod index;
 pub mod manifest;
-pub mod subject;

@@ -7,9 +7,9 @@ use sha2::{Digest, Sha256};
 use super::error::{bad_data, Doing, Result};
 use super::{scoped, Store, ALL_TENANTS};
 use crate::domain::Version;
+use crate::domain::{CatchUp, Overlap};
 use crate::engine::LimitOverrides;
-use crate::pipeline::retry::RetryOverrides;
-use crate::schedule::{CatchUp, Overlap};
+use crate::retry::RetryOverrides;
 
 /// What a deploy asks for.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use scriptd::config::Settings;
 use scriptd::daemon::DaemonStats;
 use scriptd::engine::LimitOverrides;
-use scriptd::pipeline::retry::{RetryOverrides, RetryPolicy};
+use scriptd::retry::{RetryOverrides, RetryPolicy};
 use scriptd::store::{ScriptSpec, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -519,7 +519,7 @@ impl TestEnv {
         name: &str,
         source: &str,
         cron: &str,
-        overlap: scriptd::schedule::Overlap,
+        overlap: scriptd::domain::Overlap,
         retry: RetryOverrides,
     ) -> i32 {
         let spec = ScriptSpec {

@@ -18,10 +18,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::NatsConfig;
+use super::NatsConfig;
+use crate::domain::CatchUp;
 use crate::domain::Trigger;
 use crate::pipeline::job::Job;
-use crate::schedule::{CatchUp, Schedule};
+use crate::schedule::Schedule;
 use crate::scripts::index::{IndexedScript, ScriptIndex, Snapshot};
 use crate::store::Store;
 

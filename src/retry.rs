@@ -1,12 +1,11 @@
 //! The retry policy: exponential backoff (the `backoff` crate's policy) as a pure function of
-//! the attempt number, and the outcome it gives a finished run.
+//! the attempt number, and whether a failed attempt gets another.
 
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
 use serde::{Deserialize, Serialize};
 
-use super::attempt::Outcome;
 use crate::engine::Failure;
 use crate::units::duration_str;
 
@@ -90,15 +89,11 @@ impl RetryPolicy {
         delay
     }
 
-    /// The decision after attempt number `attempt` ended with `outcome`.
-    pub fn decide(&self, outcome: Result<(), &Failure>, attempt: u32) -> Outcome {
-        match outcome {
-            Ok(()) => Outcome::Ok,
-            Err(f) if f.retryable && attempt < self.max_attempts => Outcome::Retry {
-                after: self.delay(attempt),
-            },
-            Err(f) => Outcome::DeadLettered(f.clone()),
-        }
+    /// After attempt number `attempt` failed with `failure`: the delay before the next
+    /// attempt, or none when there is to be no other (the failure is not worth retrying,
+    /// or this was the last attempt allowed).
+    pub fn retry_after(&self, failure: &Failure, attempt: u32) -> Option<Duration> {
+        (failure.retryable && attempt < self.max_attempts).then(|| self.delay(attempt))
     }
 }
 
@@ -146,29 +141,18 @@ mod tests {
     }
 
     #[test]
-    fn retryable_failures_retry_until_max_attempts_then_dead_letter() {
+    fn retryable_failures_retry_until_max_attempts() {
         let p = exact();
         let f = failure(FailureKind::Exception);
-        assert_eq!(p.decide(Ok(()), 1), Outcome::Ok);
-        assert_eq!(
-            p.decide(Err(&f), 1),
-            Outcome::Retry {
-                after: Duration::from_millis(100)
-            }
-        );
-        assert_eq!(
-            p.decide(Err(&f), 3),
-            Outcome::Retry {
-                after: Duration::from_millis(400)
-            }
-        );
-        assert_eq!(p.decide(Err(&f), 4), Outcome::DeadLettered(f.clone()));
+        assert_eq!(p.retry_after(&f, 1), Some(Duration::from_millis(100)));
+        assert_eq!(p.retry_after(&f, 3), Some(Duration::from_millis(400)));
+        assert_eq!(p.retry_after(&f, 4), None);
     }
 
     #[test]
-    fn non_retryable_failures_dead_letter_at_once() {
+    fn non_retryable_failures_are_not_retried() {
         let f = failure(FailureKind::Syntax);
-        assert_eq!(exact().decide(Err(&f), 1), Outcome::DeadLettered(f.clone()));
+        assert_eq!(exact().retry_after(&f, 1), None);
     }
 
     #[test]

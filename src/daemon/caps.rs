@@ -9,17 +9,14 @@ use async_nats::HeaderMap;
 use futures::future::BoxFuture;
 use tokio::runtime::Handle;
 
-use super::fetch::Fetcher;
-use super::net::HostRule;
-use super::secrets::SecretBox;
-use super::{
+use crate::caps::fetch::Fetcher;
+use crate::caps::net::HostRule;
+use crate::caps::secrets::SecretBox;
+use crate::caps::{
     Call, CapError, CapErrorKind, CapResult, Capabilities, CapabilitiesConfig, FetchRequest,
-    FetchResponse, KvOp, KvReply, Publish,
+    FetchResponse, KvOp, KvReply, Publish, DEPTH_HEADER,
 };
 use crate::store::{KvWrite, Store};
-
-/// Header carrying how many script publishes led to an event.
-pub const DEPTH_HEADER: &str = "Scriptd-Chain-Depth";
 
 struct Inner {
     config: CapabilitiesConfig,
