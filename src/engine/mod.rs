@@ -226,6 +226,8 @@ pub struct StatsSnapshot {
     pub host_recycles: u64,
     /// Engine hosts that died.
     pub host_crashes: u64,
+    /// Engine hosts killed to stop a run past its timeout and `hosts.kill_grace`.
+    pub host_kills: u64,
 }
 
 /// The engine: worker threads with their own warm isolates, here or in host processes.
@@ -402,6 +404,7 @@ impl Engine {
                 .sum(),
             host_recycles: 0,
             host_crashes: 0,
+            host_kills: 0,
         }
     }
 }

@@ -13,15 +13,17 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::protocol::{self, CapRequest, CapValue, FromHost, ToHost};
-use super::{add_counters, crashed, Host, HostState, Shared};
+use super::{add_counters, crashed, Answer, Host, HostState, Shared};
 use crate::caps::CapError;
-use crate::engine::{FailureKind, RunResult, SharedCapabilities, StatsSnapshot};
+use crate::engine::{Failure, FailureKind, RunResult, SharedCapabilities, StatsSnapshot};
 use crate::units::ByteSize;
 
 /// A started host has this long to say it is ready.
 const READY_WAIT: Duration = Duration::from_secs(30);
 /// RSS is read from /proc every this many results of a host.
 const RSS_EVERY: u64 = 16;
+/// How often a host's runs are checked against their timeout and `hosts.kill_grace`.
+const DEADLINE_CHECK: Duration = Duration::from_millis(100);
 
 /// Starts the host process of `slot`; it joins the pool once it says it is ready.
 pub(super) fn spawn_host(shared: &Arc<Shared>, slot: usize) -> std::io::Result<()> {
@@ -130,10 +132,13 @@ async fn run_host(
     });
     let host = Arc::new(Host {
         pid,
+        workers: shared.config.hosts.workers_per_host.max(1),
         state: Mutex::new(HostState {
             pending: HashMap::new(),
+            waiting: Default::default(),
             tx: Some(tx.clone()),
             draining: false,
+            killed: None,
         }),
         load: AtomicUsize::new(0),
         results: AtomicU64::new(0),
@@ -155,7 +160,23 @@ async fn run_host(
     }
     shared.room.notify_waiters();
     tracing::debug!(pid, slot, "Engine host ready.");
-    while let Some(Ok(bytes)) = frames.next().await {
+    let grace = shared.config.hosts.kill_grace;
+    let mut deadlines = tokio::time::interval(DEADLINE_CHECK);
+    deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let bytes = tokio::select! {
+            frame = frames.next() => match frame {
+                Some(Ok(bytes)) => bytes,
+                _ => break,
+            },
+            _ = deadlines.tick() => {
+                if let Some(id) = host.overdue(grace) {
+                    tracing::warn!(pid, slot, grace = ?grace, "A run went on past its timeout and the grace; killing its engine host.");
+                    host.kill(id);
+                }
+                continue;
+            }
+        };
         match serde_json::from_slice::<FromHost>(&bytes) {
             Ok(FromHost::Done { id, result, stats }) => {
                 // An engine fault (not the script's) may leave the host's engine unsound:
@@ -184,7 +205,7 @@ async fn run_host(
         }
     }
     let status = child.wait().await.ok();
-    let (stranded, draining) = host.close();
+    let (stranded, draining, killed) = host.close();
     {
         let mut retired = shared.retired.lock().unwrap_or_else(|e| e.into_inner());
         let last = *host.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -195,13 +216,35 @@ async fn run_host(
             .unwrap_or_else(|e| e.into_inner())
             .retain(|h| !Arc::ptr_eq(h, &host));
     }
-    if !draining || !stranded.is_empty() {
+    if let Some(overdue) = killed {
+        shared.killed.fetch_add(1, Ordering::Relaxed);
+        for (id, waiting) in stranded {
+            let answer = if id == overdue {
+                let f = Failure {
+                    kind: FailureKind::Timeout,
+                    message: format!(
+                        "the run went on past its {} timeout (busy where the engine does not check for it) and its engine host was killed {} later",
+                        humantime::format_duration(waiting.timeout),
+                        humantime::format_duration(grace)
+                    ),
+                    stack: None,
+                    retryable: true,
+                };
+                let started = waiting.started.unwrap_or_else(Instant::now);
+                Answer::Done(RunResult::failed(f, started, false))
+            } else {
+                Answer::Again
+            };
+            let _ = waiting.reply.send(answer);
+        }
+    } else if !draining || !stranded.is_empty() {
         shared.crashed.fetch_add(1, Ordering::Relaxed);
         let how = status.map_or("unknown".to_owned(), |s| s.to_string());
         tracing::error!(pid, slot, status = %how, runs = stranded.len(), "An engine host died; its runs fail as engine_crashed and a new host starts.");
-        for waiting in stranded {
+        for (_, waiting) in stranded {
             let f = crashed(format!("the engine host running the script died ({how})"));
-            let _ = waiting.send(RunResult::failed(f, Instant::now(), false));
+            let answer = Answer::Done(RunResult::failed(f, Instant::now(), false));
+            let _ = waiting.reply.send(answer);
         }
     } else {
         tracing::debug!(pid, slot, "Engine host exited after draining.");

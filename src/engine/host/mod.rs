@@ -48,6 +48,13 @@ pub struct HostsConfig {
     /// Install the seccomp filter that denies hosts files, sockets and new programs
     /// (Linux). Turn off only on platforms where it cannot be installed.
     pub seccomp: bool,
+    /// How long past its timeout a run may go on before its host is killed to stop it.
+    /// The host's own watchdog stops JavaScript at the timeout; a run busy inside the
+    /// engine's native code (a sort, a regular expression, JSON of a huge value) may not
+    /// notice until that code returns. The run is then recorded as `timeout`, a new host
+    /// takes the slot, and the runs that were waiting on the killed host go to another.
+    #[serde(with = "crate::units::duration_str")]
+    pub kill_grace: Duration,
 }
 
 impl Default for HostsConfig {
@@ -59,6 +66,7 @@ impl Default for HostsConfig {
             max_rss: ByteSize::mib(768),
             binary: String::new(),
             seccomp: true,
+            kill_grace: Duration::from_secs(1),
         }
     }
 }
@@ -95,12 +103,16 @@ struct Shared {
     retired: Mutex<StatsSnapshot>,
     recycled: AtomicU64,
     crashed: AtomicU64,
+    /// Hosts killed to stop a run that went on past its timeout and the grace.
+    killed: AtomicU64,
     closed: AtomicBool,
     next_run: AtomicU64,
 }
 
 struct Host {
     pid: u32,
+    /// Runs the host works on at once (`workers_per_host`).
+    workers: usize,
     state: Mutex<HostState>,
     load: AtomicUsize,
     results: AtomicU64,
@@ -111,14 +123,31 @@ struct Host {
 /// The daemon answers a host's API call only for a run it has in flight there, as that
 /// run's tenant — never as whatever tenant a (possibly compromised) host names.
 struct Pending {
-    reply: oneshot::Sender<RunResult>,
+    reply: oneshot::Sender<Answer>,
     call: Call,
+    /// The run's own timeout.
+    timeout: Duration,
+    /// When a worker of the host took the run; none while it waits behind another.
+    started: Option<Instant>,
+}
+
+/// What the caller of a run placed on a host hears back.
+enum Answer {
+    /// The run's result.
+    Done(RunResult),
+    /// The host was killed to stop another run before this one began: place it again.
+    Again,
 }
 
 struct HostState {
     pending: HashMap<u64, Pending>,
+    /// Runs sent and waiting for a worker of the host, oldest first: the host takes them in
+    /// this order as its workers free up.
+    waiting: std::collections::VecDeque<u64>,
     tx: Option<mpsc::UnboundedSender<ToHost>>,
     draining: bool,
+    /// The run the host was killed to stop, once it was.
+    killed: Option<u64>,
 }
 
 impl HostPool {
@@ -144,6 +173,7 @@ impl HostPool {
             retired: Mutex::new(StatsSnapshot::default()),
             recycled: AtomicU64::new(0),
             crashed: AtomicU64::new(0),
+            killed: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             next_run: AtomicU64::new(1),
         });
@@ -219,16 +249,23 @@ impl HostPool {
             match self.place(&run) {
                 Placement::Host(host) => {
                     let id = self.shared.next_run.fetch_add(1, Ordering::Relaxed);
-                    match host.send(id, wire.take().expect("unsent"), &call, validate_only) {
-                        Ok(answer) => {
-                            return answer.await.unwrap_or_else(|_| {
-                                RunResult::failed(
-                                    crashed("the engine host went away"),
-                                    start,
-                                    false,
-                                )
-                            })
-                        }
+                    let sent = host.send(
+                        id,
+                        wire.take().expect("unsent"),
+                        &call,
+                        run.limits.timeout,
+                        validate_only,
+                    );
+                    match sent {
+                        Ok(answer) => match answer.await {
+                            Ok(Answer::Done(result)) => return result,
+                            // Its host was killed for another run before it began.
+                            Ok(Answer::Again) => wire = Some(Box::new(WireRun::from(&run))),
+                            Err(_) => {
+                                let gone = crashed("the engine host went away");
+                                return RunResult::failed(gone, start, false);
+                            }
+                        },
                         Err(back) => wire = Some(back),
                     }
                 }
@@ -299,6 +336,7 @@ impl HostPool {
         }
         total.host_recycles = self.shared.recycled.load(Ordering::Relaxed);
         total.host_crashes = self.shared.crashed.load(Ordering::Relaxed);
+        total.host_kills = self.shared.killed.load(Ordering::Relaxed);
         total
     }
 }
@@ -336,8 +374,9 @@ impl Host {
         id: u64,
         run: Box<WireRun>,
         call: &Call,
+        timeout: Duration,
         validate_only: bool,
-    ) -> Result<oneshot::Receiver<RunResult>, Box<WireRun>> {
+    ) -> Result<oneshot::Receiver<Answer>, Box<WireRun>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.draining {
             return Err(run);
@@ -350,8 +389,25 @@ impl Host {
             validate_only,
         }) {
             Ok(()) => {
+                let running = state
+                    .pending
+                    .values()
+                    .filter(|p| p.started.is_some())
+                    .count();
+                let started = if running < self.workers {
+                    Some(Instant::now())
+                } else {
+                    state.waiting.push_back(id);
+                    None
+                };
                 let call = call.clone();
-                state.pending.insert(id, Pending { reply, call });
+                let pending = Pending {
+                    reply,
+                    call,
+                    timeout,
+                    started,
+                };
+                state.pending.insert(id, pending);
                 self.load.fetch_add(1, Ordering::SeqCst);
                 Ok(answer)
             }
@@ -361,16 +417,50 @@ impl Host {
     }
 
     fn finish(&self, id: u64, result: RunResult, stats: StatsSnapshot) {
-        let waiting = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending
-            .remove(&id);
+        let finished = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let finished = state.pending.remove(&id);
+            state.waiting.retain(|w| *w != id);
+            // The worker it had takes the oldest waiting run.
+            if finished.as_ref().is_some_and(|p| p.started.is_some()) {
+                if let Some(next) = state.waiting.pop_front() {
+                    if let Some(p) = state.pending.get_mut(&next) {
+                        p.started = Some(Instant::now());
+                    }
+                }
+            }
+            finished
+        };
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
-        if let Some(waiting) = waiting {
+        if let Some(finished) = finished {
             self.load.fetch_sub(1, Ordering::SeqCst);
-            let _ = waiting.reply.send(result);
+            let _ = finished.reply.send(Answer::Done(result));
+        }
+    }
+
+    /// The run that has gone on `grace` past its timeout, if one has.
+    fn overdue(&self, grace: Duration) -> Option<u64> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.killed.is_some() {
+            return None;
+        }
+        state.pending.iter().find_map(|(id, p)| {
+            let started = p.started?;
+            (started.elapsed() > p.timeout + grace).then_some(*id)
+        })
+    }
+
+    /// Kills the host to stop run `id`; it takes no more runs. Its end is handled as any
+    /// host's (`close`), with `id` recorded as a timeout and the others placed again.
+    fn kill(&self, id: u64) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.killed = Some(id);
+            state.draining = true;
+        }
+        // SAFETY: kill(2) with a pid this pool started and has not yet reaped.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
         }
     }
 
@@ -398,14 +488,17 @@ impl Host {
         true
     }
 
-    /// The host is gone: the runs it still had, and whether it was draining.
-    fn close(&self) -> (Vec<oneshot::Sender<RunResult>>, bool) {
+    /// The host is gone: the runs it still had, whether it was draining, and the run it
+    /// was killed to stop.
+    fn close(&self) -> (Vec<(u64, Pending)>, bool, Option<u64>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.tx = None;
+        state.waiting.clear();
         self.load.store(0, Ordering::SeqCst);
         (
-            state.pending.drain().map(|(_, p)| p.reply).collect(),
+            state.pending.drain().collect(),
             state.draining,
+            state.killed,
         )
     }
 }
