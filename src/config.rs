@@ -27,14 +27,23 @@ const NOT_SETTINGS: [&str; 2] = ["SCRIPTD_CONFIG", "SCRIPTD_LOG_FORMAT"];
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
+    /// How the daemon logs (`[log]`).
     pub log: LogConfig,
+    /// Where and how scripts run, and their default limits (`[engine]`).
     pub engine: EngineConfig,
+    /// How failed runs are retried, unless a script says otherwise (`[retry]`).
     pub retry: RetryPolicy,
+    /// The PostgreSQL connection (`[database]`).
     pub database: DatabaseConfig,
+    /// The NATS connection, subjects and streams (`[nats]`).
     pub nats: NatsConfig,
+    /// How much of a replica one tenant may take (`[tenants]`).
     pub tenants: crate::pipeline::tenants::TenantsConfig,
+    /// Shutdown and script index reloads (`[daemon]`).
     pub daemon: DaemonConfig,
+    /// What the script API allows (`[capabilities]`).
     pub capabilities: CapabilitiesConfig,
+    /// Health and metrics endpoints and OTLP export (`[telemetry]`).
     pub telemetry: crate::observe::telemetry::TelemetryConfig,
 }
 

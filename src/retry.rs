@@ -43,15 +43,19 @@ impl Default for RetryPolicy {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryOverrides {
+    /// Attempts in all, the first included; `None` for the global setting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Delay before the second attempt; `None` for the global setting.
     #[serde(
         skip_serializing_if = "Option::is_none",
         with = "crate::units::opt_duration_str"
     )]
     pub initial: Option<Duration>,
+    /// Factor between consecutive delays; `None` for the global setting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multiplier: Option<f64>,
+    /// Upper bound of one delay; `None` for the global setting.
     #[serde(
         skip_serializing_if = "Option::is_none",
         with = "crate::units::opt_duration_str"

@@ -76,7 +76,9 @@ pub fn matches(pattern: &str, event_type: &str) -> bool {
 /// The parts of `<prefix>.<tenant>.<type tokens...>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventSubject<'a> {
+    /// The tenant token: the first after the prefix.
     pub tenant: &'a str,
+    /// The tenant-relative event type: the remaining tokens (`order.created`).
     pub event_type: &'a str,
 }
 

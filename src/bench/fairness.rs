@@ -14,6 +14,7 @@ use crate::store::{ScriptSpec, Store};
 
 /// What the flood showed.
 pub struct Fairness {
+    /// Events in the noisy tenant's flood.
     pub backlog: usize,
     /// From the quiet tenant's publish right behind the flood (in the events stream) to
     /// its run's start.
@@ -29,6 +30,7 @@ pub struct Fairness {
     pub noisy_run: Duration,
     /// The daemon's RSS before the flood and at most during it, MiB.
     pub rss_before: f64,
+    /// The daemon's largest RSS seen during the flood, MiB.
     pub rss_peak: f64,
 }
 

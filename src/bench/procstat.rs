@@ -52,7 +52,9 @@ pub struct CpuUse {
     pub daemon: Duration,
     /// Engine host processes, live and reaped.
     pub hosts: Duration,
+    /// The `nats-server` processes on this machine.
     pub nats: Duration,
+    /// The PostgreSQL server processes on this machine (backends that have ended no longer count).
     pub postgres: Duration,
 }
 

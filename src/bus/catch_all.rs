@@ -15,12 +15,18 @@ use crate::scripts::index::ScriptIndex;
 use crate::subject;
 
 pub struct CatchAll {
+    /// The prefix events arrive under (`nats.events_prefix`), before their tenant and type.
     pub events_prefix: String,
+    /// How long JetStream waits for an acknowledgement (`nats.ack_wait`): an event waiting for its
+    /// tenant's lane to open is kept alive within it.
     pub ack_wait: Duration,
+    /// The scripts at their current versions: which tenants have scripts.
     pub index: Arc<ScriptIndex>,
     /// The tenants whose event lanes are open here.
     pub lanes: Opened,
+    /// The fan-out's counters, which count the events settled here without a run.
     pub stats: Arc<FanoutStats>,
+    /// Cancelled at shutdown: an event still waiting for its tenant's lane is then handed back.
     pub stop: CancellationToken,
 }
 

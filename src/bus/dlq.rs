@@ -79,20 +79,30 @@ pub async fn publish(
 /// A dead letter as stored: its place in the stream and its document.
 #[derive(Debug, Serialize)]
 pub struct StoredLetter {
+    /// Its sequence in the dead-letter stream, as `dlq show` and `dlq replay` take it.
     pub sequence: u64,
+    /// The subject it was stored under: `<dlq_prefix>.<tenant>.<script>`.
     pub subject: String,
+    /// When JetStream stored it.
     pub stored_at: DateTime<Utc>,
+    /// The message's NATS headers: the failed job's own, its message id and the `Scriptd-*` summary
+    /// of the failure; a replay takes its trace context and replay links from them.
     #[serde(skip)]
     pub headers: HeaderMap,
+    /// The dead letter itself: the job, its failure and its attempts.
     pub letter: DeadLetter,
 }
 
 /// Which dead letters to look at.
 #[derive(Clone, Debug, Default)]
 pub struct LetterFilter {
+    /// Only this tenant's dead letters.
     pub tenant: Option<String>,
+    /// Only dead letters of scripts with this name.
     pub script: Option<String>,
+    /// Only dead letters whose last failure is of this kind (`timeout`, `exception`, ...).
     pub kind: Option<String>,
+    /// Only dead letters stored at or after this time.
     pub since: Option<DateTime<Utc>>,
 }
 

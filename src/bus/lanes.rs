@@ -118,10 +118,15 @@ impl Opened {
 
 /// One replica's lanes over one stream.
 pub struct Lanes {
+    /// Where the lanes' durable consumers are made and looked for.
     pub js: jetstream::Context,
+    /// The `[nats]` settings (streams, subject prefixes, ack wait).
     pub config: NatsConfig,
+    /// The `[tenants]` settings: each lane's pull window and its limit of unacknowledged messages.
     pub tenants: TenantsConfig,
+    /// The scripts at their current versions: every tenant with scripts gets a lane.
     pub index: Arc<ScriptIndex>,
+    /// Which stream the lanes pull.
     pub kind: Kind,
     /// Filled in as lanes open.
     pub opened: Opened,

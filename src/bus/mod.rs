@@ -27,6 +27,7 @@ use error::{BusError, Doing, Result};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
+    /// The NATS server to connect to; JetStream must be enabled on it.
     pub url: String,
     /// Events arrive on `<events_prefix>.<tenant>.<type...>`.
     pub events_prefix: String,

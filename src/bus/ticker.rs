@@ -32,10 +32,15 @@ pub const MAX_CATCH_UP: usize = 100;
 const INDEX_CHECK: Duration = Duration::from_millis(250);
 
 pub struct Ticker {
+    /// Where scheduled jobs are published.
     pub js: jetstream::Context,
+    /// The `[nats]` settings (the jobs subject prefix).
     pub config: NatsConfig,
+    /// The scripts at their current versions, whose enabled schedules are armed.
     pub index: Arc<ScriptIndex>,
+    /// Where each schedule's last occurrence is looked up, to catch up what was missed at start.
     pub store: Store,
+    /// Counts the missed occurrences a `catch-up = none` schedule skips.
     pub metrics: Arc<crate::observe::metrics::Metrics>,
 }
 

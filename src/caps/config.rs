@@ -11,9 +11,13 @@ use crate::units::{duration_str, ByteSize};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CapabilitiesConfig {
+    /// What `ctx.publish` may send (`[capabilities.publish]`).
     pub publish: PublishConfig,
+    /// What `ctx.kv` may store and do (`[capabilities.kv]`).
     pub kv: KvConfig,
+    /// What `fetch` may request and reach (`[capabilities.fetch]`).
     pub fetch: FetchConfig,
+    /// The key tenant secrets are encrypted with (`[capabilities.secrets]`).
     pub secrets: SecretsConfig,
 }
 
@@ -77,7 +81,9 @@ pub struct FetchConfig {
     pub timeout: Duration,
     /// Response bodies larger than this are refused after reading this much.
     pub max_response: ByteSize,
+    /// Largest request body a script may send.
     pub max_request_body: ByteSize,
+    /// Redirects followed for one request before it fails.
     pub max_redirects: u32,
     /// Private, loopback, link-local and other non-public networks (CIDR) that fetch may
     /// reach anyway. Empty by default: only public addresses.

@@ -18,8 +18,11 @@ use super::{
 /// A message the script published, as the daemon would have sent it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Published {
+    /// The full subject: `<events_prefix>.<tenant>.<type>`.
     pub subject: String,
+    /// The payload, as the script gave it.
     pub data: serde_json::Value,
+    /// The headers the script set, as name and value pairs.
     pub headers: Vec<(String, String)>,
 }
 

@@ -23,7 +23,9 @@ pub const DEPTH_HEADER: &str = "Scriptd-Chain-Depth";
 /// never from script input.
 #[derive(Clone, Debug)]
 pub struct Call {
+    /// The tenant of the run: every call acts on this tenant's subjects, keys and secrets only.
     pub tenant: String,
+    /// The name of the script making the call, for the daemon's logs.
     pub script: String,
     /// The job this run belongs to: the same on every attempt, so publishes are deduplicated.
     pub job: String,
@@ -42,6 +44,8 @@ pub struct Publish {
     pub event_type: String,
     /// The payload as JSON text.
     pub data: String,
+    /// Headers the script set, as name and value pairs; `Nats-*`, `Scriptd-*` and trace context
+    /// headers are refused.
     pub headers: Vec<(String, String)>,
     /// The run's publish sequence number (1, 2, ...): with the job id, the message's
     /// deduplication id.
@@ -90,9 +94,13 @@ pub enum KvReply {
 /// An HTTP request from `fetch`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FetchRequest {
+    /// The URL to fetch: `http` or `https`, on a host of the tenant's allow list.
     pub url: String,
+    /// The HTTP method, in any letter case; `GET` when the script gives none.
     pub method: String,
+    /// Request headers as name and value pairs, in the order the script gave them.
     pub headers: Vec<(String, String)>,
+    /// The request body; empty for none.
     #[serde(with = "base64_bytes")]
     pub body: Vec<u8>,
     /// Follow redirects (re-checking each target) rather than failing on them.
@@ -101,12 +109,17 @@ pub struct FetchRequest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FetchResponse {
+    /// The HTTP status code of the final response.
     pub status: u16,
+    /// The status code's standard reason phrase (`Not Found`); empty when it has none.
     pub status_text: String,
     /// The final URL, after redirects.
     pub url: String,
+    /// Whether one or more redirects were followed.
     pub redirected: bool,
+    /// Response headers as name and value pairs; values that are not visible ASCII are left out.
     pub headers: Vec<(String, String)>,
+    /// The whole response body, at most `capabilities.fetch.max_response`.
     #[serde(with = "base64_bytes")]
     pub body: Vec<u8>,
 }
@@ -132,7 +145,9 @@ mod base64_bytes {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{message}")]
 pub struct CapError {
+    /// Which error class the script sees.
     pub kind: CapErrorKind,
+    /// What went wrong, naming the call (`fetch: ...`): the JavaScript error's message.
     pub message: String,
 }
 

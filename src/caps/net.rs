@@ -90,6 +90,7 @@ pub fn allowed(rules: &[HostRule], host: &str, port: u16) -> bool {
 /// Which addresses may be connected to: public ones, plus the networks an operator allowed.
 #[derive(Clone, Debug, Default)]
 pub struct AddressPolicy {
+    /// Non-public networks that may be reached anyway (`capabilities.fetch.allow_private`).
     pub allow_private: Vec<IpNet>,
 }
 

@@ -13,8 +13,11 @@ use super::SecretsConfig;
 /// A sealed secret as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sealed {
+    /// Which key sealed it: the first 8 bytes of the key's SHA-256, hex.
     pub key_id: String,
+    /// The random 12-byte nonce it was sealed with.
     pub nonce: Vec<u8>,
+    /// The encrypted value with its authentication tag.
     pub ciphertext: Vec<u8>,
 }
 

@@ -20,8 +20,10 @@ use crate::units::parse_duration;
 
 #[derive(Debug, Args, Clone)]
 pub struct FilterArgs {
+    /// Only this tenant's dead letters.
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Only dead letters of scripts with this name.
     #[arg(long)]
     pub script: Option<String>,
     /// Failure kind: timeout, exception, heap_limit, ...
@@ -48,10 +50,13 @@ impl FilterArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Which dead letters to list.
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// List at most this many.
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -60,6 +65,7 @@ pub struct ListArgs {
 pub struct ShowArgs {
     /// Stream sequence of the dead letter (from `dlq list`).
     pub sequence: u64,
+    /// Print the dead letter, its headers and its runs as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -72,6 +78,7 @@ pub struct ReplayArgs {
     /// Replay every dead letter that matches the filters instead.
     #[arg(long)]
     pub all_matching: bool,
+    /// Which dead letters `--all-matching` replays.
     #[command(flatten)]
     pub filter: FilterArgs,
     /// latest (the current version when the replay runs), pinned (the version that failed)
@@ -85,12 +92,14 @@ pub struct ReplayArgs {
     /// At most this many replays per second.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Print the outcomes as one JSON array at the end instead of a line each.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
+    /// Which dead letters to delete.
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Every dead letter, when no filter is given.

@@ -16,25 +16,30 @@ use crate::units::parse_duration;
 
 #[derive(Debug, Args)]
 pub struct ShowArgs {
+    /// The script to show.
     #[command(flatten)]
     pub script: NameArgs,
     /// Also print the source of the current version.
     #[arg(long)]
     pub source: bool,
+    /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct VersionsArgs {
+    /// The script whose versions to list.
     #[command(flatten)]
     pub script: NameArgs,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct RollbackArgs {
+    /// The script to roll back.
     #[command(flatten)]
     pub script: NameArgs,
     /// The version to make current again.
@@ -49,8 +54,10 @@ pub struct ValidateArgs {
 
 #[derive(Debug, Args)]
 pub struct RunsListArgs {
+    /// Only this tenant's runs.
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Only runs of scripts with this name.
     #[arg(long)]
     pub script: Option<String>,
     /// ok, retrying, dead_lettered or skipped.
@@ -59,15 +66,19 @@ pub struct RunsListArgs {
     /// Only runs started within this long (e.g. 1h, 30m).
     #[arg(long, value_parser = parse_duration)]
     pub since: Option<Duration>,
+    /// List at most this many.
     #[arg(long, default_value_t = 50)]
     pub limit: i64,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct RunsShowArgs {
+    /// The run's id (from `runs list`).
     pub id: i64,
+    /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }

@@ -38,6 +38,7 @@ pub struct Cli {
     /// Log format on standard error; overrides `log.format`.
     #[arg(long, global = true, value_enum, env = "SCRIPTD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -173,13 +174,16 @@ pub struct TestArgs {
     /// The event as JSON, or @FILE to read it from a file.
     #[arg(long, default_value = "{}")]
     pub event: String,
+    /// The tenant the script runs as.
     #[arg(long, default_value = "test")]
     pub tenant: String,
     /// Script name (defaults to the file name without extension).
     #[arg(long)]
     pub name: Option<String>,
+    /// The attempt number the script sees in `ctx.attempt`.
     #[arg(long, default_value_t = 1)]
     pub attempt: u32,
+    /// Limits of the run, over the configured defaults.
     #[command(flatten)]
     pub limits: LimitArgs,
     /// A key-value entry the script finds (`KEY=JSON`); repeatable. Writes stay in memory

@@ -14,6 +14,7 @@ use crate::subject;
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
+    /// The tenant the event belongs to.
     pub tenant: String,
     /// Tenant-relative event type, e.g. order.created.
     #[arg(value_name = "TYPE")]

@@ -23,8 +23,10 @@ use crate::units::parse_duration;
 pub struct DeployArgs {
     /// The script file, or a manifest (.toml) that names it and its settings.
     pub file: PathBuf,
+    /// The tenant that owns the script (a manifest names its own).
     #[arg(long, required_unless_present = "manifest_file")]
     pub tenant: Option<String>,
+    /// The script's name (a manifest names its own).
     #[arg(long, required_unless_present = "manifest_file")]
     pub name: Option<String>,
     /// Tenant-relative subject pattern the script handles (`order.*`, `user.>`); repeatable.
@@ -42,6 +44,7 @@ pub struct DeployArgs {
     /// Missed occurrences after downtime: none (the latest once) or all (bounded).
     #[arg(long, default_value = "none")]
     pub catch_up: crate::domain::CatchUp,
+    /// The script's own limits, over the configured defaults.
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Attempts in all before the job is dead-lettered.
@@ -60,14 +63,17 @@ pub struct ListArgs {
     /// Only this tenant's scripts.
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct NameArgs {
+    /// The tenant that owns the script.
     #[arg(long)]
     pub tenant: String,
+    /// The script's name.
     #[arg(long)]
     pub name: String,
 }

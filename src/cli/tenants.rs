@@ -15,7 +15,9 @@ use crate::subject;
 
 #[derive(Debug, Args)]
 pub struct SecretSetArgs {
+    /// The tenant that owns the secret.
     pub tenant: String,
+    /// The secret's name, as scripts ask for it with `ctx.secrets.get`.
     pub name: String,
     /// Read the value from this environment variable instead of standard input (values
     /// never go on the command line, where other users and shell history can see them).
@@ -25,19 +27,24 @@ pub struct SecretSetArgs {
 
 #[derive(Debug, Args)]
 pub struct SecretNameArgs {
+    /// The tenant that owns the secret.
     pub tenant: String,
+    /// The secret's name.
     pub name: String,
 }
 
 #[derive(Debug, Args)]
 pub struct TenantArgs {
+    /// The tenant to look at.
     pub tenant: String,
+    /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct AllowFetchArgs {
+    /// The tenant whose allow list is set.
     pub tenant: String,
     /// Hosts the tenant's scripts may fetch from: `api.example.com`, `*.example.com`,
     /// `host:port`. Replaces the current list; none clears it.

@@ -62,8 +62,11 @@ impl FailureKind {
 /// A failed run: its kind, a message for humans and, for exceptions, the JavaScript stack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
+    /// What kind of failure it was (recorded as the run's failure kind).
     pub kind: FailureKind,
+    /// What went wrong, for humans.
     pub message: String,
+    /// The JavaScript stack of the error that failed the run, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stack: Option<String>,
     /// Whether the caller should try again (the kind's rule with the operator's settings).

@@ -22,9 +22,12 @@ pub struct ScriptIsolate {
     handler: Option<v8::Global<v8::Function>>,
     runtime: JsRuntime,
     guard: Arc<Guard>,
-    /// Whether this isolate is the thread's entered isolate (see `enter`).
+    /// The heap limit the isolate was created with; a warm isolate serves only runs of that limit.
     pub heap_limit: ByteSize,
+    /// The source of the script loaded in the isolate; `None` until one is loaded. A warm isolate
+    /// serves only runs of this exact source.
     pub source: Option<Arc<str>>,
+    /// Whether this isolate is the thread's entered isolate (see `enter`).
     entered: bool,
     /// Runs since creation, and the memory measured at the last refresh.
     runs: u64,

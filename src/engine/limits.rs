@@ -40,17 +40,22 @@ impl Default for Limits {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitOverrides {
+    /// The script's wall-clock limit; `None` for the global one.
     #[serde(
         with = "crate::units::opt_duration_str",
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// The script's heap limit; `None` for the global one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heap: Option<ByteSize>,
+    /// The script's source size limit; `None` for the global one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<ByteSize>,
+    /// The script's limit on its return value as JSON; `None` for the global one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<ByteSize>,
+    /// The script's limit on captured console output; `None` for the global one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logs: Option<ByteSize>,
 }

@@ -57,6 +57,7 @@ pub struct EngineConfig {
     /// Where the daemon runs isolates. Commands other than the daemon (`scripts test`,
     /// deploy checks, benchmarks) always use threads.
     pub isolation: Isolation,
+    /// The engine host processes used with `isolation = "process"` (`[engine.hosts]`).
     pub hosts: HostsConfig,
     /// Engine worker threads with `isolation = "thread"`, each running one isolate at a
     /// time. 0 means one per core.
@@ -91,14 +92,19 @@ impl Default for EngineConfig {
 /// One run of one script version.
 #[derive(Clone, Debug)]
 pub struct ScriptRun {
+    /// The tenant whose script runs; its script API calls act for this tenant.
     pub tenant: String,
+    /// The script's name.
     pub script: String,
+    /// The version that runs; with tenant and script, the key of its warm isolate.
     pub version: Version,
+    /// The version's source.
     pub source: Arc<str>,
     /// The event given to the handler, as JSON text.
     pub input: Box<RawValue>,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// The limits the run is held to: the global ones with the script's overrides.
     pub limits: Limits,
     /// The job the run belongs to (the same on every attempt).
     pub job: String,
@@ -151,7 +157,9 @@ pub struct RunResult {
     pub outcome: Result<serde_json::Value, Failure>,
     /// `console.*` and `ctx.log` output, capped by the log limit.
     pub logs: Vec<LogLine>,
+    /// Whether the log limit cut the output (the last line then says how much was dropped).
     pub logs_truncated: bool,
+    /// How long the run took in its worker, isolate creation and module loading included.
     pub duration: Duration,
     /// Whether a new isolate was created for this run.
     pub cold_start: bool,
@@ -201,9 +209,13 @@ impl RunResult {
 /// Counters of the engine since start.
 #[derive(Debug, Default)]
 pub struct EngineStats {
+    /// Runs started, failed ones included.
     pub runs: AtomicU64,
+    /// Runs that had to create a new isolate.
     pub cold_starts: AtomicU64,
+    /// Runs served by a warm isolate of their script version.
     pub warm_hits: AtomicU64,
+    /// Warm isolates dropped, least recently used first, to keep the pool within its budgets.
     pub evictions: AtomicU64,
     /// Isolates dropped after a run that left them unfit for reuse (timeout, heap limit, ...).
     pub discarded: AtomicU64,
@@ -214,11 +226,17 @@ pub struct EngineStats {
 /// A point-in-time copy of [`EngineStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
+    /// Runs started, failed ones included.
     pub runs: u64,
+    /// Runs that had to create a new isolate.
     pub cold_starts: u64,
+    /// Runs served by a warm isolate of their script version.
     pub warm_hits: u64,
+    /// Warm isolates dropped, least recently used first, to keep the pool within its budgets.
     pub evictions: u64,
+    /// Isolates dropped after a run that left them unfit for reuse.
     pub discarded: u64,
+    /// Warm isolates kept now, all workers together.
     pub warm_isolates: u64,
     /// Runs queued on or running in a worker now.
     pub in_flight: u64,

@@ -21,6 +21,7 @@ pub type SharedCapabilities = Arc<dyn Capabilities>;
 /// the start of every run and taken out at its end.
 #[derive(Debug)]
 pub struct RunScope {
+    /// Who the run acts for: its tenant, script, job and deadline.
     pub call: Call,
     published: u32,
     fetches: u32,

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 /// One line a script wrote with `console.*` or `ctx.log`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
+    /// The level: `debug`, `info`, `warn` or `error` (`console.log` and `ctx.log` write `info`).
     pub level: String,
+    /// The arguments of the call, formatted and joined by spaces.
     pub message: String,
 }
 

@@ -19,14 +19,17 @@ use super::watchdog::Watchdog;
 use super::{EngineConfig, EngineStats, RunResult, ScriptRun};
 
 pub struct Task {
+    /// The run to execute.
     pub run: ScriptRun,
     /// Only compile and evaluate the module and find its handler (a deploy's check).
     pub validate_only: bool,
+    /// Where the result goes.
     pub reply: oneshot::Sender<RunResult>,
 }
 
 /// The engine's side of a worker thread.
 pub struct WorkerHandle {
+    /// Sends runs to the worker.
     pub tx: mpsc::UnboundedSender<Task>,
     /// Runs queued on or running in this worker; used to place new runs.
     pub load: Arc<AtomicUsize>,

@@ -48,16 +48,23 @@ pub fn event_job_id(stream: &str, sequence: u64, script_id: i64) -> String {
 /// The handler's view of an event.
 #[derive(Serialize)]
 pub struct EventView<'a> {
+    /// The event's id: its `Nats-Msg-Id`, else `<stream>-<sequence>`; the same on every redelivery.
     pub id: &'a str,
+    /// The full NATS subject.
     pub subject: &'a str,
+    /// The tenant-relative type (`order.created` for subject `events.acme.order.created`).
     #[serde(rename = "type")]
     pub event_type: &'a str,
+    /// The tenant the event belongs to (always the script's own).
     pub tenant: &'a str,
+    /// The payload: parsed JSON; other UTF-8 as a string; other bytes as base64 (see `encoding`).
     pub data: &'a RawValue,
     /// `json` when the payload was JSON, `text` when it was other UTF-8 (then `data` is a
     /// string), `base64` when it was not UTF-8 (then `data` is its base64).
     pub encoding: &'static str,
+    /// The message's NATS headers (the first value of each), JetStream's own `Nats-*` left out.
     pub headers: serde_json::Map<String, serde_json::Value>,
+    /// When JetStream stored the event, RFC 3339.
     pub time: String,
 }
 

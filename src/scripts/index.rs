@@ -18,18 +18,32 @@ use crate::subject;
 /// A script at its current version, ready to run.
 #[derive(Debug)]
 pub struct IndexedScript {
+    /// The script's id in the database; part of its jobs' ids.
     pub id: i64,
+    /// The tenant that owns the script.
     pub tenant: String,
+    /// The script's name, unique within its tenant.
     pub name: String,
+    /// Whether the script runs: a disabled one handles no event or schedule occurrence, and its
+    /// queued jobs are skipped.
     pub enabled: bool,
+    /// The current version.
     pub version: Version,
+    /// The current version's source.
     pub source: Arc<str>,
+    /// Tenant-relative subject patterns (`order.*`, `user.>`) of the events the script handles.
     pub subjects: Vec<String>,
+    /// The schedule: six cron fields, seconds first; `None` for a script run by events only.
     pub cron: Option<String>,
+    /// The IANA time zone the schedule is read in.
     pub timezone: String,
+    /// What the schedule does when an occurrence comes while the previous run goes on.
     pub overlap: crate::domain::Overlap,
+    /// What the schedule does with the occurrences missed while no daemon ran.
     pub catch_up: crate::domain::CatchUp,
+    /// The script's own limits, over the global ones.
     pub limits: LimitOverrides,
+    /// The script's own retry settings, over the global policy.
     pub retry: RetryOverrides,
 }
 

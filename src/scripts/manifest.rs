@@ -14,22 +14,31 @@ use crate::subject;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The tenant that owns the script.
     pub tenant: String,
+    /// The script's name.
     pub name: String,
     /// The script file, relative to the manifest.
     pub source: PathBuf,
     /// Tenant-relative subject patterns.
     #[serde(default)]
     pub on: Vec<String>,
+    /// A schedule: six cron fields, seconds first (`0 */5 * * * *`).
     pub cron: Option<String>,
+    /// The IANA time zone of the schedule; `UTC` when not given.
     #[serde(default = "utc")]
     pub timezone: String,
+    /// When an occurrence comes while the previous run goes on: `skip` (the default), `allow` or
+    /// `queue-one`.
     #[serde(default)]
     pub overlap: crate::domain::Overlap,
+    /// Missed occurrences after downtime: `none` (the latest once, the default) or `all` (bounded).
     #[serde(default)]
     pub catch_up: crate::domain::CatchUp,
+    /// The script's own limits (`[limits]`), over the global ones.
     #[serde(default)]
     pub limits: LimitOverrides,
+    /// The script's own retry settings (`[retry]`), over the global policy.
     #[serde(default)]
     pub retry: RetryOverrides,
     /// An event `scriptd dev` publishes after deploying, to show the script at work.
@@ -42,6 +51,7 @@ pub struct ExampleEvent {
     /// Tenant-relative event type (`order.created`).
     #[serde(rename = "type")]
     pub event_type: String,
+    /// The event's payload, published as JSON.
     pub data: toml::Value,
 }
 

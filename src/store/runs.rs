@@ -10,22 +10,40 @@ use crate::domain::{RunStatus, Trigger, Version};
 /// One attempt of one job.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunRecord {
+    /// The tenant whose script ran.
     pub tenant: String,
+    /// The script's name.
     pub script: String,
+    /// The script version that ran; `None` for a skipped attempt whose script was gone and whose
+    /// job named no version.
     pub version: Option<Version>,
+    /// The job the attempt belongs to; the same on every attempt.
     pub job_id: String,
+    /// The attempt's number, 1 for the first.
     pub attempt: i32,
+    /// What made the job.
     pub trigger: Trigger,
+    /// The NATS subject of the event the job handles; `None` for schedule jobs.
     pub subject: Option<String>,
+    /// The id of the event the job handles (for a schedule job, the occurrence's job id).
     pub event_id: Option<String>,
+    /// How the attempt ended.
     pub status: RunStatus,
+    /// The failure's kind, or the skip reason for a skipped attempt; `None` when the run succeeded.
     pub failure_kind: Option<String>,
+    /// What went wrong, or why the attempt was skipped; `None` when the run succeeded.
     pub failure_message: Option<String>,
+    /// The JavaScript stack of the error that failed the run, when there is one.
     pub failure_stack: Option<String>,
+    /// The run's console output: an array of `{level, message}` lines, empty when it did not run.
     pub logs: serde_json::Value,
+    /// Whether the log limit cut the output.
     pub logs_truncated: bool,
+    /// Whether a new isolate was created for the run.
     pub cold_start: bool,
+    /// When the attempt started (for a skipped one, when it was skipped).
     pub started_at: DateTime<Utc>,
+    /// How long the run took in the engine, milliseconds; 0 when it did not run.
     pub duration_ms: f64,
     /// For schedule runs: the occurrence they stand for.
     pub scheduled_at: Option<DateTime<Utc>>,
@@ -233,18 +251,26 @@ impl Store {
 /// Which runs to list.
 #[derive(Clone, Debug, Default)]
 pub struct RunFilter {
+    /// Only this tenant's runs.
     pub tenant: Option<String>,
+    /// Only runs of scripts with this name.
     pub script: Option<String>,
+    /// Only runs with this status (`ok`, `retrying`, `dead_lettered`, `skipped`).
     pub status: Option<String>,
+    /// Only runs started at or after this time.
     pub since: Option<DateTime<Utc>>,
+    /// Only the runs of this job.
     pub job_id: Option<String>,
+    /// At most this many runs, newest first (at least 1).
     pub limit: i64,
 }
 
 /// A stored run, as `runs list` and `runs show` print it: the record and its row id.
 #[derive(Clone, Debug, Serialize)]
 pub struct StoredRun {
+    /// The run record's row id, as `runs show` takes it.
     pub id: i64,
+    /// The record.
     #[serde(flatten)]
     pub run: RunRecord,
 }

@@ -14,17 +14,26 @@ use crate::retry::RetryOverrides;
 /// What a deploy asks for.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ScriptSpec {
+    /// The tenant that owns the script.
     pub tenant: String,
+    /// The script's name, unique within its tenant.
     pub name: String,
+    /// The script's source; a new version is made when it differs from the current one.
     #[serde(skip)]
     pub source: String,
     /// Tenant-relative subject patterns (`order.*`).
     pub subjects: Vec<String>,
+    /// A schedule: six cron fields, seconds first; `None` for none.
     pub cron: Option<String>,
+    /// The IANA time zone the schedule is read in.
     pub timezone: String,
+    /// What the schedule does when an occurrence comes while the previous run goes on.
     pub overlap: Overlap,
+    /// What the schedule does with the occurrences missed while no daemon ran.
     pub catch_up: CatchUp,
+    /// The script's own limits, over the global ones.
     pub limits: LimitOverrides,
+    /// The script's own retry settings, over the global policy.
     pub retry: RetryOverrides,
 }
 
@@ -34,6 +43,7 @@ pub struct Deployed {
     pub id: i64,
     /// The current version after the deploy.
     pub version: Version,
+    /// The SHA-256 of the current version's source, hex.
     pub sha256: String,
     /// The source was the current version's: settings were updated, no version was made.
     pub unchanged_source: bool,
@@ -42,9 +52,14 @@ pub struct Deployed {
 /// A script at its current version, as the index and `scripts list` see it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ScriptRow {
+    /// The script's id.
     pub id: i64,
+    /// Whether the script runs: a disabled one handles no event or schedule occurrence, and its
+    /// queued jobs are skipped.
     pub enabled: bool,
+    /// The current version.
     pub version: Version,
+    /// The SHA-256 of the current version's source, hex.
     pub sha256: String,
     /// Tenant, name, source of the current version, triggers, limits and retry policy.
     #[serde(flatten)]
@@ -238,10 +253,15 @@ impl Store {
 /// One stored version of a script.
 #[derive(Clone, Debug, Serialize)]
 pub struct VersionRow {
+    /// The version's number.
     pub version: Version,
+    /// The SHA-256 of its source, hex.
     pub sha256: String,
+    /// When it was deployed.
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Whether it is the version that runs now.
     pub current: bool,
+    /// Its source.
     #[serde(skip)]
     pub source: String,
 }

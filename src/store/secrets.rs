@@ -11,8 +11,11 @@ use crate::caps::secrets::Sealed;
 /// A secret's listing: never its value.
 #[derive(Debug, Serialize)]
 pub struct SecretInfo {
+    /// The secret's name, as scripts ask for it.
     pub name: String,
+    /// Which key sealed the value: the first 8 bytes of the key's SHA-256, hex.
     pub key_id: String,
+    /// When the value was last set.
     pub updated_at: DateTime<Utc>,
 }
 

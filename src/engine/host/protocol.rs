@@ -92,15 +92,25 @@ pub enum FromHost {
 
 #[derive(Serialize, Deserialize)]
 pub struct WireRun {
+    /// The tenant whose script runs.
     pub tenant: String,
+    /// The script's name.
     pub script: String,
+    /// The version of the script that runs.
     pub version: Version,
+    /// The version's source.
     pub source: String,
+    /// The event given to the handler, as JSON text.
     pub input: Box<RawValue>,
+    /// The attempt's number, 1 for the first.
     pub attempt: u32,
+    /// The limits the run is held to.
     pub limits: Limits,
+    /// The job the run belongs to (the same on every attempt).
     pub job: String,
+    /// The W3C trace context passed on to what the script publishes.
     pub traceparent: Option<String>,
+    /// How many script publishes led to the run's event.
     pub depth: u32,
 }
 
@@ -140,10 +150,15 @@ impl From<WireRun> for ScriptRun {
 
 #[derive(Serialize, Deserialize)]
 pub struct WireResult {
+    /// The handler's return value as JSON, or why there is none.
     pub outcome: Result<serde_json::Value, Failure>,
+    /// The run's captured console output.
     pub logs: Vec<LogLine>,
+    /// Whether the log limit cut the output.
     pub logs_truncated: bool,
+    /// How long the run took in the host, microseconds.
     pub duration_us: u64,
+    /// Whether a new isolate was created for the run.
     pub cold_start: bool,
 }
 
