@@ -121,7 +121,7 @@ mod tests {
             kind,
             message: "x".into(),
             stack: None,
-            retryable: kind.retryable(true),
+            retryable: kind.retryable(crate::engine::Retried::ALL),
         }
     }
 

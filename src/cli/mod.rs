@@ -219,6 +219,9 @@ pub struct LimitArgs {
     /// Maximum captured log output.
     #[arg(long)]
     pub max_logs: Option<ByteSize>,
+    /// CPU-time limit of the run (e.g. 1s); waiting for fetch, kv or publish does not count.
+    #[arg(long, value_parser = parse_duration)]
+    pub cpu_time: Option<Duration>,
 }
 
 impl LimitArgs {
@@ -229,6 +232,7 @@ impl LimitArgs {
             source: self.max_source,
             result: self.max_result,
             logs: self.max_logs,
+            cpu_time: self.cpu_time,
         }
     }
 }

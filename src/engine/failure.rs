@@ -20,6 +20,9 @@ pub enum FailureKind ("failure kind") {
     Timeout = "timeout",
     /// The isolate reached its heap limit (ArrayBuffers included) and was terminated.
     HeapLimit = "heap_limit",
+    /// The run used more CPU time than its limit (time spent waiting for the script API
+    /// does not count) and was terminated.
+    CpuLimit = "cpu_limit",
     /// The handler returned a promise that can never settle: nothing is left that could
     /// resolve it.
     Unsettled = "unsettled",
@@ -39,15 +42,16 @@ pub enum FailureKind ("failure kind") {
 impl FailureKind {
     /// Whether another attempt could succeed. Faults of the script's code or output are
     /// deterministic and go straight to the dead-letter subject; faults that may depend on
-    /// timing, load or external state are retried. `heap_limit_retryable` is the operator's
-    /// setting (`engine.retry_heap_limit`).
-    pub fn retryable(self, heap_limit_retryable: bool) -> bool {
+    /// timing, load or external state are retried; for the limits whose nature depends on
+    /// the script, the operator decides (`engine.retry_heap_limit`, `retry_cpu_limit`).
+    pub fn retryable(self, settings: Retried) -> bool {
         match self {
             FailureKind::Exception
             | FailureKind::Timeout
             | FailureKind::Engine
             | FailureKind::EngineCrashed => true,
-            FailureKind::HeapLimit => heap_limit_retryable,
+            FailureKind::HeapLimit => settings.heap_limit,
+            FailureKind::CpuLimit => settings.cpu_limit,
             FailureKind::Syntax
             | FailureKind::NoHandler
             | FailureKind::SourceTooLarge
@@ -57,6 +61,23 @@ impl FailureKind {
             | FailureKind::BadInput => false,
         }
     }
+}
+
+/// The operator's choices of whether runs stopped at a limit are retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retried {
+    /// Runs stopped at their heap limit (`engine.retry_heap_limit`).
+    pub heap_limit: bool,
+    /// Runs stopped at their CPU-time limit (`engine.retry_cpu_limit`).
+    pub cpu_limit: bool,
+}
+
+impl Retried {
+    /// Every limit retried: what a failure says before the engine applies the settings.
+    pub const ALL: Retried = Retried {
+        heap_limit: true,
+        cpu_limit: true,
+    };
 }
 
 /// A failed run: its kind, a message for humans and, for exceptions, the JavaScript stack.
@@ -94,11 +115,17 @@ mod tests {
 
     #[test]
     fn only_transient_kinds_are_retried() {
-        assert!(FailureKind::Exception.retryable(false));
-        assert!(FailureKind::Timeout.retryable(false));
-        assert!(FailureKind::HeapLimit.retryable(true));
-        assert!(!FailureKind::HeapLimit.retryable(false));
-        assert!(!FailureKind::Syntax.retryable(true));
-        assert!(!FailureKind::ResultTooLarge.retryable(true));
+        let none = Retried {
+            heap_limit: false,
+            cpu_limit: false,
+        };
+        assert!(FailureKind::Exception.retryable(none));
+        assert!(FailureKind::Timeout.retryable(none));
+        assert!(FailureKind::HeapLimit.retryable(Retried::ALL));
+        assert!(!FailureKind::HeapLimit.retryable(none));
+        assert!(FailureKind::CpuLimit.retryable(Retried::ALL));
+        assert!(!FailureKind::CpuLimit.retryable(none));
+        assert!(!FailureKind::Syntax.retryable(Retried::ALL));
+        assert!(!FailureKind::ResultTooLarge.retryable(Retried::ALL));
     }
 }

@@ -15,6 +15,8 @@ pub struct Guard {
     pub timed_out: AtomicBool,
     /// Set when the heap (or the ArrayBuffer budget) is exhausted, before termination.
     pub heap_exceeded: AtomicBool,
+    /// Set by the watchdog before it terminates a run that used up its CPU time.
+    pub cpu_exceeded: AtomicBool,
     buffers_used: AtomicUsize,
     buffers_cap: usize,
 }
@@ -25,6 +27,7 @@ impl Guard {
             handle: OnceLock::new(),
             timed_out: AtomicBool::new(false),
             heap_exceeded: AtomicBool::new(false),
+            cpu_exceeded: AtomicBool::new(false),
             buffers_used: AtomicUsize::new(0),
             buffers_cap,
         })
@@ -46,6 +49,11 @@ impl Guard {
         self.terminate();
     }
 
+    pub fn on_cpu_limit(&self) {
+        self.cpu_exceeded.store(true, Ordering::SeqCst);
+        self.terminate();
+    }
+
     pub fn on_heap_exhausted(&self) {
         self.heap_exceeded.store(true, Ordering::SeqCst);
         self.terminate();
@@ -58,7 +66,9 @@ impl Guard {
 
     /// Whether the isolate was stopped from outside and must not run again.
     pub fn tripped(&self) -> bool {
-        self.timed_out.load(Ordering::SeqCst) || self.heap_exceeded.load(Ordering::SeqCst)
+        self.timed_out.load(Ordering::SeqCst)
+            || self.heap_exceeded.load(Ordering::SeqCst)
+            || self.cpu_exceeded.load(Ordering::SeqCst)
     }
 
     /// An ArrayBuffer allocator that refuses (and terminates the isolate) past the budget:

@@ -350,6 +350,16 @@ fn tripped(guard: &Guard, run: &ScriptRun) -> Option<Failure> {
             None,
         ));
     }
+    if guard.cpu_exceeded.load(std::sync::atomic::Ordering::SeqCst) {
+        return Some(failure(
+            FailureKind::CpuLimit,
+            format!(
+                "the run used more than its CPU-time limit of {}",
+                humantime::format_duration(run.limits.cpu_time)
+            ),
+            None,
+        ));
+    }
     None
 }
 
@@ -374,8 +384,8 @@ pub fn failure(kind: FailureKind, message: String, stack: Option<String>) -> Fai
         kind,
         message,
         stack,
-        // The operator's heap-limit setting is applied by the engine before returning.
-        retryable: kind.retryable(true),
+        // The operator's limit settings are applied by the engine before returning.
+        retryable: kind.retryable(crate::engine::failure::Retried::ALL),
     }
 }
 

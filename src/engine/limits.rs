@@ -22,6 +22,10 @@ pub struct Limits {
     pub result: ByteSize,
     /// Maximum size of the console output captured per run; the rest is cut with a marker.
     pub logs: ByteSize,
+    /// CPU time of the run's thread, module evaluation included; time spent waiting for the
+    /// script API (fetch, kv, publish) does not count.
+    #[serde(with = "duration_str")]
+    pub cpu_time: Duration,
 }
 
 impl Default for Limits {
@@ -32,6 +36,9 @@ impl Default for Limits {
             source: ByteSize::kib(256),
             result: ByteSize::mib(1),
             logs: ByteSize::kib(64),
+            // As long as the default timeout: a script given a longer timeout to wait on a
+            // slow service does not also get to compute longer on a shared worker.
+            cpu_time: Duration::from_secs(5),
         }
     }
 }
@@ -58,6 +65,12 @@ pub struct LimitOverrides {
     /// The script's limit on captured console output; `None` for the global one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logs: Option<ByteSize>,
+    /// The script's CPU-time limit; `None` for the global one.
+    #[serde(
+        with = "crate::units::opt_duration_str",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_time: Option<Duration>,
 }
 
 impl Limits {
@@ -69,6 +82,7 @@ impl Limits {
             source: o.source.unwrap_or(self.source),
             result: o.result.unwrap_or(self.result),
             logs: o.logs.unwrap_or(self.logs),
+            cpu_time: o.cpu_time.unwrap_or(self.cpu_time),
         }
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-pub use failure::{Failure, FailureKind};
+pub use failure::{Failure, FailureKind, Retried};
 pub use host::{host_main, rss_of, HostsConfig};
 pub use limits::{LimitOverrides, Limits};
 pub use ops::SharedCapabilities;
@@ -68,6 +68,9 @@ pub struct EngineConfig {
     pub warm_memory_per_worker: ByteSize,
     /// Whether a run stopped at its heap limit is retried.
     pub retry_heap_limit: bool,
+    /// Whether a run stopped at its CPU-time limit is retried (off: CPU time is the
+    /// script's own work, which another attempt would do again).
+    pub retry_cpu_limit: bool,
     /// Native stack of each worker thread; bounds how deep scripts can recurse.
     pub thread_stack: ByteSize,
     /// Global defaults of the per-run limits; scripts may override each.
@@ -83,6 +86,7 @@ impl Default for EngineConfig {
             warm_isolates_per_worker: 64,
             warm_memory_per_worker: ByteSize::mib(256),
             retry_heap_limit: true,
+            retry_cpu_limit: false,
             thread_stack: ByteSize::mib(8),
             limits: Limits::default(),
         }

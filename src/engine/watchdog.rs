@@ -1,16 +1,71 @@
-//! The wall-clock limit: a thread outside the isolate's thread that terminates a run when its
-//! deadline passes, so a runaway script cannot starve its own supervisor.
+//! The wall-clock and CPU-time limits: a thread outside the isolate's thread that terminates a
+//! run when its deadline passes or its thread has used its CPU time, so a runaway script
+//! cannot starve its own supervisor.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::guard::Guard;
 
+/// The CPU time a run may use, on the clock of the thread that runs it.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuBudget {
+    clock: libc::clockid_t,
+    /// The thread's CPU time when the run began.
+    start: Duration,
+    limit: Duration,
+}
+
+impl CpuBudget {
+    /// A budget of `limit` on the calling thread's CPU clock, from now; none if the clock
+    /// cannot be read (the wall-clock limit then still holds).
+    pub fn of_this_thread(limit: Duration) -> Option<CpuBudget> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self is the calling thread; the out-pointer is a valid local.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } != 0 {
+            return None;
+        }
+        Some(CpuBudget {
+            clock,
+            start: cpu_time(clock)?,
+            limit,
+        })
+    }
+
+    /// CPU time left, or none once it is used up (or the clock is gone).
+    fn left(&self) -> Option<Duration> {
+        let used = cpu_time(self.clock)?.saturating_sub(self.start);
+        self.limit.checked_sub(used).filter(|left| !left.is_zero())
+    }
+}
+
+/// A CPU clock's reading.
+fn cpu_time(clock: libc::clockid_t) -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the out-pointer is a valid local; a clock of a thread that has exited fails
+    // with EINVAL, which is handled.
+    if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
+        return None;
+    }
+    Some(Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
+}
+
+/// The run being watched.
+struct Watched {
+    generation: u64,
+    deadline: Instant,
+    cpu: Option<CpuBudget>,
+    guard: Arc<Guard>,
+}
+
 #[derive(Default)]
 struct State {
-    /// The run being watched: its generation, deadline and the isolate to stop.
-    armed: Option<(u64, Instant, Arc<Guard>)>,
+    /// The run being watched: its generation, deadline, CPU budget and the isolate to stop.
+    armed: Option<Watched>,
     generation: u64,
     /// When the watching thread wakes by itself: `None` while it waits for a run to be
     /// armed. Arming a later deadline than this, or ending a run, need not wake it: it
@@ -43,14 +98,22 @@ impl Watchdog {
     }
 
     /// Watches `guard`'s isolate until the returned value is dropped; terminates it at
-    /// `deadline`.
-    pub fn arm(&self, guard: Arc<Guard>, deadline: Instant) -> Armed<'_> {
+    /// `deadline`, or once its thread has used `cpu`.
+    pub fn arm(&self, guard: Arc<Guard>, deadline: Instant, cpu: Option<CpuBudget>) -> Armed<'_> {
         let (lock, cvar) = &*self.shared;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         state.generation += 1;
         let generation = state.generation;
-        state.armed = Some((generation, deadline, guard));
-        if state.wakes_at.is_none_or(|at| deadline < at) {
+        // A thread's CPU time grows no faster than the wall clock: the budget cannot run
+        // out before this.
+        let first_look = cpu.map_or(deadline, |b| deadline.min(Instant::now() + b.limit));
+        state.armed = Some(Watched {
+            generation,
+            deadline,
+            cpu,
+            guard,
+        });
+        if state.wakes_at.is_none_or(|at| first_look < at) {
             cvar.notify_one();
         }
         Armed {
@@ -64,7 +127,7 @@ impl Drop for Armed<'_> {
     fn drop(&mut self) {
         let (lock, _) = &*self.watchdog.shared;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(state.armed, Some((g, _, _)) if g == self.generation) {
+        if matches!(&state.armed, Some(w) if w.generation == self.generation) {
             // The guard (and its isolate handle) is let go at once; the thread finds
             // nothing armed when it next wakes.
             state.armed = None;
@@ -84,19 +147,31 @@ fn watch(shared: &(Mutex<State>, Condvar)) {
     let (lock, cvar) = shared;
     let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
     while !state.shutdown {
-        let Some((_, deadline, guard)) = &state.armed else {
+        let Some(watched) = &state.armed else {
             state.wakes_at = None;
             state = cvar.wait(state).unwrap_or_else(|e| e.into_inner());
             continue;
         };
         let now = Instant::now();
-        if now >= *deadline {
-            guard.on_timeout();
+        if now >= watched.deadline {
+            watched.guard.on_timeout();
             state.armed = None;
             continue;
         }
-        let wait = *deadline - now;
-        state.wakes_at = Some(*deadline);
+        let mut wake = watched.deadline;
+        if let Some(budget) = &watched.cpu {
+            match budget.left() {
+                None => {
+                    watched.guard.on_cpu_limit();
+                    state.armed = None;
+                    continue;
+                }
+                // The earliest the rest can be used up: look again then.
+                Some(left) => wake = wake.min(now + left),
+            }
+        }
+        let wait = wake - now;
+        state.wakes_at = Some(wake);
         state = cvar
             .wait_timeout(state, wait)
             .unwrap_or_else(|e| e.into_inner())

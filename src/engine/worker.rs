@@ -10,12 +10,13 @@ use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
+use super::failure::Retried;
 use super::failure::{Failure, FailureKind};
 use super::isolate::{failure, timeout_failure, ScriptIsolate};
 use super::ops::{RunScope, SharedCapabilities};
 use super::pool::WarmPool;
 use super::redact;
-use super::watchdog::Watchdog;
+use super::watchdog::{CpuBudget, Watchdog};
 use super::{EngineConfig, EngineStats, RunResult, ScriptRun};
 
 pub struct Task {
@@ -39,7 +40,7 @@ struct Worker {
     pool: WarmPool,
     watchdog: Watchdog,
     stats: Arc<EngineStats>,
-    retry_heap_limit: bool,
+    retried: Retried,
     caps: SharedCapabilities,
     /// Warm isolates last counted into the engine's gauge.
     warm: u64,
@@ -108,7 +109,7 @@ pub fn local(
 struct Parts {
     watchdog: Watchdog,
     stats: Arc<EngineStats>,
-    retry_heap_limit: bool,
+    retried: Retried,
     caps: SharedCapabilities,
     max_warm: usize,
     max_memory: usize,
@@ -120,7 +121,7 @@ impl Parts {
             pool: WarmPool::new(self.max_warm, self.max_memory),
             watchdog: self.watchdog,
             stats: self.stats,
-            retry_heap_limit: self.retry_heap_limit,
+            retried: self.retried,
             caps: self.caps,
             warm: 0,
         }
@@ -138,7 +139,10 @@ fn prepare(
     let parts = Parts {
         watchdog: Watchdog::spawn(format!("scriptd-watchdog-{index}"))?,
         stats,
-        retry_heap_limit: config.retry_heap_limit,
+        retried: Retried {
+            heap_limit: config.retry_heap_limit,
+            cpu_limit: config.retry_cpu_limit,
+        },
         caps,
         max_warm: config.warm_isolates_per_worker,
         max_memory: config.warm_memory_per_worker.as_usize(),
@@ -217,7 +221,8 @@ impl Worker {
         isolate.enter();
         isolate.begin_run(run.limits.logs, RunScope::new(run.call(deadline)));
         let mut outcome = {
-            let _armed = self.watchdog.arm(isolate.guard().clone(), deadline);
+            let budget = CpuBudget::of_this_thread(run.limits.cpu_time);
+            let _armed = self.watchdog.arm(isolate.guard().clone(), deadline, budget);
             let work = async {
                 if cold_start {
                     isolate.load(run).await?;
@@ -280,7 +285,8 @@ impl Worker {
         isolate.enter();
         isolate.begin_run(run.limits.logs, RunScope::new(run.call(deadline)));
         let loaded = {
-            let _armed = self.watchdog.arm(isolate.guard().clone(), deadline);
+            let budget = CpuBudget::of_this_thread(run.limits.cpu_time);
+            let _armed = self.watchdog.arm(isolate.guard().clone(), deadline, budget);
             let waited = tokio::time::timeout_at(deadline.into(), isolate.load(run)).await;
             waited.unwrap_or_else(|_| {
                 isolate.guard().timed_out.store(true, Ordering::SeqCst);
@@ -314,9 +320,9 @@ impl Worker {
         ))
     }
 
-    /// Applies the operator's retry setting for heap-limit failures.
+    /// Applies the operator's retry settings for the limits.
     fn finish(&self, mut f: Failure) -> Failure {
-        f.retryable = f.kind.retryable(self.retry_heap_limit);
+        f.retryable = f.kind.retryable(self.retried);
         f
     }
 }
