@@ -73,10 +73,9 @@ impl ScriptIsolate {
         guard.attach(runtime.v8_isolate().thread_safe_handle());
         runtime.op_state().borrow_mut().put(caps.clone());
         let g = guard.clone();
-        runtime.add_near_heap_limit_callback(move |current, _initial| {
+        runtime.add_near_heap_limit_callback(move |current, initial| {
             g.on_heap_exhausted();
-            // Headroom so the termination can unwind instead of the process aborting.
-            current.saturating_mul(2)
+            headroom(current, initial)
         });
         let host = seal(&mut runtime).map_err(engine_failure)?;
         let mut isolate = ScriptIsolate {
@@ -361,6 +360,21 @@ fn tripped(guard: &Guard, run: &ScriptRun) -> Option<Failure> {
         ));
     }
     None
+}
+
+/// The heap limit to grant an isolate that reached its limit and is being terminated, so
+/// the termination can unwind instead of the process aborting. V8 calls for more once, near
+/// the limit, and a single allocation may need a lot: each call doubles. The offline
+/// engine calls on every allocation past the limit until the termination lands at its next
+/// interrupt check, which an allocation loop reaches only every few thousand allocations:
+/// doubling there let `xs.push(new Array(1e5).fill(0))` grow to gigabytes in 11 s before it
+/// stopped. There the grant is twice the initial limit, once; allocations past it fail.
+fn headroom(current: usize, initial: usize) -> usize {
+    if cfg!(feature = "quickjs") {
+        current.max(initial.saturating_mul(2))
+    } else {
+        current.saturating_mul(2)
+    }
 }
 
 /// The run reached its wall-clock limit (in JavaScript, or waiting for the script API).
