@@ -1,25 +1,70 @@
-//! Hostile scripts: each ends in its failure kind, and the same engine thread then serves the
-//! next run. Real isolates, no mocks.
+//! Hostile scripts, each in both modes (in process, and through an engine host with its
+//! seccomp filter on): each ends in its failure kind within its bound, and the same engine
+//! then serves the next run. Real isolates, no mocks.
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
-use scriptd::engine::FailureKind;
+use scriptd::engine::{Engine, EngineConfig, FailureKind, HostsConfig, Isolation};
 use scriptd::units::ByteSize;
 use serde_json::json;
 
+/// Where a test's isolates live: on a thread of the test process, or in an engine host
+/// process with its seccomp filter on, as in the daemon.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    InProcess,
+    Host,
+}
+
+async fn engine_in(mode: Mode) -> Engine {
+    let engine = match mode {
+        Mode::InProcess => engine(),
+        Mode::Host => Engine::start_with(
+            &EngineConfig {
+                isolation: Isolation::Process,
+                hosts: HostsConfig {
+                    count: 1,
+                    binary: env!("CARGO_BIN_EXE_scriptd").into(),
+                    seccomp: true,
+                    ..HostsConfig::default()
+                },
+                ..EngineConfig::default()
+            },
+            Arc::new(scriptd::caps::NoCapabilities::default()),
+        )
+        .expect("a host starts"),
+    };
+    assert!(engine.wait_ready(Duration::from_secs(30)).await);
+    engine
+}
+
+/// Runs `source` (changed by `tweak`) in a new engine of `mode`: it fails as `kind` within
+/// its timeout and the kill grace (plus slack for a busy machine), and the same engine then
+/// serves a plain run.
 async fn expect_failure(
+    mode: Mode,
     source: &str,
     kind: FailureKind,
     tweak: impl FnOnce(&mut scriptd::engine::ScriptRun),
 ) -> scriptd::engine::Failure {
-    let engine = engine();
+    let engine = engine_in(mode).await;
     let mut r = run(source, json!({}));
     tweak(&mut r);
+    let bound = r.limits.timeout + HostsConfig::default().kill_grace + Duration::from_secs(2);
+    let started = Instant::now();
     let result = engine.run(r).await;
-    assert_eq!(failure_kind(&result), kind, "{:?}", result.outcome);
+    let took = started.elapsed();
+    assert_eq!(
+        failure_kind(&result),
+        kind,
+        "{mode:?}: {:?}",
+        result.outcome
+    );
+    assert!(took < bound, "{mode:?}: ended after {took:?}");
     still_serves(&engine).await;
     result.outcome.unwrap_err()
 }
@@ -28,9 +73,9 @@ fn short_timeout(r: &mut scriptd::engine::ScriptRun) {
     r.limits.timeout = Duration::from_millis(300);
 }
 
-#[tokio::test]
-async fn infinite_loop_times_out() {
+async fn infinite_loop_times_out(mode: Mode) {
     let f = expect_failure(
+        mode,
         "export default function () { while (true) {} }",
         FailureKind::Timeout,
         short_timeout,
@@ -40,9 +85,9 @@ async fn infinite_loop_times_out() {
     assert!(f.message.contains("300ms"), "{}", f.message);
 }
 
-#[tokio::test]
-async fn infinite_loop_at_top_level_times_out() {
+async fn infinite_loop_at_top_level_times_out(mode: Mode) {
     expect_failure(
+        mode,
         "while (true) {}\nexport default () => 1;",
         FailureKind::Timeout,
         short_timeout,
@@ -50,9 +95,9 @@ async fn infinite_loop_at_top_level_times_out() {
     .await;
 }
 
-#[tokio::test]
-async fn microtask_loop_times_out() {
+async fn microtask_loop_times_out(mode: Mode) {
     expect_failure(
+        mode,
         "export default async function () { for (;;) { await 0; } }",
         FailureKind::Timeout,
         short_timeout,
@@ -60,9 +105,9 @@ async fn microtask_loop_times_out() {
     .await;
 }
 
-#[tokio::test]
-async fn promise_that_never_settles_is_unsettled() {
+async fn promise_that_never_settles_is_unsettled(mode: Mode) {
     let f = expect_failure(
+        mode,
         "export default function () { return new Promise(() => {}); }",
         FailureKind::Unsettled,
         |_| {},
@@ -71,9 +116,9 @@ async fn promise_that_never_settles_is_unsettled() {
     assert!(!f.retryable);
 }
 
-#[tokio::test]
-async fn heap_bomb_by_arrays_hits_the_heap_limit() {
+async fn heap_bomb_by_arrays_hits_the_heap_limit(mode: Mode) {
     let f = expect_failure(
+        mode,
         "export default function () { const keep = []; for (;;) keep.push(new Array(10000).fill(1.5)); }",
         FailureKind::HeapLimit,
         |_| {},
@@ -82,9 +127,9 @@ async fn heap_bomb_by_arrays_hits_the_heap_limit() {
     assert!(f.message.contains("16MiB"), "{}", f.message);
 }
 
-#[tokio::test]
-async fn heap_bomb_by_objects_hits_the_heap_limit() {
+async fn heap_bomb_by_objects_hits_the_heap_limit(mode: Mode) {
     expect_failure(
+        mode,
         "export default function () { const keep = []; for (;;) keep.push({ a: Math.random(), b: 'k' + Math.random() }); }",
         FailureKind::HeapLimit,
         |_| {},
@@ -92,9 +137,9 @@ async fn heap_bomb_by_objects_hits_the_heap_limit() {
     .await;
 }
 
-#[tokio::test]
-async fn heap_bomb_by_string_doubling_hits_the_heap_limit() {
+async fn heap_bomb_by_string_doubling_hits_the_heap_limit(mode: Mode) {
     expect_failure(
+        mode,
         "export default function () { let s = 'x'; const keep = []; for (;;) { s = s.repeat(2); keep.push(s); } }",
         FailureKind::HeapLimit,
         |_| {},
@@ -102,11 +147,10 @@ async fn heap_bomb_by_string_doubling_hits_the_heap_limit() {
     .await;
 }
 
-#[tokio::test]
-async fn string_concatenation_bomb_fails_without_harm() {
+async fn string_concatenation_bomb_fails_without_harm(mode: Mode) {
     // `s + s` builds ropes that take no memory until the engine's string length cap; the
     // engine refuses it with an ordinary error (or the heap limit, if it flattens first).
-    let engine = engine();
+    let engine = engine_in(mode).await;
     let result = engine
         .run(run(
             "export default function () { let s = 'x'; for (;;) s = s + s; }",
@@ -121,9 +165,9 @@ async fn string_concatenation_bomb_fails_without_harm() {
     still_serves(&engine).await;
 }
 
-#[tokio::test]
-async fn huge_array_buffer_hits_the_heap_limit() {
+async fn huge_array_buffer_hits_the_heap_limit(mode: Mode) {
     expect_failure(
+        mode,
         "export default function () { return new ArrayBuffer(1024 * 1024 * 1024).byteLength; }",
         FailureKind::HeapLimit,
         |_| {},
@@ -131,11 +175,11 @@ async fn huge_array_buffer_hits_the_heap_limit() {
     .await;
 }
 
-#[tokio::test]
-async fn many_array_buffers_hit_the_heap_limit_even_when_caught() {
+async fn many_array_buffers_hit_the_heap_limit_even_when_caught(mode: Mode) {
     // Buffer memory lives outside the JavaScript heap; the allocator's budget stops it and
     // terminates the isolate, so catching the error does not help.
     expect_failure(
+        mode,
         "export default function () { const keep = []; for (;;) { try { keep.push(new Uint8Array(1 << 20)); } catch {} } }",
         FailureKind::HeapLimit,
         |_| {},
@@ -143,9 +187,9 @@ async fn many_array_buffers_hit_the_heap_limit_even_when_caught() {
     .await;
 }
 
-#[tokio::test]
-async fn unbounded_recursion_is_an_exception() {
+async fn unbounded_recursion_is_an_exception(mode: Mode) {
     let f = expect_failure(
+        mode,
         "export default function f() { return f() + 1; }",
         FailureKind::Exception,
         |_| {},
@@ -154,9 +198,9 @@ async fn unbounded_recursion_is_an_exception() {
     assert!(f.message.contains("call stack"), "{}", f.message);
 }
 
-#[tokio::test]
-async fn fifty_mib_return_value_is_refused() {
+async fn fifty_mib_return_value_is_refused(mode: Mode) {
     let f = expect_failure(
+        mode,
         "export default function () { return 'x'.repeat(50 * 1024 * 1024); }",
         FailureKind::ResultTooLarge,
         |r| r.limits.heap = ByteSize::mib(128),
@@ -165,9 +209,9 @@ async fn fifty_mib_return_value_is_refused() {
     assert!(!f.retryable);
 }
 
-#[tokio::test]
-async fn syntax_error_is_reported_with_its_location() {
+async fn syntax_error_is_reported_with_its_location(mode: Mode) {
     let f = expect_failure(
+        mode,
         "export default function () { return {a: }",
         FailureKind::Syntax,
         |_| {},
@@ -178,17 +222,15 @@ async fn syntax_error_is_reported_with_its_location() {
     assert!(where_.contains("acme/script@v1.js:1"), "{where_}");
 }
 
-#[tokio::test]
-async fn module_without_default_export_has_no_handler() {
-    let f = expect_failure("export const x = 1;", FailureKind::NoHandler, |_| {}).await;
+async fn module_without_default_export_has_no_handler(mode: Mode) {
+    let f = expect_failure(mode, "export const x = 1;", FailureKind::NoHandler, |_| {}).await;
     assert!(f.message.contains("no default export"), "{}", f.message);
-    let f = expect_failure("export default 42;", FailureKind::NoHandler, |_| {}).await;
+    let f = expect_failure(mode, "export default 42;", FailureKind::NoHandler, |_| {}).await;
     assert!(f.message.contains("number"), "{}", f.message);
 }
 
-#[tokio::test]
-async fn host_apis_are_absent() {
-    let engine = engine();
+async fn host_apis_are_absent(mode: Mode) {
+    let engine = engine_in(mode).await;
     let probe = r#"export default function () {
         return {
             Deno: typeof Deno, process: typeof process, require: typeof require,
@@ -215,9 +257,9 @@ async fn host_apis_are_absent() {
     still_serves(&engine).await;
 }
 
-#[tokio::test]
-async fn imports_are_refused() {
+async fn imports_are_refused(mode: Mode) {
     expect_failure(
+        mode,
         "import fs from 'node:fs';\nexport default () => fs;",
         FailureKind::Syntax,
         |_| {},
@@ -225,34 +267,33 @@ async fn imports_are_refused() {
     .await;
 }
 
-#[tokio::test]
-async fn code_generation_from_strings_is_disabled() {
+async fn code_generation_from_strings_is_disabled(mode: Mode) {
     for code in [
         "eval('1 + 1')",
         "new Function('return 1')()",
         "(0, eval)('1')",
     ] {
         let source = format!("export default function () {{ return {code}; }}");
-        let f = expect_failure(&source, FailureKind::Exception, |_| {}).await;
+        let f = expect_failure(mode, &source, FailureKind::Exception, |_| {}).await;
         assert!(!f.message.is_empty(), "{code}");
     }
 }
 
-#[tokio::test]
-async fn oversized_source_is_refused_before_compiling() {
+async fn oversized_source_is_refused_before_compiling(mode: Mode) {
     let source = format!("export default () => 1;\n//{}", "x".repeat(300 * 1024));
-    expect_failure(&source, FailureKind::SourceTooLarge, |_| {}).await;
+    expect_failure(mode, &source, FailureKind::SourceTooLarge, |_| {}).await;
 }
 
-#[tokio::test]
-async fn non_serialisable_results_are_refused() {
+async fn non_serialisable_results_are_refused(mode: Mode) {
     expect_failure(
+        mode,
         "export default () => 10n",
         FailureKind::ResultNotSerialisable,
         |_| {},
     )
     .await;
     let f = expect_failure(
+        mode,
         "export default () => { const a = {}; a.self = a; return a; }",
         FailureKind::ResultNotSerialisable,
         |_| {},
@@ -261,9 +302,8 @@ async fn non_serialisable_results_are_refused() {
     assert!(f.message.contains("cycle"), "{}", f.message);
 }
 
-#[tokio::test]
-async fn a_module_that_throws_at_top_level_is_not_kept() {
-    let engine = engine();
+async fn a_module_that_throws_at_top_level_is_not_kept(mode: Mode) {
+    let engine = engine_in(mode).await;
     let source = "if (globalThis.loaded) throw new Error('evaluated twice'); throw new Error('top-level');\nexport default () => 1;";
     for _ in 0..2 {
         let result = engine.run(run(source, json!({}))).await;
@@ -274,3 +314,171 @@ async fn a_module_that_throws_at_top_level_is_not_kept() {
     }
     still_serves(&engine).await;
 }
+
+/// The global object's own names, ECMAScript's (ES2026 with Annex B's `escape` and
+/// `unescape`) and the documented script API's, on every engine. Anything an engine adds is
+/// removed when the sandbox is sealed; anything new that reaches scripts fails here.
+const ECMASCRIPT_GLOBALS: &[&str] = &[
+    "AggregateError",
+    "Array",
+    "ArrayBuffer",
+    "AsyncDisposableStack",
+    "Atomics",
+    "BigInt",
+    "BigInt64Array",
+    "BigUint64Array",
+    "Boolean",
+    "DataView",
+    "Date",
+    "DisposableStack",
+    "Error",
+    "EvalError",
+    "FinalizationRegistry",
+    "Float16Array",
+    "Float32Array",
+    "Float64Array",
+    "Function",
+    "Infinity",
+    "Int16Array",
+    "Int32Array",
+    "Int8Array",
+    "Intl",
+    "Iterator",
+    "JSON",
+    "Map",
+    "Math",
+    "NaN",
+    "Number",
+    "Object",
+    "Promise",
+    "Proxy",
+    "RangeError",
+    "ReferenceError",
+    "Reflect",
+    "RegExp",
+    "Set",
+    "SharedArrayBuffer",
+    "String",
+    "SuppressedError",
+    "Symbol",
+    "SyntaxError",
+    "TypeError",
+    "URIError",
+    "Uint16Array",
+    "Uint32Array",
+    "Uint8Array",
+    "Uint8ClampedArray",
+    "WeakMap",
+    "WeakRef",
+    "WeakSet",
+    "decodeURI",
+    "decodeURIComponent",
+    "encodeURI",
+    "encodeURIComponent",
+    "escape",
+    "eval",
+    "globalThis",
+    "isFinite",
+    "isNaN",
+    "parseFloat",
+    "parseInt",
+    "undefined",
+    "unescape",
+];
+/// The script API on the global object, as the README documents it.
+const SCRIPT_API_GLOBALS: &[&str] = &[
+    "DOMException",
+    "atob",
+    "btoa",
+    "console",
+    "fetch",
+    "performance",
+    "queueMicrotask",
+];
+
+async fn the_global_object_holds_the_language_and_the_documented_api_only(mode: Mode) {
+    let engine = engine_in(mode).await;
+    let probe = "export default () => {
+        const chain = [];
+        for (let p = Object.getPrototypeOf(globalThis); p; p = Object.getPrototypeOf(p)) {
+            chain.push(p === Object.prototype ? 'Object.prototype' : Object.getOwnPropertyNames(p));
+        }
+        return { own: Object.getOwnPropertyNames(globalThis), chain,
+                 atomics: Object.getOwnPropertyNames(Atomics).filter(n => /wait|notify/.test(n)) };
+    }";
+    let v = value(engine.run(run(probe, json!({}))).await);
+    let mut own: Vec<&str> = v["own"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    own.sort_unstable();
+    let mut expected: Vec<&str> = ECMASCRIPT_GLOBALS
+        .iter()
+        .chain(SCRIPT_API_GLOBALS)
+        .copied()
+        .collect();
+    expected.sort_unstable();
+    let extra: Vec<_> = own.iter().filter(|n| !expected.contains(n)).collect();
+    let missing: Vec<_> = expected.iter().filter(|n| !own.contains(n)).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "{mode:?}: extra {extra:?}, missing {missing:?}"
+    );
+    assert_eq!(
+        v["chain"],
+        json!(["Object.prototype"]),
+        "{mode:?}: the global's prototypes"
+    );
+    assert_eq!(
+        v["atomics"],
+        json!([]),
+        "{mode:?}: Atomics can still wait or notify"
+    );
+}
+
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod in_process {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::InProcess).await
+                }
+            )*
+        }
+        mod through_a_host {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::Host).await
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    infinite_loop_times_out,
+    infinite_loop_at_top_level_times_out,
+    microtask_loop_times_out,
+    promise_that_never_settles_is_unsettled,
+    heap_bomb_by_arrays_hits_the_heap_limit,
+    heap_bomb_by_objects_hits_the_heap_limit,
+    heap_bomb_by_string_doubling_hits_the_heap_limit,
+    string_concatenation_bomb_fails_without_harm,
+    huge_array_buffer_hits_the_heap_limit,
+    many_array_buffers_hit_the_heap_limit_even_when_caught,
+    unbounded_recursion_is_an_exception,
+    fifty_mib_return_value_is_refused,
+    syntax_error_is_reported_with_its_location,
+    module_without_default_export_has_no_handler,
+    host_apis_are_absent,
+    imports_are_refused,
+    code_generation_from_strings_is_disabled,
+    oversized_source_is_refused_before_compiling,
+    non_serialisable_results_are_refused,
+    a_module_that_throws_at_top_level_is_not_kept,
+    the_global_object_holds_the_language_and_the_documented_api_only,
+);

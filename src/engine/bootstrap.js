@@ -298,6 +298,22 @@ function seal() {
   if (globalThis.Atomics) {
     delete globalThis.Atomics.wait;
     delete globalThis.Atomics.waitAsync;
+    // With no waiting there is nothing to notify (the offline engine's version also calls
+    // one of its internals, removed below).
+    delete globalThis.Atomics.notify;
+  }
+  // What one engine adds beyond the language and the documented API is removed, so every
+  // engine shows scripts the same global object: the offline engine's internals
+  // (`__v8x*`), its `gc()`, and its own additions. `ShadowRealm` would give a script a new
+  // realm whose code generation from strings is not switched off; `Temporal` is not
+  // built into the production engine.
+  for (const name of Object.getOwnPropertyNames(globalThis)) {
+    if (name.startsWith("__v8x")) {
+      delete globalThis[name];
+    }
+  }
+  for (const name of ["gc", "InternalError", "ShadowRealm", "Temporal"]) {
+    delete globalThis[name];
   }
   for (const [name, value] of [["console", console], ["fetch", fetch]]) {
     Object.defineProperty(globalThis, name, {
