@@ -139,3 +139,37 @@ async fn a_run_waiting_behind_a_killed_one_runs_on_the_replacement() {
     }
     assert_eq!(stats.host_crashes, 0);
 }
+
+#[test]
+fn scripts_test_gets_the_same_bound_through_its_own_host() {
+    let dir = std::env::temp_dir().join(format!("scriptd-deadline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("hog.js");
+    std::fs::write(&file, HOGS[0].1).unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"))
+        .args([
+            "scripts",
+            "test",
+            "--tenant",
+            "acme",
+            "--timeout",
+            "1s",
+            "--json",
+        ])
+        .arg(&file)
+        .env("SCRIPTD_ENGINE__HOSTS__KILL_GRACE", "1s")
+        .output()
+        .expect("scriptd runs");
+    let took = started.elapsed();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(shown["failure"]["kind"], "timeout", "{shown}");
+    assert_eq!(out.status.code(), Some(1), "a failed run is exit code 1");
+    // The host's start-up comes on top of the run's bound.
+    assert!(
+        took < TIMEOUT + GRACE + SLACK + Duration::from_secs(2),
+        "took {took:?}"
+    );
+}

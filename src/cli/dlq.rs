@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,7 +12,7 @@ use clap::Args;
 use crate::bus::dlq::{self, LetterFilter};
 use crate::bus::replay::{self, VersionChoice};
 use crate::config::Settings;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::Engine;
 use crate::pipeline::attempt::{self, Attempt, Defaults, Outcome};
 use crate::pipeline::job::Job;
 use crate::scripts::index::Snapshot;
@@ -265,10 +266,8 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
         if args.dry_run { ", dry run" } else { "" }
     );
     let engine = if args.dry_run {
-        Some(Engine::start(&EngineConfig {
-            workers: 1,
-            ..settings.engine.clone()
-        })?)
+        let none = Arc::new(crate::caps::NoCapabilities::default());
+        Some(Engine::for_command(&settings.engine, none).await?)
     } else {
         None
     };

@@ -13,7 +13,7 @@ use super::{LimitArgs, TestArgs};
 use crate::caps::local::Local;
 use crate::caps::net::HostRule;
 use crate::config::Settings;
-use crate::engine::{Engine, EngineConfig, Isolation, ScriptRun, ENGINE_NAME};
+use crate::engine::{Engine, ScriptRun, ENGINE_NAME};
 use crate::retry::RetryOverrides;
 use crate::scripts::manifest::{validate_spec, Manifest};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
@@ -138,10 +138,8 @@ pub async fn check_compiles(
     settings: &Settings,
     spec: &ScriptSpec,
 ) -> anyhow::Result<Result<(), crate::engine::Failure>> {
-    let engine = Engine::start(&EngineConfig {
-        workers: 1,
-        ..settings.engine.clone()
-    })?;
+    let none = Arc::new(crate::caps::NoCapabilities::default());
+    let engine = Engine::for_command(&settings.engine, none).await?;
     let run = ScriptRun::new(
         &spec.tenant,
         &spec.name,
@@ -227,14 +225,7 @@ pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCod
             .unwrap_or_else(|| "script".into())
     });
     let local = Arc::new(local_api(settings, &args)?);
-    let engine = Engine::start_with(
-        &EngineConfig {
-            isolation: Isolation::Thread,
-            workers: 1,
-            ..settings.engine.clone()
-        },
-        local.clone(),
-    )?;
+    let engine = Engine::for_command(&settings.engine, local.clone()).await?;
     let limits = settings.engine.limits.with(&args.limits.overrides());
     let mut run = ScriptRun::new(
         &args.tenant,

@@ -54,8 +54,8 @@ pub enum Isolation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Where the daemon runs isolates. Commands other than the daemon (`scripts test`,
-    /// deploy checks, benchmarks) always use threads.
+    /// Where isolates run: the daemon's, and one host for the runs of `scripts test`,
+    /// deploy checks and dry runs (`Engine::for_command`). Benchmarks pick their own.
     pub isolation: Isolation,
     /// The engine host processes used with `isolation = "process"` (`[engine.hosts]`).
     pub hosts: HostsConfig,
@@ -275,6 +275,32 @@ impl Engine {
             ..config.clone()
         };
         Self::start_with(&threads, Arc::new(crate::caps::NoCapabilities::default()))
+    }
+
+    /// An engine for one command's runs (`scripts test`, deploy checks, dry runs): with
+    /// `isolation = "process"` (the default) one engine host, so a run that does not stop at
+    /// its timeout is killed as in the daemon and a crash costs only the host; otherwise one
+    /// worker thread. Waits until it can run. Must be called within a runtime.
+    pub async fn for_command(
+        config: &EngineConfig,
+        caps: SharedCapabilities,
+    ) -> std::io::Result<Engine> {
+        let one = EngineConfig {
+            workers: 1,
+            hosts: HostsConfig {
+                count: 1,
+                workers_per_host: 1,
+                ..config.hosts.clone()
+            },
+            ..config.clone()
+        };
+        let engine = Self::start_with(&one, caps)?;
+        if !engine.wait_ready(Duration::from_secs(30)).await {
+            return Err(std::io::Error::other(
+                "the engine host did not start within 30 s",
+            ));
+        }
+        Ok(engine)
     }
 
     /// Starts the worker threads, whose scripts reach `caps`. The startup snapshot is
