@@ -2,7 +2,8 @@
 //! native code (sorts, JSON, regular expressions, string and array building) end within
 //! their timeout plus `hosts.kill_grace`, as `timeout` (or `heap_limit` when memory runs
 //! out first); a host killed to stop one is replaced, and a run that waited behind it runs
-//! on without using an attempt.
+//! on without using an attempt. `scripts test` runs its script in a host of its own and
+//! gets the same bound.
 
 mod common;
 
