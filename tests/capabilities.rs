@@ -291,14 +291,42 @@ async fn secrets_are_encrypted_at_rest_and_never_recorded() {
         &["pay"],
     )
     .await;
+    // Initech's row is acme's, copied in the database: it must not open for initech.
+    let sealed = env
+        .store
+        .secret_get("acme", "payments")
+        .await
+        .unwrap()
+        .unwrap();
+    env.store
+        .secret_put("initech", "payments", &sealed)
+        .await
+        .unwrap();
+    env.deploy(
+        "initech",
+        "copier",
+        "export default async (e, ctx) => await ctx.secrets.get('payments')",
+        &["pay"],
+    )
+    .await;
     let daemon = env.start_daemon_with(settings);
     env.publish("acme", "pay", "{}").await;
     env.publish("globex", "pay", "{}").await;
+    env.publish("initech", "pay", "{}").await;
     let runs = env
         .wait_for_runs(WAIT, |runs| {
-            !ok_runs(runs, "leaky").is_empty() && !ok_runs(runs, "thief").is_empty()
+            !ok_runs(runs, "leaky").is_empty()
+                && !ok_runs(runs, "thief").is_empty()
+                && runs.iter().any(|r| r.script == "copier")
         })
         .await;
+    let copier = runs.iter().find(|r| r.script == "copier").unwrap();
+    let message = copier.failure_message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("does not decrypt for tenant \"initech\""),
+        "{message}"
+    );
+    assert!(!message.contains("unavailable"), "{message}");
     assert_eq!(
         logged(ok_runs(&runs, "thief")[0]),
         serde_json::json!({ "got": null })

@@ -2,7 +2,7 @@
 //! Every address a request connects to, whether written in the URL or resolved by DNS, and
 //! on every redirect, passes [`AddressPolicy::check`].
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
@@ -110,14 +110,20 @@ impl AddressPolicy {
     }
 }
 
-/// IPv4-mapped and -compatible IPv6 addresses are their IPv4 address.
+/// IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`, deprecated, still
+/// routed to the IPv4 address by some stacks) IPv6 addresses are their IPv4 address; `::`
+/// and `::1` stay the IPv6 unspecified and loopback addresses.
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
+    let IpAddr::V6(v6) = ip else { return ip };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    match v6.segments() {
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => ip,
+        [0, 0, 0, 0, 0, 0, hi, lo] => {
+            IpAddr::V4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)))
+        }
+        _ => ip,
     }
 }
 
@@ -211,6 +217,10 @@ mod tests {
             "fd00:ec2::254",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::169.254.169.254",
+            "::2",
             "224.0.0.1",
         ] {
             assert!(policy.check(ip.parse().unwrap()).is_err(), "{ip} allowed");
@@ -222,6 +232,8 @@ mod tests {
             .check("169.254.169.254".parse().unwrap())
             .unwrap_err();
         assert!(err.contains("link-local"), "{err}");
+        let err = policy.check("::127.0.0.1".parse().unwrap()).unwrap_err();
+        assert!(err.contains("127.0.0.1 is a loopback"), "{err}");
     }
 
     #[test]

@@ -106,7 +106,12 @@ impl SecretBox {
                     aad: &aad(tenant, name),
                 },
             )
-            .map_err(|_| anyhow::anyhow!("secret {name:?} does not decrypt: damaged or moved"))?;
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "secret {name:?} does not decrypt for tenant {tenant:?}: it was damaged, or \
+                     copied from another tenant or name (set it again with `scriptd secrets set`)"
+                )
+            })?;
         String::from_utf8(plain).context("secret is not UTF-8")
     }
 }

@@ -178,10 +178,15 @@ impl Capabilities for Live {
                 .map_err(|e| service_error("ctx.secrets.get", &call, e))?;
             match sealed {
                 None => Ok(None),
+                // Not the service's fault: trying again would not help, and the script (and
+                // its tenant) should learn what is wrong.
                 Some(sealed) => secret_box
                     .open(&call.tenant, &name, &sealed)
                     .map(Some)
-                    .map_err(|e| service_error("ctx.secrets.get", &call, e)),
+                    .map_err(|e| {
+                        tracing::warn!(tenant = %call.tenant, script = %call.script, job = %call.job, error = %format!("{e:#}"), "A secret could not be opened.");
+                        CapError::failed(format!("ctx.secrets.get: {e:#}"))
+                    }),
             }
         })
     }
