@@ -65,6 +65,7 @@ async fn expect_failure(
         result.outcome
     );
     assert!(took < bound, "{mode:?}: ended after {took:?}");
+    println!("{mode:?}: {kind} after {took:.2?}");
     still_serves(&engine).await;
     result.outcome.unwrap_err()
 }
