@@ -212,7 +212,9 @@ pub async fn run_with_stats(
         config: nats.clone(),
         index: index.clone(),
         stats: stats.fanout.clone(),
-        direct: nats.direct_runs.then(|| executor.clone()),
+        // The runner and the fan-out alone hold the executor: once their lanes end, its
+        // record writer and claim takers can finish.
+        direct: nats.direct_runs.then_some(executor),
         in_flight: Default::default(),
     });
     let ticker = supervisor.spawn(
