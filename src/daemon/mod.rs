@@ -2,6 +2,7 @@
 //! until the shutdown token is cancelled, then stops in order: stop pulling, let runs in
 //! flight finish within the grace period, hand back what remains, flush records.
 
+pub mod readings;
 pub mod supervisor;
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use crate::config::Settings;
 use crate::daemon::supervisor::Supervisor;
 use crate::engine::Engine;
 use crate::observe::health::Readiness;
-use crate::observe::metrics::{Metrics, Sources};
+use crate::observe::metrics::Metrics;
 use crate::pipeline::attempt::Defaults;
 use crate::pipeline::executor::{self, Executor};
 use crate::pipeline::records::{ClaimTaker, RecordWriter};
@@ -71,9 +72,18 @@ pub struct DaemonStats {
     pub index: Arc<OnceLock<Arc<ScriptIndex>>>,
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    run_with_stats(settings, shutdown, DaemonStats::default()).await
+/// Runs the daemon until `shutdown` is cancelled, reporting to `metrics` (see
+/// `telemetry::init`, which gives them their exporters).
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let stats = DaemonStats {
+        metrics,
+        ..DaemonStats::default()
+    };
+    run_with_stats(settings, shutdown, stats).await
 }
 
 pub async fn run_with_stats(
@@ -154,14 +164,16 @@ pub async fn run_with_stats(
     if !engine.wait_ready(Duration::from_secs(30)).await {
         tracing::warn!("Not every engine host is up after 30s; runs wait for those that are.");
     }
-    stats.metrics.attach(Sources {
-        fanout: stats.fanout.clone(),
-        runner: stats.attempts.clone(),
-        engine: engine.clone(),
-        nats: client.clone(),
-        postgres: store.pool().clone(),
-    });
-    crate::observe::telemetry::export_metrics(&stats.metrics);
+    readings::register(
+        &stats.metrics,
+        readings::Parts {
+            fanout: stats.fanout.clone(),
+            attempts: stats.attempts.clone(),
+            engine: engine.clone(),
+            nats: client.clone(),
+            postgres: store.pool().clone(),
+        },
+    );
     let (records, writer) = RecordWriter::start(store.clone());
     let replica: Arc<str> = Arc::from(replica_name());
     // Two batches at a time of claims and of hand-backs, for each of the two takers.
