@@ -1,6 +1,7 @@
 //! Observability on the real services: `/metrics` moving with the work and parsing as
 //! Prometheus text, `/readyz` following NATS, and spans exported over OTLP in the trace of
-//! the service that published the event (retries and the dead letter included).
+//! the service that published the event (retries and the dead letter included), with the
+//! metrics under the same names.
 
 mod support;
 
@@ -33,10 +34,58 @@ async fn listening(daemon: &RunningDaemon) {
     }
 }
 
+/// Every metric family `/metrics` serves once the daemon has run events, with its type.
+/// Schedule skips and start delays join them with the first scheduled occurrence.
+const FAMILIES: &[(&str, &str)] = &[
+    ("scriptd_events_received_total", "counter"),
+    ("scriptd_events_dropped_total", "counter"),
+    ("scriptd_jobs_created_total", "counter"),
+    ("scriptd_events_returned_total", "counter"),
+    ("scriptd_direct_runs_total", "counter"),
+    ("scriptd_direct_overflows_total", "counter"),
+    ("scriptd_runs_started_total", "counter"),
+    ("scriptd_runs_finished_total", "counter"),
+    ("scriptd_run_duration_seconds", "histogram"),
+    ("scriptd_retries_total", "counter"),
+    ("scriptd_dead_letters_total", "counter"),
+    ("scriptd_jobs_returned_total", "counter"),
+    ("scriptd_jobs_held_elsewhere_total", "counter"),
+    ("scriptd_schedule_late_starts_total", "counter"),
+    ("scriptd_engine_warm_hits_total", "counter"),
+    ("scriptd_engine_cold_starts_total", "counter"),
+    ("scriptd_engine_evictions_total", "counter"),
+    ("scriptd_engine_discarded_total", "counter"),
+    ("scriptd_engine_warm_isolates", "gauge"),
+    ("scriptd_engine_in_flight", "gauge"),
+    ("scriptd_engine_workers", "gauge"),
+    ("scriptd_nats_connected", "gauge"),
+    ("scriptd_postgres_connections", "gauge"),
+    ("scriptd_postgres_waiting", "gauge"),
+];
+
+/// One scrape of `/metrics`.
+struct Scrape {
+    /// `series -> value`; a series is written `name{label="value",...}` with its labels in
+    /// name order, whatever their order in the text.
+    samples: HashMap<String, f64>,
+    /// `family -> type`.
+    types: HashMap<String, String>,
+}
+
+impl std::ops::Index<&str> for Scrape {
+    type Output = f64;
+
+    fn index(&self, series: &str) -> &f64 {
+        self.samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no series {series}"))
+    }
+}
+
 /// Parses Prometheus text strictly enough to catch malformed output: every sample's
-/// family was declared with a type, every value is a number. Returns `series -> value`.
-fn parse_prometheus(text: &str) -> HashMap<String, f64> {
-    let mut declared = HashSet::new();
+/// family was declared with a type, every value is a number, label values are quoted.
+fn parse_prometheus(text: &str) -> Scrape {
+    let mut types = HashMap::new();
     let mut samples = HashMap::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -44,7 +93,7 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
             let name = parts.next().unwrap();
             let kind = parts.next().unwrap();
             assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-            declared.insert(name.to_owned());
+            types.insert(name.to_owned(), kind.to_owned());
             continue;
         }
         if line.starts_with('#') || line.is_empty() {
@@ -57,18 +106,51 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         let name = series.split('{').next().unwrap();
         let family = ["_bucket", "_sum", "_count"]
             .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains_key(*f)))
             .unwrap_or(name);
-        assert!(declared.contains(family), "undeclared family: {line}");
-        if let Some(labels) = series.strip_prefix(name) {
-            assert!(
-                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
-                "{line}"
-            );
-        }
-        samples.insert(series.to_owned(), value);
+        assert!(types.contains_key(family), "undeclared family: {line}");
+        let labels = series.strip_prefix(name).unwrap();
+        let series = if labels.is_empty() {
+            name.to_owned()
+        } else {
+            let inner = labels
+                .strip_prefix('{')
+                .and_then(|l| l.strip_suffix('}'))
+                .unwrap_or_else(|| panic!("{line}"));
+            let mut labels = parse_labels(inner).unwrap_or_else(|| panic!("{line}"));
+            labels.sort();
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{name}{{{}}}", labels.join(","))
+        };
+        samples.insert(series, value);
     }
-    samples
+    Scrape { samples, types }
+}
+
+/// `a="x",b="y\"z"` as `[("a", "\"x\""), ...]` (values kept quoted and escaped).
+fn parse_labels(mut text: &str) -> Option<Vec<(String, String)>> {
+    let mut labels = Vec::new();
+    while !text.is_empty() {
+        let (name, rest) = text.split_once('=')?;
+        let rest = rest.strip_prefix('"')?;
+        let mut escaped = false;
+        let end = rest.char_indices().find_map(|(i, c)| match c {
+            _ if escaped => {
+                escaped = false;
+                None
+            }
+            '\\' => {
+                escaped = true;
+                None
+            }
+            '"' => Some(i),
+            _ => None,
+        })?;
+        labels.push((name.to_owned(), format!("\"{}\"", &rest[..end])));
+        let rest = &rest[end + 1..];
+        text = rest.strip_prefix(',').unwrap_or(rest);
+    }
+    Some(labels)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +180,7 @@ async fn metrics_move_as_events_are_processed() {
     let deadline = std::time::Instant::now() + WAIT;
     let before = loop {
         let samples = parse_prometheus(&get(&daemon, "/metrics").await.1);
-        if samples.contains_key("scriptd_engine_workers") {
+        if samples.samples.contains_key("scriptd_engine_workers") {
             break samples;
         }
         assert!(std::time::Instant::now() < deadline, "no engine metrics");
@@ -121,11 +203,11 @@ async fn metrics_move_as_events_are_processed() {
     );
     assert_eq!(after["scriptd_runs_started_total"], 3.0);
     assert_eq!(
-        after["scriptd_runs_finished_total{status=\"ok\",kind=\"none\"}"],
+        after["scriptd_runs_finished_total{kind=\"none\",status=\"ok\"}"],
         2.0
     );
     assert_eq!(
-        after["scriptd_runs_finished_total{status=\"dead_lettered\",kind=\"exception\"}"],
+        after["scriptd_runs_finished_total{kind=\"exception\",status=\"dead_lettered\"}"],
         1.0
     );
     assert_eq!(after["scriptd_dead_letters_total"], 1.0);
@@ -136,6 +218,13 @@ async fn metrics_move_as_events_are_processed() {
     );
     assert!(after["scriptd_engine_cold_starts_total"] >= 2.0);
     assert_eq!(after["scriptd_nats_connected"], 1.0);
+    for (family, kind) in FAMILIES {
+        assert_eq!(
+            after.types.get(*family).map(String::as_str),
+            Some(*kind),
+            "{family}"
+        );
+    }
     daemon.shutdown().await;
     env.cleanup().await;
 }
@@ -203,6 +292,7 @@ async fn runs_retries_and_dead_letters_join_the_publishers_trace() {
             .env("SCRIPTD_TELEMETRY__OTLP_ENDPOINT", collector.endpoint())
             .env("SCRIPTD_TELEMETRY__OTLP_PROTOCOL", "http/json")
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("SCRIPTD_TELEMETRY__METRICS_INTERVAL", "200ms")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()
@@ -270,5 +360,28 @@ async fn runs_retries_and_dead_letters_join_the_publishers_trace() {
         runs.iter().any(|r| r.span_id == dead_letter.parent_span_id),
         "the dead letter's span is inside a run's span"
     );
+    // The metrics go out over OTLP under the same names, without Prometheus' `_total` and
+    // unit suffixes.
+    let wanted: HashSet<String> = FAMILIES
+        .iter()
+        .map(|(name, kind)| match *kind {
+            "counter" => name.strip_suffix("_total").unwrap().to_owned(),
+            "histogram" => name.strip_suffix("_seconds").unwrap().to_owned(),
+            _ => name.to_string(),
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let exported: HashSet<String> = collector.metric_names().into_iter().collect();
+        let missing: Vec<_> = wanted.difference(&exported).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never exported: {missing:?}; exported: {exported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     env.cleanup().await;
 }

@@ -256,7 +256,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     // Spans and metrics are exported by the long-running commands only.
     let export = matches!(cli.command, Command::Run | Command::Dev(_));
-    let _telemetry = crate::observe::telemetry::init(&settings.log, &settings.telemetry, export)?;
+    let telemetry = crate::observe::telemetry::init(&settings.log, &settings.telemetry, export)?;
     match cli.command {
         Command::EngineHost { stack } => {
             crate::engine::host_main(stack)?;
@@ -283,8 +283,8 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(tenants::allow_fetch(&settings, args))
         }
         Command::Tenants(TenantsCommand::Show(args)) => block_on(tenants::show(&settings, args)),
-        Command::Run => block_on(ops::run_daemon(settings)),
-        Command::Dev(args) => block_on(crate::cli::dev::run(settings, args)),
+        Command::Run => block_on(ops::run_daemon(settings, telemetry.metrics())),
+        Command::Dev(args) => block_on(crate::cli::dev::run(settings, args, telemetry.metrics())),
         Command::Migrate => block_on(ops::migrate(&settings)),
         Command::Events(EventsCommand::Publish(args)) => block_on(ops::publish(&settings, args)),
         Command::Scripts(ScriptsCommand::Test(args)) => block_on(scripts::test(&settings, args)),

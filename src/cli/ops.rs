@@ -1,6 +1,7 @@
 //! `scriptd run`, `migrate` and `events publish`.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use async_nats::HeaderMap;
@@ -9,6 +10,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::observe::metrics::Metrics;
 use crate::store::Store;
 use crate::subject;
 
@@ -32,11 +34,11 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected Name=value, got {s:?}"))
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run_daemon(settings: Settings) -> anyhow::Result<ExitCode> {
+/// Runs the daemon until SIGTERM or SIGINT, reporting to `metrics`.
+pub async fn run_daemon(settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    crate::daemon::run(settings, shutdown).await?;
+    crate::daemon::run(settings, shutdown, metrics).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -3,6 +3,7 @@
 //! flight finish within the grace period, hand back what remains, flush records.
 
 mod caps;
+pub mod readings;
 pub mod supervisor;
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use crate::config::Settings;
 use crate::daemon::supervisor::{Supervisor, TaskFailed};
 use crate::engine::Engine;
 use crate::observe::health::Readiness;
-use crate::observe::metrics::{Metrics, Sources};
+use crate::observe::metrics::Metrics;
 use crate::pipeline::attempt::Defaults;
 use crate::pipeline::executor::{self, Executor};
 use crate::pipeline::records::{ClaimTaker, RecordWriter};
@@ -49,9 +50,18 @@ pub struct DaemonStats {
     pub index: Arc<OnceLock<Arc<ScriptIndex>>>,
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    run_with_stats(settings, shutdown, DaemonStats::default()).await
+/// Runs the daemon until `shutdown` is cancelled, reporting to `metrics` (see
+/// `telemetry::init`, which gives them their exporters).
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let stats = DaemonStats {
+        metrics,
+        ..DaemonStats::default()
+    };
+    run_with_stats(settings, shutdown, stats).await
 }
 
 /// Runs the daemon until `shutdown` is cancelled or one of its tasks fails, telling
@@ -134,14 +144,16 @@ impl Daemon {
         if !engine.wait_ready(Duration::from_secs(30)).await {
             tracing::warn!("Not every engine host is up after 30s; runs wait for those that are.");
         }
-        stats.metrics.attach(Sources {
-            fanout: stats.fanout.clone(),
-            runner: stats.attempts.clone(),
-            engine: engine.clone(),
-            nats: client.clone(),
-            postgres: store.pool().clone(),
-        });
-        crate::observe::telemetry::export_metrics(&stats.metrics);
+        readings::register(
+            &stats.metrics,
+            readings::Parts {
+                fanout: stats.fanout.clone(),
+                attempts: stats.attempts.clone(),
+                engine: engine.clone(),
+                nats: client.clone(),
+                postgres: store.pool().clone(),
+            },
+        );
 
         let mut daemon = Daemon {
             grace: settings.daemon.shutdown_grace,

@@ -1,6 +1,7 @@
 //! Logging and OpenTelemetry: tracing-subscriber (human or JSON lines on standard error),
-//! and, when an OTLP endpoint is configured, export of traces and metrics over OTLP/HTTP.
-//! W3C trace context (`traceparent`) is read from and written to message headers here.
+//! and, when an OTLP endpoint is configured, export of traces and metrics over OTLP/HTTP
+//! (the metrics' OTLP reader joins the Prometheus one in their meter provider). W3C trace
+//! context (`traceparent`) is read from and written to message headers here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::metrics::{MeterProviderBuilder, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
@@ -89,11 +90,19 @@ impl Default for TelemetryConfig {
     }
 }
 
-/// Flushes and stops the exporters when dropped.
+/// Holds the daemon's metrics; flushes and stops the exporters when dropped.
 #[derive(Default)]
 pub struct TelemetryGuard {
     tracer: Option<SdkTracerProvider>,
-    meter: Option<SdkMeterProvider>,
+    metrics: Arc<Metrics>,
+}
+
+impl TelemetryGuard {
+    /// The metrics to report to: served on `/metrics`, and exported over OTLP when spans
+    /// are.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
 }
 
 impl Drop for TelemetryGuard {
@@ -103,11 +112,7 @@ impl Drop for TelemetryGuard {
                 eprintln!("scriptd: flushing traces failed: {e}");
             }
         }
-        if let Some(meter) = self.meter.take() {
-            if let Err(e) = meter.shutdown() {
-                eprintln!("scriptd: flushing metrics failed: {e}");
-            }
-        }
+        self.metrics.shutdown();
     }
 }
 
@@ -116,7 +121,8 @@ pub const RUN_SPAN: &str = "scriptd.run";
 
 /// Installs the global subscriber. `RUST_LOG`, when set, replaces the configured filter.
 /// Standard output stays free for command output. With `export`, and an OTLP endpoint
-/// configured, spans and metrics are exported too. Call outside any async runtime.
+/// configured, spans and the guard's metrics are exported too. Call outside any async
+/// runtime, and drop the guard outside one.
 pub fn init(
     log: &LogConfig,
     telemetry: &TelemetryConfig,
@@ -139,7 +145,10 @@ pub fn init(
         LogFormat::Human => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
-    let mut guard = TelemetryGuard::default();
+    let mut guard = TelemetryGuard {
+        tracer: None,
+        metrics: Arc::new(Metrics::new(telemetry.tenant_labels)),
+    };
     let otel = match export
         .then(|| otlp_target(telemetry))
         .transpose()?
@@ -152,9 +161,8 @@ pub fn init(
                 .with_tracer(tracer.tracer("scriptd"))
                 .with_filter(spans);
             opentelemetry::global::set_tracer_provider(tracer.clone());
-            opentelemetry::global::set_meter_provider(meter.clone());
             guard.tracer = Some(tracer);
-            guard.meter = Some(meter);
+            guard.metrics = Arc::new(Metrics::with_provider(telemetry.tenant_labels, meter));
             Some(layer)
         }
         None => None,
@@ -199,10 +207,12 @@ fn otlp_target(config: &TelemetryConfig) -> anyhow::Result<Option<Target>> {
     Ok(Some(Target { base, protocol }))
 }
 
+/// The span exporter's provider, and a meter provider builder with the metric exporter's
+/// reader.
 fn start_exporters(
     config: &TelemetryConfig,
     target: &Target,
-) -> anyhow::Result<(SdkTracerProvider, SdkMeterProvider)> {
+) -> anyhow::Result<(SdkTracerProvider, MeterProviderBuilder)> {
     let service = if !config.service_name.is_empty() {
         config.service_name.clone()
     } else {
@@ -231,50 +241,8 @@ fn start_exporters(
         .build();
     let meter = SdkMeterProvider::builder()
         .with_reader(reader)
-        .with_resource(resource)
-        .build();
+        .with_resource(resource);
     Ok((tracer, meter))
-}
-
-/// Exports the daemon's metrics through the global meter provider (a no-op provider when
-/// nothing is exported). Counters and gauges are observed from `metrics` at each export.
-pub fn export_metrics(metrics: &Arc<Metrics>) {
-    let meter = opentelemetry::global::meter("scriptd");
-    let mut names: Vec<(&'static str, &'static str, bool)> = metrics
-        .samples()
-        .iter()
-        .map(|s| (s.name, s.help, s.counter))
-        .collect();
-    names.dedup_by_key(|n| n.0);
-    for (name, help, counter) in names {
-        let m = metrics.clone();
-        let observe = move |observer: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
-            for sample in m.samples().into_iter().filter(|s| s.name == name) {
-                let attributes: Vec<KeyValue> = sample
-                    .labels
-                    .into_iter()
-                    .map(|(k, v)| KeyValue::new(k, v))
-                    .collect();
-                observer.observe(sample.value, &attributes);
-            }
-        };
-        // OpenTelemetry names counters without Prometheus' `_total` suffix.
-        let otel_name = name.strip_suffix("_total").unwrap_or(name);
-        if counter {
-            meter
-                .f64_observable_counter(otel_name)
-                .with_description(help)
-                .with_callback(move |o| observe(o))
-                .build();
-        } else {
-            meter
-                .f64_observable_gauge(otel_name)
-                .with_description(help)
-                .with_callback(move |o| observe(o))
-                .build();
-        }
-    }
-    metrics.export_histograms(&meter);
 }
 
 /// The trace context in `traceparent`, as a parent for a span.

@@ -1,6 +1,7 @@
 //! An OTLP/HTTP receiver on 127.0.0.1 for telemetry tests: accepts JSON-encoded exports and
-//! keeps the spans it was sent.
+//! keeps the spans and the names of the metrics it was sent.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +20,7 @@ pub struct Span {
 pub struct Collector {
     pub port: u16,
     spans: Arc<Mutex<Vec<Span>>>,
+    metrics: Arc<Mutex<BTreeSet<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -27,10 +29,12 @@ impl Collector {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let spans = Arc::new(Mutex::new(Vec::new()));
-        let theirs = spans.clone();
+        let metrics = Arc::new(Mutex::new(BTreeSet::new()));
+        let (their_spans, their_metrics) = (spans.clone(), metrics.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
-                let spans = theirs.clone();
+                let spans = their_spans.clone();
+                let metrics = their_metrics.clone();
                 tokio::spawn(async move {
                     // Keep-alive: several requests may come on one connection.
                     let mut pending = Vec::new();
@@ -57,9 +61,12 @@ impl Collector {
                         }
                         let body: Vec<u8> =
                             pending.drain(..end + 4 + length).skip(end + 4).collect();
-                        if head.starts_with("post /v1/traces") {
-                            if let Ok(export) = serde_json::from_slice::<serde_json::Value>(&body) {
+                        let export = serde_json::from_slice::<serde_json::Value>(&body);
+                        if let Ok(export) = export {
+                            if head.starts_with("post /v1/traces") {
                                 spans.lock().unwrap().extend(spans_of(&export));
+                            } else if head.starts_with("post /v1/metrics") {
+                                metrics.lock().unwrap().extend(metric_names(&export));
                             }
                         }
                         let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
@@ -70,7 +77,12 @@ impl Collector {
                 });
             }
         });
-        Collector { port, spans, task }
+        Collector {
+            port,
+            spans,
+            metrics,
+            task,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -80,6 +92,11 @@ impl Collector {
     pub fn spans(&self) -> Vec<Span> {
         self.spans.lock().unwrap().clone()
     }
+
+    /// The names of every metric exported so far.
+    pub fn metric_names(&self) -> BTreeSet<String> {
+        self.metrics.lock().unwrap().clone()
+    }
 }
 
 impl Drop for Collector {
@@ -88,9 +105,24 @@ impl Drop for Collector {
     }
 }
 
+fn list(v: &serde_json::Value, k: &str) -> Vec<serde_json::Value> {
+    v[k].as_array().cloned().unwrap_or_default()
+}
+
+fn metric_names(export: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for resource in list(export, "resourceMetrics") {
+        for scope in list(&resource, "scopeMetrics") {
+            for metric in list(&scope, "metrics") {
+                out.extend(metric["name"].as_str().map(str::to_owned));
+            }
+        }
+    }
+    out
+}
+
 fn spans_of(export: &serde_json::Value) -> Vec<Span> {
     let mut out = Vec::new();
-    let list = |v: &serde_json::Value, k: &str| v[k].as_array().cloned().unwrap_or_default();
     for resource in list(export, "resourceSpans") {
         for scope in list(&resource, "scopeSpans") {
             for span in list(&scope, "spans") {

@@ -9,6 +9,7 @@ mod billing;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::caps::secrets::SecretBox;
 use crate::config::Settings;
+use crate::observe::metrics::Metrics;
 use crate::scripts::manifest::Manifest;
 use crate::store::Store;
 
@@ -42,12 +44,17 @@ struct Started {
     postgres: Option<PathBuf>,
 }
 
-pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<ExitCode> {
+/// Runs `dev` (see the module's doc); the daemon reports to `metrics`.
+pub async fn run(
+    mut settings: Settings,
+    args: DevArgs,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<ExitCode> {
     if settings.log.filter == "info" {
         settings.log.filter = "info,scriptd=debug".into();
     }
     let mut started = Started::default();
-    let result = prepare_and_run(&settings, &args, &mut started).await;
+    let result = prepare_and_run(&settings, &args, &mut started, metrics).await;
     if let Some(mut nats) = started.nats.take() {
         let _ = nats.kill().await;
     }
@@ -64,6 +71,7 @@ async fn prepare_and_run(
     settings: &Settings,
     args: &DevArgs,
     started: &mut Started,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<ExitCode> {
     let nats_addr = address(&settings.nats.url, 4222)?;
     if reachable(nats_addr) {
@@ -125,7 +133,7 @@ async fn prepare_and_run(
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::cli::cancel_on_signal(shutdown.clone()));
-    crate::daemon::run(settings.clone(), shutdown).await?;
+    crate::daemon::run(settings.clone(), shutdown, metrics).await?;
     Ok(ExitCode::SUCCESS)
 }
 
