@@ -45,6 +45,11 @@ pub struct Settings {
     pub capabilities: CapabilitiesConfig,
     /// Health and metrics endpoints and OTLP export (`[telemetry]`).
     pub telemetry: crate::observe::telemetry::TelemetryConfig,
+    /// Variables with the `SCRIPTD_` prefix that name no section of the settings and were
+    /// left alone (Kubernetes puts `SCRIPTD_PORT`, `SCRIPTD_SERVICE_HOST` and the like into
+    /// every pod beside a Service named `scriptd`); the command warns of them once.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 /// The `[daemon]` settings.
@@ -106,10 +111,25 @@ impl Settings {
             .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !NOT_SETTINGS.contains(&k.as_str()))
             .collect();
         vars.sort();
+        let mut ignored = Vec::new();
         for (name, raw) in vars {
+            // A variable whose first part names no section is someone else's; one that names
+            // a section but no setting in it is a typo, and an error.
+            let section = name[ENV_PREFIX.len()..]
+                .split("__")
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            if !merged.get(&section).is_some_and(toml::Value::is_table) {
+                ignored.push(name);
+                continue;
+            }
             set_from_env(&mut merged, &name, &raw)?;
         }
-        Settings::deserialize(toml::Value::Table(merged)).context("in the settings")
+        let mut settings =
+            Settings::deserialize(toml::Value::Table(merged)).context("in the settings")?;
+        settings.ignored_env = ignored;
+        Ok(settings)
     }
 }
 
@@ -229,6 +249,27 @@ mod tests {
         assert_eq!(s.tenants.cap("acme", 4), 16);
         assert_eq!(s.tenants.cap("other", 4), 2);
         assert!(Settings::load_from(None, env(&[("SCRIPTD_TENANTS__NOPE", "1")])).is_err());
+    }
+
+    #[test]
+    fn variables_naming_no_section_are_left_alone_and_typos_in_a_section_are_errors() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SCRIPTD_PORT", "tcp://10.0.0.7:8080"),
+                ("SCRIPTD_SERVICE_HOST", "10.0.0.7"),
+                ("SCRIPTD_ENGINE__WORKERS", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.engine.workers, 3);
+        assert_eq!(s.ignored_env, ["SCRIPTD_PORT", "SCRIPTD_SERVICE_HOST"]);
+        let typo = Settings::load_from(None, env(&[("SCRIPTD_ENGINE__LIMITS__TIMOUT", "1s")]));
+        let message = format!("{:#}", typo.unwrap_err());
+        assert!(
+            message.contains("engine.limits.timout does not exist"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -198,3 +198,66 @@ async fn exit_codes_tell_bad_input_from_an_unavailable_service() {
     assert_eq!(code(&["scripts", "list"], &[]), Some(0));
     env.cleanup().await;
 }
+
+#[test]
+fn variables_of_other_programs_are_left_alone_and_a_typo_is_refused() {
+    let config = |envs: &[(&str, &str)]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"))
+            .arg("config")
+            .envs(envs.iter().copied())
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    // What Kubernetes puts into every pod beside a Service named `scriptd`.
+    let out = config(&[
+        ("SCRIPTD_PORT", "tcp://10.0.0.7:8080"),
+        ("SCRIPTD_SERVICE_HOST", "10.0.0.7"),
+        ("SCRIPTD_ENGINE__WORKERS", "3"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workers = 3"));
+    assert_eq!(stderr.matches("are ignored").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("SCRIPTD_PORT, SCRIPTD_SERVICE_HOST"),
+        "{stderr}"
+    );
+    let out = config(&[("SCRIPTD_ENGINE__LIMITS__TIMOUT", "1s")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SCRIPTD_ENGINE__LIMITS__TIMOUT names no setting"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_deploys_as_the_readme_says_and_a_bare_file_asks_for_its_owner() {
+    let env = TestEnv::new().await;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts-examples");
+    let out = env
+        .daemon_command()
+        .args(["scripts", "deploy"])
+        .arg(examples.join("order-created.toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("deployed acme/order-created v1"), "{said}");
+    let out = env
+        .daemon_command()
+        .args(["scripts", "deploy"])
+        .arg(examples.join("order-created.js"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("needs --tenant and --name"), "{stderr}");
+    env.cleanup().await;
+}

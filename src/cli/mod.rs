@@ -257,6 +257,12 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     // Spans and metrics are exported by the long-running commands only.
     let export = matches!(cli.command, Command::Run | Command::Dev(_));
     let telemetry = crate::observe::telemetry::init(&settings.log, &settings.telemetry, export)?;
+    if !settings.ignored_env.is_empty() && !matches!(cli.command, Command::EngineHost { .. }) {
+        tracing::warn!(
+            variables = %settings.ignored_env.join(", "),
+            "Environment variables with the SCRIPTD_ prefix that name no section of the settings are ignored."
+        );
+    }
     match cli.command {
         Command::EngineHost { stack } => {
             crate::engine::host_main(stack)?;

@@ -23,11 +23,11 @@ use crate::units::parse_duration;
 pub struct DeployArgs {
     /// The script file, or a manifest (.toml) that names it and its settings.
     pub file: PathBuf,
-    /// The tenant that owns the script (a manifest names its own).
-    #[arg(long, required_unless_present = "manifest_file")]
+    /// The tenant that owns the script (needed for a script file; a manifest names its own).
+    #[arg(long)]
     pub tenant: Option<String>,
-    /// The script's name (a manifest names its own).
-    #[arg(long, required_unless_present = "manifest_file")]
+    /// The script's name (needed for a script file; a manifest names its own).
+    #[arg(long)]
     pub name: Option<String>,
     /// Tenant-relative subject pattern the script handles (`order.*`, `user.>`); repeatable.
     #[arg(long = "on")]
@@ -83,11 +83,18 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
     let spec = if is_manifest {
         Manifest::load(&args.file)?.1
     } else {
+        let (Some(tenant), Some(name)) = (&args.tenant, &args.name) else {
+            anyhow::bail!(
+                "deploying the script file {} needs --tenant and --name (a manifest, .toml or \
+                 --manifest, names its own)",
+                args.file.display()
+            );
+        };
         let source = std::fs::read_to_string(&args.file)
             .with_context(|| format!("reading the script {}", args.file.display()))?;
         let spec = ScriptSpec {
-            tenant: args.tenant.clone().unwrap_or_default(),
-            name: args.name.clone().unwrap_or_default(),
+            tenant: tenant.clone(),
+            name: name.clone(),
             source,
             subjects: args.on.clone(),
             cron: args.cron.clone(),
