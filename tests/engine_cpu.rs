@@ -12,7 +12,7 @@ use scriptd::caps::{
     Call, CapError, CapResult, Capabilities, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp,
     KvReply, Publish,
 };
-use scriptd::engine::{Engine, EngineConfig, FailureKind, HostsConfig, Isolation, Limits};
+use scriptd::engine::{Engine, FailureKind, Isolation, Limits};
 use serde_json::json;
 
 use common::{run, value};
@@ -47,20 +47,7 @@ impl Capabilities for SlowKv {
 }
 
 fn engine(isolation: Isolation) -> Engine {
-    Engine::start_with(
-        &EngineConfig {
-            isolation,
-            workers: 1,
-            hosts: HostsConfig {
-                count: 1,
-                binary: env!("CARGO_BIN_EXE_scriptd").into(),
-                ..HostsConfig::default()
-            },
-            ..EngineConfig::default()
-        },
-        Arc::new(SlowKv::default()),
-    )
-    .expect("engine starts")
+    common::engine_in(isolation, Arc::new(SlowKv::default()))
 }
 
 fn limits(cpu_time: Duration) -> Limits {

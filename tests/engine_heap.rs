@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use scriptd::engine::{Engine, EngineConfig, FailureKind, HostsConfig, Isolation, Limits};
+use scriptd::engine::{Engine, FailureKind, Isolation, Limits};
 use serde_json::json;
 
 use common::{run, value};
@@ -41,20 +41,10 @@ const BOMBS: &[(&str, &str)] = &[
 ];
 
 fn engine(isolation: Isolation) -> Engine {
-    Engine::start_with(
-        &EngineConfig {
-            isolation,
-            workers: 1,
-            hosts: HostsConfig {
-                count: 1,
-                binary: env!("CARGO_BIN_EXE_scriptd").into(),
-                ..HostsConfig::default()
-            },
-            ..EngineConfig::default()
-        },
+    common::engine_in(
+        isolation,
         Arc::new(scriptd::caps::NoCapabilities::default()),
     )
-    .expect("engine starts")
 }
 
 async fn bombs_stop_at_the_heap_limit(engine: &Engine, mode: &str) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use scriptd::engine::{Engine, EngineConfig, FailureKind, HostsConfig, Isolation};
+use scriptd::engine::{Engine, FailureKind, HostsConfig, Isolation};
 use scriptd::units::ByteSize;
 use serde_json::json;
 
@@ -20,23 +20,13 @@ enum Mode {
     Host,
 }
 
-async fn engine_in(mode: Mode) -> Engine {
+async fn engine_for(mode: Mode) -> Engine {
     let engine = match mode {
         Mode::InProcess => engine(),
-        Mode::Host => Engine::start_with(
-            &EngineConfig {
-                isolation: Isolation::Process,
-                hosts: HostsConfig {
-                    count: 1,
-                    binary: env!("CARGO_BIN_EXE_scriptd").into(),
-                    seccomp: true,
-                    ..HostsConfig::default()
-                },
-                ..EngineConfig::default()
-            },
+        Mode::Host => engine_in(
+            Isolation::Process,
             Arc::new(scriptd::caps::NoCapabilities::default()),
-        )
-        .expect("a host starts"),
+        ),
     };
     assert!(engine.wait_ready(Duration::from_secs(30)).await);
     engine
@@ -51,7 +41,7 @@ async fn expect_failure(
     kind: FailureKind,
     tweak: impl FnOnce(&mut scriptd::engine::ScriptRun),
 ) -> scriptd::engine::Failure {
-    let engine = engine_in(mode).await;
+    let engine = engine_for(mode).await;
     let mut r = run(source, json!({}));
     tweak(&mut r);
     let bound = r.limits.timeout + HostsConfig::default().kill_grace + Duration::from_secs(2);
@@ -151,7 +141,7 @@ async fn heap_bomb_by_string_doubling_hits_the_heap_limit(mode: Mode) {
 async fn string_concatenation_bomb_fails_without_harm(mode: Mode) {
     // `s + s` builds ropes that take no memory until the engine's string length cap; the
     // engine refuses it with an ordinary error (or the heap limit, if it flattens first).
-    let engine = engine_in(mode).await;
+    let engine = engine_for(mode).await;
     let result = engine
         .run(run(
             "export default function () { let s = 'x'; for (;;) s = s + s; }",
@@ -231,7 +221,7 @@ async fn module_without_default_export_has_no_handler(mode: Mode) {
 }
 
 async fn host_apis_are_absent(mode: Mode) {
-    let engine = engine_in(mode).await;
+    let engine = engine_for(mode).await;
     let probe = r#"export default function () {
         return {
             Deno: typeof Deno, process: typeof process, require: typeof require,
@@ -304,7 +294,7 @@ async fn non_serialisable_results_are_refused(mode: Mode) {
 }
 
 async fn a_module_that_throws_at_top_level_is_not_kept(mode: Mode) {
-    let engine = engine_in(mode).await;
+    let engine = engine_for(mode).await;
     let source = "if (globalThis.loaded) throw new Error('evaluated twice'); throw new Error('top-level');\nexport default () => 1;";
     for _ in 0..2 {
         let result = engine.run(run(source, json!({}))).await;
@@ -398,7 +388,7 @@ const SCRIPT_API_GLOBALS: &[&str] = &[
 ];
 
 async fn the_global_object_holds_the_language_and_the_documented_api_only(mode: Mode) {
-    let engine = engine_in(mode).await;
+    let engine = engine_for(mode).await;
     let probe = "export default () => {
         const chain = [];
         for (let p = Object.getPrototypeOf(globalThis); p; p = Object.getPrototypeOf(p)) {

@@ -4,8 +4,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use scriptd::engine::{Engine, EngineConfig, FailureKind, Limits, RunResult, ScriptRun};
+use scriptd::engine::{
+    Engine, EngineConfig, FailureKind, HostsConfig, Isolation, Limits, RunResult, ScriptRun,
+};
 use scriptd::units::ByteSize;
+
+/// One worker whose scripts reach `caps`: on a thread of this process, or in one engine
+/// host (this package's `scriptd`, seccomp on) with `Isolation::Process`.
+pub fn engine_in(isolation: Isolation, caps: scriptd::engine::SharedCapabilities) -> Engine {
+    Engine::start_with(
+        &EngineConfig {
+            isolation,
+            workers: 1,
+            hosts: HostsConfig {
+                count: 1,
+                binary: env!("CARGO_BIN_EXE_scriptd").into(),
+                ..HostsConfig::default()
+            },
+            ..EngineConfig::default()
+        },
+        caps,
+    )
+    .expect("engine starts")
+}
 
 /// One worker, so consecutive runs share a thread (and can share a warm isolate).
 pub fn engine() -> Engine {
