@@ -198,12 +198,7 @@ impl TestEnv {
             retry,
             ..Default::default()
         };
-        self.store
-            .deploy(&spec)
-            .await
-            .expect("deploy")
-            .version
-            .get() as i32
+        self.deploy_spec(&spec).await
     }
 
     pub async fn publish(
@@ -513,6 +508,12 @@ impl Drop for OwnNats {
 }
 
 impl TestEnv {
+    /// Deploys `spec`; its version.
+    pub async fn deploy_spec(&self, spec: &ScriptSpec) -> i32 {
+        let deployed = self.store.deploy(spec).await.expect("deploy");
+        deployed.version.get() as i32
+    }
+
     /// Deploys a script on a cron schedule (and no subject).
     pub async fn deploy_scheduled(
         &self,
@@ -532,12 +533,7 @@ impl TestEnv {
             retry,
             ..Default::default()
         };
-        self.store
-            .deploy(&spec)
-            .await
-            .expect("deploy")
-            .version
-            .get() as i32
+        self.deploy_spec(&spec).await
     }
 
     /// The scheduled instants of the recorded runs with this status, oldest first.
