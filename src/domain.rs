@@ -46,7 +46,10 @@ macro_rules! named_enum {
                 $name::ALL
                     .into_iter()
                     .find(|v| v.as_str() == s)
-                    .ok_or_else(|| format!(concat!("unknown ", $what, " {:?}"), s))
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                        format!(concat!("unknown ", $what, " {:?} (one of {})"), s, names.join(", "))
+                    })
             }
         }
     };
@@ -269,7 +272,7 @@ mod tests {
         }
         assert_eq!(
             "sometimes".parse::<Trigger>(),
-            Err("unknown trigger \"sometimes\"".into())
+            Err("unknown trigger \"sometimes\" (one of event, schedule, replay)".into())
         );
         assert_eq!(format!("[{:<8}]", RunStatus::Ok), "[ok      ]");
     }

@@ -261,3 +261,63 @@ async fn a_manifest_deploys_as_the_readme_says_and_a_bare_file_asks_for_its_owne
     assert!(stderr.contains("needs --tenant and --name"), "{stderr}");
     env.cleanup().await;
 }
+
+#[test]
+fn input_that_cannot_work_is_refused_with_what_to_do_instead() {
+    let js =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts-examples/order-created.js");
+    let js = js.to_str().unwrap();
+    let refused = |args: &[&str], says: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    refused(
+        &[
+            "events",
+            "publish",
+            "acme",
+            "order.created",
+            r#"{"id":"o-3","#,
+        ],
+        "the payload is not JSON",
+    );
+    let deploy = |extra: &[&str]| {
+        let mut args = vec![
+            "scripts", "deploy", js, "--tenant", "acme", "--name", "orders",
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    for (extra, says) in [
+        (
+            &["--on", "events.acme.order.created"][..],
+            "give the event type relative to the tenant, as in \"order.created\"",
+        ),
+        (
+            &["--on", "order.created", "--max-attempts", "0"][..],
+            "max_attempts of acme/orders is 0",
+        ),
+        (
+            &["--on", "order.created", "--timeout", "0s"][..],
+            "timeout of acme/orders is 0",
+        ),
+        (
+            &["--on", "order.created", "--tz", "Europe/Paris"][..],
+            "a time zone (Europe/Paris) is for a schedule",
+        ),
+    ] {
+        let args = deploy(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&args, says);
+    }
+    refused(
+        &["runs", "list", "--status", "failed"],
+        "one of ok, retrying, dead_lettered, skipped",
+    );
+}

@@ -62,7 +62,7 @@ pub struct RunsListArgs {
     pub script: Option<String>,
     /// ok, retrying, dead_lettered or skipped.
     #[arg(long)]
-    pub status: Option<String>,
+    pub status: Option<crate::domain::RunStatus>,
     /// Only runs started within this long (e.g. 1h, 30m).
     #[arg(long, value_parser = parse_duration)]
     pub since: Option<Duration>,
@@ -222,7 +222,7 @@ pub async fn runs_list(settings: &Settings, args: RunsListArgs) -> anyhow::Resul
         .list_runs(&RunFilter {
             tenant: args.tenant,
             script: args.script,
-            status: args.status,
+            status: args.status.map(|s| s.as_str().to_owned()),
             since,
             job_id: None,
             limit: args.limit,

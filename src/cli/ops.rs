@@ -21,8 +21,12 @@ pub struct PublishArgs {
     /// Tenant-relative event type, e.g. order.created.
     #[arg(value_name = "TYPE")]
     pub event_type: String,
-    /// The payload (JSON or any text); @FILE reads it from a file.
+    /// The payload, JSON unless --raw; @FILE reads it from a file.
     pub payload: String,
+    /// Publish the payload as it is, JSON or not (scripts then see text or base64 in
+    /// `event.data`, with `event.encoding` saying which).
+    #[arg(long)]
+    pub raw: bool,
     /// A header, `Name=value`; repeatable.
     #[arg(long = "header", value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
@@ -84,6 +88,15 @@ pub async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<E
         Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
         None => args.payload.into_bytes(),
     };
+    if !args.raw {
+        // Scripts would see a string where they expect an object: refused before it
+        // reaches anyone.
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+            anyhow::bail!(
+                "the payload is not JSON ({e}); fix it, or publish it as it is with --raw"
+            );
+        }
+    }
     let client = async_nats::connect(&settings.nats.url)
         .await
         .with_context(|| format!("connecting to NATS at {}", settings.nats.url))?;

@@ -94,9 +94,43 @@ pub fn validate_spec(spec: &ScriptSpec) -> anyhow::Result<()> {
     subject::validate_name("script", &spec.name)?;
     for pattern in &spec.subjects {
         subject::validate_pattern(pattern)?;
+        // `events.acme.order.created` for tenant acme: a whole subject where the type
+        // relative to the tenant belongs; it would only match `<prefix>.acme.events.acme...`.
+        let tokens: Vec<&str> = pattern.split('.').collect();
+        if tokens.len() > 2 && tokens[1] == spec.tenant {
+            anyhow::bail!(
+                "{pattern:?} looks like a whole subject: give the event type relative to the \
+                 tenant, as in {:?}",
+                tokens[2..].join(".")
+            );
+        }
     }
-    if let Some(cron) = &spec.cron {
-        crate::schedule::Schedule::parse(cron, &spec.timezone).map_err(anyhow::Error::msg)?;
+    match &spec.cron {
+        Some(cron) => {
+            crate::schedule::Schedule::parse(cron, &spec.timezone).map_err(anyhow::Error::msg)?;
+        }
+        None if spec.timezone != "UTC" => anyhow::bail!(
+            "a time zone ({}) is for a schedule, and {}/{} has none (--cron)",
+            spec.timezone,
+            spec.tenant,
+            spec.name
+        ),
+        None => {}
+    }
+    let limits = &spec.limits;
+    for (what, zero) in [
+        ("timeout", limits.timeout.is_some_and(|t| t.is_zero())),
+        ("cpu_time", limits.cpu_time.is_some_and(|t| t.is_zero())),
+        ("heap", limits.heap.is_some_and(|h| h.0 == 0)),
+        ("max_attempts", spec.retry.max_attempts == Some(0)),
+    ] {
+        if zero {
+            anyhow::bail!(
+                "{what} of {}/{} is 0: no run could succeed",
+                spec.tenant,
+                spec.name
+            );
+        }
     }
     if spec.subjects.is_empty() && spec.cron.is_none() {
         anyhow::bail!(
