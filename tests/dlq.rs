@@ -170,6 +170,17 @@ async fn a_dry_run_publishes_nothing_and_changes_no_table() {
     assert_eq!(out[0]["version"], 2);
     assert_eq!(out[0]["run"]["status"], "ok");
     assert_eq!(out[0]["run"]["result"]["charged"], 7);
+    assert_eq!(out[0]["outcome"], "ok");
+    // Without --json: a line for a person.
+    let said = run_cli(&env, &["dlq", "replay", &seq.to_string(), "--dry-run"]);
+    let said = String::from_utf8_lossy(&said.stdout);
+    assert!(
+        said.contains(&format!(
+            "dead letter {seq}: dry run of acme/charge v2: ok, returning {{"
+        )),
+        "{said}"
+    );
+    assert!(!said.trim_start().starts_with('{'), "{said}");
     assert_eq!(env.runs().await.len(), runs_before);
     assert_eq!(jobs.get_info().await.unwrap().state.messages, jobs_before);
     assert_eq!(

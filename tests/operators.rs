@@ -321,3 +321,28 @@ fn input_that_cannot_work_is_refused_with_what_to_do_instead() {
         "one of ok, retrying, dead_lettered, skipped",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_script_shows_its_schedule() {
+    let env = TestEnv::new().await;
+    env.deploy_scheduled(
+        "nightly",
+        "export default () => 1",
+        "0 0 3 * * *",
+        scriptd::domain::Overlap::Skip,
+        Default::default(),
+    )
+    .await;
+    let said = |args: &[&str]| {
+        let out = env.daemon_command().args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = said(&["scripts", "list", "--tenant", "acme"]);
+    assert!(listed.contains("cron 0 0 3 * * * (UTC)"), "{listed}");
+    let shown = said(&["scripts", "show", "--tenant", "acme", "--name", "nightly"]);
+    assert!(
+        shown.contains("schedule:  0 0 3 * * * (UTC), overlap skip, catch-up none"),
+        "{shown}"
+    );
+    env.cleanup().await;
+}

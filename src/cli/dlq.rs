@@ -300,7 +300,7 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
             }
         };
         if !args.json {
-            println!("{}", outcome);
+            println!("{}", describe(stored.sequence, &job, &outcome));
         }
         outcomes.push(outcome);
         if total >= 20 && (i + 1) % 10 == 0 {
@@ -311,6 +311,44 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
         super::print_json(&outcomes)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line for a person about what a replay (or its dry run) did.
+fn describe(sequence: u64, job: &Job, outcome: &serde_json::Value) -> String {
+    let script = format!("{}/{}", job.tenant, job.script);
+    if outcome["dry_run"] != true {
+        return format!(
+            "dead letter {sequence}: replayed as job {} (stored at sequence {} of the jobs stream); the dead letter is removed",
+            job.id, outcome["job_sequence"]
+        );
+    }
+    let Some(version) = outcome["version"].as_u64() else {
+        return format!(
+            "dead letter {sequence}: dry run of {script}: would be skipped, {}",
+            outcome["message"].as_str().unwrap_or_default()
+        );
+    };
+    let run = &outcome["run"];
+    let what = match outcome["outcome"].as_str().unwrap_or_default() {
+        "ok" => {
+            let result = run["result"].to_string();
+            let shown: String = result.chars().take(200).collect();
+            let cut = if shown.len() < result.len() {
+                " ..."
+            } else {
+                ""
+            };
+            format!("ok, returning {shown}{cut}")
+        }
+        other => format!(
+            "{} ({}: {})",
+            other.replace('_', " "),
+            run["failure"]["kind"].as_str().unwrap_or_default(),
+            run["failure"]["message"].as_str().unwrap_or_default()
+        ),
+    };
+    let took = run["duration_ms"].as_f64().unwrap_or_default();
+    format!("dead letter {sequence}: dry run of {script} v{version}: {what} in {took:.1} ms; nothing was published, stored or recorded")
 }
 
 /// Plans and runs the replay's first attempt as the daemon would, in an isolate with no

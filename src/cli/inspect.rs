@@ -110,10 +110,19 @@ pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCod
         }
     );
     println!("  on:        {}", script.subjects.join(", "));
+    if let Some(cron) = &script.cron {
+        println!(
+            "  schedule:  {cron} ({}), overlap {}, catch-up {}",
+            script.timezone,
+            script.overlap.as_str(),
+            script.catch_up.as_str()
+        );
+    }
     println!("  sha256:    {}", script.sha256);
     println!(
-        "  limits:    timeout {}, heap {}, source {}, result {}, logs {}",
+        "  limits:    timeout {}, cpu_time {}, heap {}, source {}, result {}, logs {}",
         humantime::format_duration(effective.timeout),
+        humantime::format_duration(effective.cpu_time),
         effective.heap,
         effective.source,
         effective.result,

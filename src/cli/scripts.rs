@@ -175,7 +175,7 @@ pub async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<ExitCod
     writeln!(
         out,
         "{:<16} {:<24} {:>7} {:<8} {:<30} SHA256",
-        "TENANT", "NAME", "VERSION", "ENABLED", "ON"
+        "TENANT", "NAME", "VERSION", "ENABLED", "TRIGGERS"
     )?;
     for s in scripts {
         writeln!(
@@ -185,7 +185,7 @@ pub async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<ExitCod
             s.name,
             s.version,
             if s.enabled { "yes" } else { "no" },
-            s.subjects.join(","),
+            s.triggers(),
             &s.sha256[..12]
         )?;
     }

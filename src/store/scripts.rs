@@ -74,6 +74,17 @@ impl std::ops::Deref for ScriptRow {
     }
 }
 
+impl ScriptSpec {
+    /// What triggers the script, for people: its subject patterns and its schedule.
+    pub fn triggers(&self) -> String {
+        let mut parts: Vec<String> = self.subjects.clone();
+        if let Some(cron) = &self.cron {
+            parts.push(format!("cron {cron} ({})", self.timezone));
+        }
+        parts.join(", ")
+    }
+}
+
 pub fn sha256_hex(source: &str) -> String {
     hex::encode(Sha256::digest(source.as_bytes()))
 }
