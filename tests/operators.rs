@@ -346,3 +346,23 @@ async fn a_scheduled_script_shows_its_schedule() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_log_plainly_and_without_the_nats_clients_chatter() {
+    let env = TestEnv::new().await;
+    let out = env
+        .daemon_command()
+        .args(["events", "publish", "acme", "order.created", "{}"])
+        .env("SCRIPTD_LOG__FILTER", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("connected successfully"), "{stderr}");
+    assert!(!stderr.contains("event: closed"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+    env.cleanup().await;
+}

@@ -131,9 +131,18 @@ pub fn init(
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = match std::env::var("RUST_LOG") {
         Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env)?,
+        // The NATS client says "connected successfully" and "event: closed" at info level
+        // on every command; its warnings and errors still show.
+        _ if !log.filter.contains("async_nats") => {
+            EnvFilter::try_new(format!("{},async_nats=warn", log.filter))?
+        }
         _ => EnvFilter::try_new(&log.filter)?,
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a terminal: a file or a pipe gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     // The log filter decides what is printed, not which spans are exported. Run spans are
     // not printed: the log lines of a run name its tenant, script and job themselves, and
     // the printer formatted every run's span fields (styling, escaping) though it never
