@@ -13,15 +13,30 @@ async fn the_examples_run_their_whole_chain() {
     let env = TestEnv::new().await;
     let data = std::env::temp_dir().join(format!("scriptd-dev-{}", env.id));
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts-examples");
-    let child = Child(
+    let mut child = Child(
         env.daemon_command()
             .args(["dev", "--examples", examples, "--data"])
             .arg(&data)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("spawn scriptd dev"),
     );
+    // What dev prints, line by line, as it prints it.
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn({
+        let printed = printed.clone();
+        move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                printed.lock().unwrap().push(line);
+            }
+        }
+    });
     let runs = env
         .wait_for_runs(Duration::from_secs(60), |runs| {
             runs.iter()
@@ -40,6 +55,30 @@ async fn the_examples_run_their_whole_chain() {
         .find(|r| r.script == "order-created")
         .expect("order-created ran");
     assert_eq!(order.status, "ok", "{order:#?}");
+    // One line per run as it is recorded, and commands that run as printed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = printed.lock().unwrap().clone();
+        // Relative to the directory it runs in, as dev prints it.
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_scriptd"));
+        let here = std::env::current_dir().unwrap();
+        let bin = bin.strip_prefix(&here).unwrap_or(bin).display().to_string();
+        let hints = lines
+            .iter()
+            .any(|l| l.contains(&format!("{bin} runs list --tenant acme")));
+        let run = lines.iter().any(|l| {
+            l.contains("acme/create-invoice v1 attempt 1 ok") && l.contains(": invoice inv-")
+        });
+        if hints && run {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dev printed:\n{}",
+            lines.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(child);
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;

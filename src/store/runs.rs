@@ -319,6 +319,28 @@ impl Store {
         rows.iter().map(stored_run).collect()
     }
 
+    /// Runs recorded after the one with id `after` (0 for all), oldest first, at most
+    /// `limit`: for following runs as they are recorded.
+    pub async fn runs_after(&self, after: i64, limit: i64) -> Result<Vec<StoredRun>> {
+        let rows = self
+            .all_tenants_query(
+                &format!(
+                    "SELECT {STORED_RUN_COLUMNS} FROM runs WHERE id > $1 ORDER BY id LIMIT $2"
+                ),
+                &[&after, &limit.max(1)],
+            )
+            .await?;
+        rows.iter().map(stored_run).collect()
+    }
+
+    /// The id of the newest run record, 0 when there is none.
+    pub async fn last_run_id(&self) -> Result<i64> {
+        let rows = self
+            .all_tenants_query("SELECT coalesce(max(id), 0) FROM runs", &[])
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get(0)))
+    }
+
     /// One run by id.
     pub async fn run_by_id(&self, id: i64) -> Result<Option<StoredRun>> {
         let mut client = self.client().await?;

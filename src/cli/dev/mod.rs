@@ -5,6 +5,7 @@
 //! `scripts-examples/`, publishes each example's event and runs the daemon until Ctrl-C.
 
 mod billing;
+mod follow;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -90,6 +91,7 @@ async fn prepare_and_run(
         println!("dev: applied migration {applied}");
     }
     let store = Store::connect(&settings.database).await?;
+    let seen = store.last_run_id().await?;
     let mut settings = settings.clone();
     prepare_examples(&mut settings, &store, &args.data).await?;
     let settings = &settings;
@@ -128,11 +130,10 @@ async fn prepare_and_run(
             println!("dev: published an example event on {subject}");
         }
     }
-    println!(
-        "dev: running the daemon (Ctrl-C stops it). Try:\n  scriptd events publish acme order.created '{{\"id\":\"o-2\",\"items\":[{{\"price\":3,\"qty\":2}}]}}'"
-    );
+    println!("{}", follow::hints("acme"));
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::cli::cancel_on_signal(shutdown.clone()));
+    tokio::spawn(follow::runs(store.clone(), seen, shutdown.clone()));
     crate::daemon::run(settings.clone(), shutdown, metrics).await?;
     Ok(ExitCode::SUCCESS)
 }
