@@ -256,6 +256,15 @@ async fn readiness_follows_nats() {
     };
     let body = ready_is(200).await;
     assert!(body.contains("\"script_index\":\"ok\""), "{body}");
+    assert!(body.contains("\"consumers\":\"ok\""), "{body}");
+    // Ready means consuming, with every metric family registered.
+    let (_, metrics) = get(&daemon, "/metrics").await;
+    for family in ["scriptd_nats_connected", "scriptd_events_received_total"] {
+        assert!(
+            metrics.contains(family),
+            "{family} missing once ready:\n{metrics}"
+        );
+    }
     nats.stop();
     let body = ready_is(503).await;
     let checks: serde_json::Value = serde_json::from_str(&body).unwrap();

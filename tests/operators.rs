@@ -366,3 +366,81 @@ async fn commands_log_plainly_and_without_the_nats_clients_chatter() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_waits_for_nats_naming_it_and_stops_on_a_database_that_does_not_exist() {
+    let env = TestEnv::new().await;
+    // NATS not there: the daemon says what it waits for, and keeps waiting.
+    let url = format!("nats://127.0.0.1:{}", closed_port());
+    let mut waiting = env
+        .daemon_command()
+        .arg("run")
+        .env("SCRIPTD_NATS__URL", &url)
+        .env("SCRIPTD_LOG__FILTER", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = waiting.stderr.take().unwrap();
+    let said = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("Waiting for NATS at"))
+    });
+    let line = said.join().unwrap().expect("a line about waiting for NATS");
+    assert!(line.contains(&url), "{line}");
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "it waits rather than exits"
+    );
+    waiting.kill().unwrap();
+    let _ = waiting.wait();
+    // A database that does not exist is not waited for.
+    let started = std::time::Instant::now();
+    let out = env
+        .daemon_command()
+        .arg("run")
+        .env(
+            "SCRIPTD_DATABASE__URL",
+            format!("postgres://postgres@127.0.0.1:5432/scriptd_none_{}", env.id),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    env.cleanup().await;
+}
+
+#[test]
+fn scripts_test_takes_a_payload_as_events_publish_does_or_a_whole_event() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts-examples/order-created.js"
+    );
+    let test = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"))
+            .args(["scripts", "test", example, "--tenant", "acme", "--json"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let payload = r#"{"id": "o-9", "items": [{"price": 2, "qty": 3}]}"#;
+    let out = test(&["--data", payload, "--type", "order.created"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(shown["status"], "ok", "{shown}");
+    assert_eq!(shown["result"]["total"], 6, "{shown}");
+    // A payload given as the whole event ran with `event.data` undefined; now it is refused.
+    let out = test(&["--event", payload]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("use --data"), "{stderr}");
+}

@@ -266,11 +266,12 @@ impl Drop for Claim<'_> {
 pub const FANOUT_CONSUMER: &str = "scriptd-fanout";
 pub const RUNNER_CONSUMER: &str = "scriptd-runner";
 
-/// Connects, retrying until the server answers; the client reconnects by itself later.
+/// Connects, or says it could not (`BusError::Unavailable`, naming the server); once
+/// connected, the client reconnects by itself. The daemon waits for the server with its
+/// own messages, each naming the URL, instead of the client's silent retries.
 pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         .name("scriptd")
-        .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move {
             match event {

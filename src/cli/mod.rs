@@ -171,9 +171,17 @@ pub enum BenchCommand {
 pub struct TestArgs {
     /// The script: an ES module whose default export handles the event.
     pub file: PathBuf,
-    /// The event as JSON, or @FILE to read it from a file.
-    #[arg(long, default_value = "{}")]
-    pub event: String,
+    /// The whole event the handler gets, as JSON (`{"type": ..., "data": {...}}`), or
+    /// @FILE to read it from a file.
+    #[arg(long, conflicts_with = "data")]
+    pub event: Option<String>,
+    /// Only the payload, as `events publish` takes it (JSON, or @FILE): the event around
+    /// it is made as the daemon makes it (id, subject, type, tenant, time).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// The event type for --data (`order.created`).
+    #[arg(long = "type", default_value = "test")]
+    pub event_type: String,
     /// The tenant the script runs as.
     #[arg(long, default_value = "test")]
     pub tenant: String,

@@ -17,6 +17,7 @@ use crate::engine::{Engine, ScriptRun, ENGINE_NAME};
 use crate::retry::RetryOverrides;
 use crate::scripts::manifest::{validate_spec, Manifest};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
+use crate::subject;
 use crate::units::parse_duration;
 
 #[derive(Debug, Args)]
@@ -215,16 +216,49 @@ pub async fn delete(settings: &Settings, args: NameArgs) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// The event `scripts test` hands the handler: the one given whole (`--event`), or one made
+/// around a payload (`--data`) as the daemon makes it.
+fn test_event(settings: &Settings, args: &TestArgs) -> anyhow::Result<serde_json::Value> {
+    let read = |flag: &str, text: &str| -> anyhow::Result<serde_json::Value> {
+        let text = match text.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading the {flag} file {path}"))?,
+            None => text.to_owned(),
+        };
+        serde_json::from_str(&text).with_context(|| format!("{flag} is not valid JSON"))
+    };
+    if let Some(event) = &args.event {
+        let event = read("--event", event)?;
+        if event.get("data").is_none() {
+            anyhow::bail!(
+                "--event takes the whole event, as the handler gets it ({{\"type\": ..., \"data\": {{...}}}}); \
+                 this one has no \"data\". To give only the payload, as `events publish` \
+                 takes it, use --data (and --type)"
+            );
+        }
+        return Ok(event);
+    }
+    let data = match &args.data {
+        Some(data) => read("--data", data)?,
+        None => serde_json::json!({}),
+    };
+    subject::validate_event_type(&args.event_type)?;
+    Ok(serde_json::json!({
+        "id": format!("test-{:016x}", rand::random::<u64>()),
+        "subject": format!("{}.{}.{}", settings.nats.events_prefix, args.tenant, args.event_type),
+        "type": args.event_type,
+        "tenant": args.tenant,
+        "data": data,
+        "encoding": "json",
+        "headers": {},
+        "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }))
+}
+
 pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCode> {
     let source = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading the script {}", args.file.display()))?;
-    let event_text = match args.event.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the event file {path}"))?,
-        None => args.event.clone(),
-    };
-    let event: serde_json::Value =
-        serde_json::from_str(&event_text).context("--event is not valid JSON")?;
+    let event = test_event(settings, &args)?;
     let name = args.name.clone().unwrap_or_else(|| {
         args.file
             .file_stem()

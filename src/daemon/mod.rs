@@ -124,7 +124,11 @@ impl Daemon {
         let Some((store, index)) = load(&settings, &shutdown, &stats).await? else {
             return Ok(None);
         };
-        let client = bus::connect(&settings.nats).await?;
+        let what = format!("NATS at {}", settings.nats.url);
+        let Some(client) = until_ready(&what, &shutdown, || bus::connect(&settings.nats)).await?
+        else {
+            return Ok(None);
+        };
         let js = jetstream::new(client.clone());
         bus::ensure_streams(&js, &settings.nats).await?;
         let nats = &settings.nats;
@@ -178,6 +182,7 @@ impl Daemon {
         let executor = daemon.executor(&settings, &wiring, &store).await?;
         daemon.spawn_background(&settings, &wiring, store);
         daemon.spawn_consumers(&settings, &wiring, executor).await?;
+        daemon.stats.readiness.consuming();
         tracing::info!(
             engine = crate::engine::ENGINE_NAME,
             workers = daemon.engine.workers(),
@@ -404,7 +409,7 @@ async fn load(
     stats: &DaemonStats,
 ) -> anyhow::Result<Option<(Store, Arc<ScriptIndex>)>> {
     let connect = || Store::connect_all_tenants(&settings.database);
-    let Some(store) = until_ready("PostgreSQL", shutdown, connect).await else {
+    let Some(store) = until_ready("PostgreSQL", shutdown, connect).await? else {
         return Ok(None);
     };
     if settings.database.migrate_on_start {
@@ -414,7 +419,7 @@ async fn load(
     }
     let index = Arc::new(ScriptIndex::default());
     if until_ready("the script index", shutdown, || index.reload(&store))
-        .await
+        .await?
         .is_none()
     {
         return Ok(None);
@@ -438,12 +443,13 @@ fn replica_name() -> String {
     )
 }
 
-/// Calls `attempt` until it succeeds or `shutdown` is cancelled, logging each failure.
+/// Calls `attempt` until it succeeds (then its value) or `shutdown` is cancelled (then
+/// none), logging each failure; an error that waiting cannot cure ends it at once.
 async fn until_ready<T, E, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
     attempt: F,
-) -> Option<T>
+) -> anyhow::Result<Option<T>>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
@@ -452,16 +458,30 @@ where
     let mut delay = Duration::from_millis(250);
     loop {
         match attempt().await {
-            Ok(value) => return Some(value),
+            Ok(value) => return Ok(Some(value)),
             Err(e) => {
                 let e: anyhow::Error = e.into();
+                if permanent(&e) {
+                    return Err(e.context(format!("{what} refused")));
+                }
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "Waiting for {what}.");
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Whether an error will not go away by waiting: PostgreSQL answered and refused (a
+/// database that does not exist, a failed login, a missing table) or its settings cannot
+/// work. A service that cannot be reached is waited for.
+fn permanent(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<crate::store::StoreError>()
+            .is_some_and(|s| !s.is_unavailable())
+    })
 }

@@ -29,6 +29,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Readiness {
     parts: OnceLock<Parts>,
     index_loaded: AtomicBool,
+    /// Set once the daemon's consumers are pulling and its metrics are registered.
+    consuming: AtomicBool,
     /// The first of the daemon's tasks that stopped unexpectedly: not ready from then on.
     task_failure: OnceLock<String>,
 }
@@ -58,6 +60,11 @@ impl Readiness {
 
     pub fn index_loaded(&self) {
         self.index_loaded.store(true, Ordering::SeqCst);
+    }
+
+    /// Every task runs: the consumers pull, the ticker ticks, `/metrics` has its families.
+    pub fn consuming(&self) {
+        self.consuming.store(true, Ordering::SeqCst);
     }
 
     /// A daemon task stopped unexpectedly: the daemon is shutting down and not ready.
@@ -127,6 +134,14 @@ impl Readiness {
                 Ok(())
             } else {
                 Err("not loaded yet".into())
+            },
+        );
+        note(
+            "consumers",
+            if self.consuming.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("not consuming yet".into())
             },
         );
         (ready, checks.into())
