@@ -444,3 +444,62 @@ fn scripts_test_takes_a_payload_as_events_publish_does_or_a_whole_event() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("use --data"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_says_which_settings_it_changed() {
+    let env = TestEnv::new().await;
+    let js = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts-examples/order-created.js"
+    );
+    let deploy = |extra: &[&str]| {
+        let out = env
+            .daemon_command()
+            .args([
+                "scripts", "deploy", js, "--tenant", "acme", "--name", "orders",
+            ])
+            .args(["--on", "order.created"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = deploy(&["--timeout", "30s"]);
+    assert!(!first.contains("settings changed"), "{first}");
+    let again = deploy(&[]);
+    assert!(again.contains("source unchanged, still v1"), "{again}");
+    assert!(
+        again.contains("settings changed: limits.timeout 30s → default (5s)"),
+        "{again}"
+    );
+    let same = deploy(&[]);
+    assert!(!same.contains("settings changed"), "{same}");
+    env.cleanup().await;
+}
+
+#[test]
+fn without_a_secrets_key_the_error_points_at_the_one_dev_made() {
+    let dir = std::env::temp_dir().join(format!("scriptd-devkey-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("target/dev")).unwrap();
+    std::fs::write(dir.join("target/dev/secrets.key"), "x").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"))
+        .args(["secrets", "set", "acme", "api-key", "--from-env", "HOME"])
+        .current_dir(&dir)
+        .env_remove("SCRIPTD_CAPABILITIES__SECRETS__KEY")
+        .env_remove("SCRIPTD_CAPABILITIES__SECRETS__KEY_FILE")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SCRIPTD_CAPABILITIES__SECRETS__KEY_FILE=target/dev/secrets.key"),
+        "{stderr}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The command line: what each subcommand does, on top of the library.
 
+mod changes;
 pub mod dev;
 mod dlq;
 pub mod exit;

@@ -123,10 +123,11 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
         return Ok(ExitCode::FAILURE);
     }
     let store = Store::connect(&settings.database).await?;
+    let before = store.script(&spec.tenant, &spec.name).await?;
     let deployed = store.deploy(&spec).await?;
     if deployed.unchanged_source {
         println!(
-            "{}/{}: source unchanged, still v{}; settings updated",
+            "{}/{}: source unchanged, still v{}",
             spec.tenant, spec.name, deployed.version
         );
     } else {
@@ -137,6 +138,10 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
             deployed.version,
             &deployed.sha256[..16]
         );
+    }
+    // A deploy states every setting: one left out goes back to its default. Say so.
+    if let Some(changed) = before.and_then(|b| super::changes::describe(settings, &b, &spec)) {
+        println!("settings changed: {changed}");
     }
     Ok(ExitCode::SUCCESS)
 }

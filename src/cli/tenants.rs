@@ -52,10 +52,23 @@ pub struct AllowFetchArgs {
 }
 
 fn secret_box(settings: &Settings) -> anyhow::Result<SecretBox> {
-    SecretBox::from_config(&settings.capabilities.secrets)?.context(
-        "no secrets key is configured: set capabilities.secrets.key_file (or \
-         SCRIPTD_CAPABILITIES__SECRETS__KEY) to a key from `scriptd secrets generate-key`",
-    )
+    let dev_key = std::path::Path::new("target/dev/secrets.key");
+    let hint = if dev_key.exists() {
+        format!(
+            " (`scriptd dev` keeps its key in {}: SCRIPTD_CAPABILITIES__SECRETS__KEY_FILE={} \
+             reaches the secrets of its tenants)",
+            dev_key.display(),
+            dev_key.display()
+        )
+    } else {
+        String::new()
+    };
+    SecretBox::from_config(&settings.capabilities.secrets)?.with_context(|| {
+        format!(
+            "no secrets key is configured: set capabilities.secrets.key_file (or \
+             SCRIPTD_CAPABILITIES__SECRETS__KEY) to a key from `scriptd secrets generate-key`{hint}"
+        )
+    })
 }
 
 fn check_secret_name(name: &str) -> anyhow::Result<()> {

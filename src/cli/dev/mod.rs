@@ -156,7 +156,11 @@ async fn prepare_examples(
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         secrets.key_file = path.display().to_string();
-        println!("dev: secrets key in {}", path.display());
+        println!(
+            "dev: secrets key in {}; from another shell: export SCRIPTD_CAPABILITIES__SECRETS__KEY_FILE={}",
+            path.display(),
+            path.display()
+        );
     }
     let secret_box = SecretBox::from_config(secrets)?.context("the secrets key")?;
     let api_key = format!("dev-{:032x}", rand::random::<u128>());
