@@ -48,6 +48,8 @@ fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
         started_at: chrono::Utc::now(),
         duration_ms: 1.0,
         scheduled_at: None,
+        input_ref: None,
+        result: None,
     }
 }
 

@@ -185,6 +185,7 @@ async fn jobs_of_a_tenant_without_scripts_still_get_a_lane() {
         event: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
         version: None,
         scheduled_at: None,
+        input_ref: None,
         catch_up: false,
     };
     scriptd::bus::ensure_streams(&env.js, &env.settings.nats)

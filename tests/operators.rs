@@ -116,6 +116,21 @@ async fn versions_show_and_rollback_restore_the_old_behaviour() {
             .unwrap(),
     );
     assert_eq!(shown["logs"][0]["message"], "v1 here");
+    // What it was given and what it returned.
+    assert_eq!(shown["result"], "v1");
+    let input = shown["input_ref"].as_str().unwrap();
+    assert!(
+        input.starts_with(&format!("{}:", env.settings.nats.events_stream())),
+        "{input}"
+    );
+    let text = env
+        .daemon_command()
+        .args(["runs", "show", &id])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("  result:   \"v1\""), "{text}");
+    assert!(text.contains(&format!("  input:    {input}")), "{text}");
     let none = json(
         env.daemon_command()
             .args(["runs", "list", "--status", "dead_lettered", "--json"])

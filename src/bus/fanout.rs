@@ -193,6 +193,7 @@ impl Fanout {
             event: event.clone(),
             version: None,
             scheduled_at: None,
+            input_ref: Some(format!("{stream}:{sequence}")),
             catch_up: false,
         });
         if let Some(executor) = &self.direct {

@@ -200,6 +200,7 @@ impl Ticker {
             event: RawValue::from_string(event.to_string())?,
             version: None,
             scheduled_at: Some(scheduled),
+            input_ref: None,
             catch_up: missed > 0,
         };
         let mut headers = HeaderMap::new();

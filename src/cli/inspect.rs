@@ -304,6 +304,12 @@ pub async fn runs_show(settings: &Settings, args: RunsShowArgs) -> anyhow::Resul
     if let Some(subject) = &run.subject {
         println!("  subject:  {subject}");
     }
+    if let Some(event) = &run.event_id {
+        println!("  event:    {event}");
+    }
+    if let Some(input) = &run.input_ref {
+        println!("  input:    {input} (stream:sequence; `nats stream get` shows it while the stream keeps it)");
+    }
     println!(
         "  started:  {} for {:.1} ms{}",
         run.started_at,
@@ -314,6 +320,9 @@ pub async fn runs_show(settings: &Settings, args: RunsShowArgs) -> anyhow::Resul
         println!("  scheduled: {scheduled}");
     }
     println!("  status:   {}", run.status);
+    if let Some(result) = &run.result {
+        println!("  result:   {result}");
+    }
     if let Some(kind) = &run.failure_kind {
         println!(
             "  failure:  {kind}: {}",

@@ -377,5 +377,35 @@ fn run_record(
         started_at,
         duration_ms: result.map_or(0.0, |r| r.duration.as_secs_f64() * 1000.0),
         scheduled_at: job.scheduled_at,
+        input_ref: job.input_ref.clone(),
+        result: result.and_then(|r| r.outcome.as_ref().ok()).map(kept),
+    }
+}
+
+/// A return value as its run record keeps it: itself up to `RESULT_KEPT` bytes of JSON,
+/// else a note of its size.
+fn kept(value: &serde_json::Value) -> serde_json::Value {
+    let bytes = value.to_string().len();
+    if bytes <= crate::store::RESULT_KEPT {
+        value.clone()
+    } else {
+        serde_json::json!({ "scriptd_result_not_kept": { "bytes": bytes, "kept_up_to": crate::store::RESULT_KEPT } })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_keeps_a_small_result_and_notes_the_size_of_a_large_one() {
+        let small = serde_json::json!({ "total": 6 });
+        assert_eq!(kept(&small), small);
+        let large = serde_json::json!("x".repeat(crate::store::RESULT_KEPT));
+        let note = kept(&large);
+        assert_eq!(
+            note["scriptd_result_not_kept"]["bytes"],
+            crate::store::RESULT_KEPT + 2
+        );
     }
 }

@@ -33,6 +33,9 @@ pub struct Job {
     /// The occurrence a schedule job stands for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Where the input lives: the event's stream and sequence (`SCRIPTD_EVENTS:42`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_ref: Option<String>,
     /// A missed occurrence run after downtime: it waits for the schedule's running job
     /// instead of being skipped as an overlap.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "attempt_claims",
         include_str!("../../migrations/0004_attempt_claims.sql"),
     ),
+    (
+        5,
+        "run_results",
+        include_str!("../../migrations/0005_run_results.sql"),
+    ),
 ];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.

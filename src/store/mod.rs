@@ -20,7 +20,7 @@ pub use claims::{Claim, ClaimRequest, ClaimScope, Release};
 use error::Doing;
 pub use error::{Result, StoreError};
 pub use kv::KvWrite;
-pub use runs::{LockOutcome, RunFilter, RunRecord, StoredRun};
+pub use runs::{LockOutcome, RunFilter, RunRecord, StoredRun, RESULT_KEPT};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
 pub use secrets::SecretInfo;
 

@@ -47,7 +47,15 @@ pub struct RunRecord {
     pub duration_ms: f64,
     /// For schedule runs: the occurrence they stand for.
     pub scheduled_at: Option<DateTime<Utc>>,
+    /// Where the run's input lives: the event's stream and sequence (`SCRIPTD_EVENTS:42`),
+    /// for runs of an event or of its replay.
+    pub input_ref: Option<String>,
+    /// The handler's return value (JSON up to `RESULT_KEPT`; past that a note of its size).
+    pub result: Option<serde_json::Value>,
 }
+
+/// How much of a return value a run record keeps, as JSON.
+pub const RESULT_KEPT: usize = 16 * 1024;
 
 impl Store {
     /// One statement for all tenants: a single round trip with a cached prepared statement
@@ -103,23 +111,30 @@ impl Store {
         let status: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
         let trigger: Vec<&str> = records.iter().map(|r| r.trigger.as_str()).collect();
         let logs: Vec<String> = records.iter().map(|r| r.logs.to_string()).collect();
+        let results: Vec<Option<String>> = records
+            .iter()
+            .map(|r| r.result.as_ref().map(|v| v.to_string()))
+            .collect();
         self.all_tenants_statement(
             "WITH t AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[],
                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
                     $12::text[], $13::text[], $14::bool[], $15::bool[], $16::timestamptz[],
-                    $17::float8[], $18::timestamptz[])
+                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[])
                 AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                     status, failure_kind, failure_message, failure_stack, logs,
-                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at)
+                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
+                    input_ref, result)
              ), inserted AS (
                 INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
                     event_id, status, failure_kind, failure_message, failure_stack, logs,
-                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at)
+                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
+                    input_ref, result)
                 SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger,
                     t.subject, t.event_id, t.status, t.failure_kind, t.failure_message,
                     t.failure_stack, t.logs::jsonb, t.logs_truncated, t.cold_start,
-                    t.started_at, t.duration_ms, t.scheduled_at
+                    t.started_at, t.duration_ms, t.scheduled_at, t.input_ref,
+                    t.result::jsonb
                 FROM t
              )
              -- The record releases the attempt's claim in the same statement: a retried
@@ -152,6 +167,8 @@ impl Store {
                 &column!(started_at),
                 &column!(duration_ms),
                 &column!(scheduled_at),
+                &column!(input_ref),
+                &results,
             ],
         )
         .await?;
@@ -285,7 +302,7 @@ impl std::ops::Deref for StoredRun {
 
 const STORED_RUN_COLUMNS: &str = "id, tenant, script, version, job_id, attempt, trigger,
     subject, event_id, status, failure_kind, failure_message, failure_stack, logs,
-    logs_truncated, cold_start, started_at, duration_ms, scheduled_at";
+    logs_truncated, cold_start, started_at, duration_ms, scheduled_at, input_ref, result";
 
 impl Store {
     /// Runs matching `filter`, newest first.
@@ -384,6 +401,8 @@ fn stored_run(r: &tokio_postgres::Row) -> Result<StoredRun> {
             started_at: r.get(16),
             duration_ms: r.get(17),
             scheduled_at: r.get(18),
+            input_ref: r.get(19),
+            result: r.get(20),
         },
     })
 }
