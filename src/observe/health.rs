@@ -128,22 +128,12 @@ impl Readiness {
             Err("NATS is not connected".into())
         };
         note("streams", streams);
-        note(
-            "script_index",
-            if self.index_loaded.load(Ordering::SeqCst) {
-                Ok(())
-            } else {
-                Err("not loaded yet".into())
-            },
-        );
-        note(
-            "consumers",
-            if self.consuming.load(Ordering::SeqCst) {
-                Ok(())
-            } else {
-                Err("not consuming yet".into())
-            },
-        );
+        let done = |flag: &AtomicBool, not_yet: &str| match flag.load(Ordering::SeqCst) {
+            true => Ok(()),
+            false => Err(not_yet.to_owned()),
+        };
+        note("script_index", done(&self.index_loaded, "not loaded yet"));
+        note("consumers", done(&self.consuming, "not consuming yet"));
         (ready, checks.into())
     }
 }
