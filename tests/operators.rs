@@ -518,3 +518,44 @@ fn without_a_secrets_key_the_error_points_at_the_one_dev_made() {
         "{stderr}"
     );
 }
+
+#[test]
+fn help_describes_every_argument_keeps_global_options_apart_and_shows_examples() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"))
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for command in [
+        &["scripts", "deploy"][..],
+        &["scripts", "test"],
+        &["events", "publish"],
+        &["dlq", "replay"],
+    ] {
+        let text = help(command);
+        assert!(
+            text.contains("Examples:\n  scriptd "),
+            "{command:?}:\n{text}"
+        );
+        let (own, global) = text
+            .split_once("Global options:")
+            .expect("a heading of their own");
+        assert!(!own.contains("--config"), "{command:?}:\n{text}");
+        assert!(global.contains("--config"), "{command:?}:\n{text}");
+    }
+    // Every argument says what it is, positional ones included: in the long help each
+    // argument's line is followed by its description.
+    let deploy = help(&["scripts", "deploy"]);
+    let lines: Vec<&str> = deploy.lines().collect();
+    let start = lines.iter().position(|l| *l == "Arguments:").unwrap();
+    for (i, line) in lines.iter().enumerate().skip(start) {
+        let item = line.trim_start();
+        if line.starts_with("  ") && (item.starts_with("--") || item.starts_with('<')) {
+            let next = lines.get(i + 1).map_or("", |n| n.trim());
+            assert!(!next.is_empty(), "{item} has no description:\n{deploy}");
+        }
+    }
+}

@@ -34,10 +34,21 @@ const VERSION: &str = if cfg!(feature = "quickjs") {
 #[command(name = "scriptd", version = VERSION, about = "Event-driven scripting worker daemon")]
 pub struct Cli {
     /// TOML configuration file (settings not in it keep their defaults).
-    #[arg(long, global = true, env = "SCRIPTD_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRIPTD_CONFIG",
+        help_heading = "Global options"
+    )]
     pub config: Option<PathBuf>,
     /// Log format on standard error; overrides `log.format`.
-    #[arg(long, global = true, value_enum, env = "SCRIPTD_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SCRIPTD_LOG_FORMAT",
+        help_heading = "Global options"
+    )]
     pub log_format: Option<LogFormat>,
     /// What to do.
     #[command(subcommand)]
@@ -89,8 +100,18 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ScriptsCommand {
     /// Run a script file once through the engine and print its result, logs and duration.
+    #[command(after_help = "Examples:
+  scriptd scripts test handler.js --tenant acme --type order.created --data '{\"id\":\"o-1\"}'
+  scriptd scripts test handler.js --event @event.json --kv 'seen=3' --secret api-key=xyz
+  scriptd scripts test handler.js --timeout 2s --cpu-time 1s --heap 32MiB --json")]
     Test(TestArgs),
     /// Store a new version of a script (checked in an isolate first; refused if it fails).
+    #[command(after_help = "Examples:
+  scriptd scripts deploy handler.js --tenant acme --name orders --on 'order.*'
+  scriptd scripts deploy nightly.js --tenant acme --name nightly --cron '0 0 3 * * *' --tz Europe/Paris
+  scriptd scripts deploy scripts-examples/order-created.toml   (a manifest names the rest)
+A deploy states every setting: one left out goes back to its default, and the deploy says
+which settings it changed.")]
     Deploy(scripts::DeployArgs),
     /// List scripts at their current version.
     List(scripts::ListArgs),
@@ -118,6 +139,10 @@ pub enum DlqCommand {
     Show(dlq::ShowArgs),
     /// Publish dead letters again as fresh jobs; each leaves the dead-letter stream once its
     /// replay is stored.
+    #[command(after_help = "Examples:
+  scriptd dlq replay 7 --dry-run            (run it here first: nothing is published or stored)
+  scriptd dlq replay 7 8 9 --version pinned
+  scriptd dlq replay --all-matching --tenant acme --kind timeout --rate 20")]
     Replay(dlq::ReplayArgs),
     /// Delete dead letters (counts only, unless --yes).
     Purge(dlq::PurgeArgs),
@@ -153,6 +178,10 @@ pub enum RunsCommand {
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
     /// Publish one event to `<events_prefix>.<tenant>.<type>` and wait for JetStream's ack.
+    #[command(after_help = "Examples:
+  scriptd events publish acme order.created '{\"id\":\"o-2\",\"items\":[{\"price\":3,\"qty\":2}]}'
+  scriptd events publish acme order.created @order.json --header source=billing
+  scriptd events publish acme note.added 'plain text' --raw")]
     Publish(ops::PublishArgs),
 }
 
