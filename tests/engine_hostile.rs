@@ -376,7 +376,7 @@ const ECMASCRIPT_GLOBALS: &[&str] = &[
     "undefined",
     "unescape",
 ];
-/// The script API on the global object, as the README documents it.
+/// The script API on the global object, as docs/scripts.md documents it ("The sandbox").
 const SCRIPT_API_GLOBALS: &[&str] = &[
     "DOMException",
     "atob",

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{duration_str, ByteSize};
 
-/// The limits a run is held to. Every field has a documented default (see README).
+/// The limits a run is held to. Every field has a documented default (docs/scripts.md#limits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
