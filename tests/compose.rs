@@ -1,0 +1,121 @@
+//! `compose.yaml` as an operator meets it (no Docker engine here, so its structure is read
+//! as text): the files it mounts and builds from exist, every `SCRIPTD_` variable it sets is
+//! a setting, and every `scriptd` command in it and in its comments runs as written
+//! against the real services.
+
+mod support;
+
+use std::path::Path;
+
+use support::TestEnv;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn compose() -> String {
+    std::fs::read_to_string(Path::new(ROOT).join("compose.yaml")).expect("compose.yaml")
+}
+
+/// The words of each `scriptd ...` command the file gives: in `command: [...]` lists and
+/// after `docker compose exec scriptd` in its comments.
+fn commands(text: &str) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        if let Some(list) = line.trim().strip_prefix("command: [\"scriptd\"") {
+            let words = list
+                .trim_end_matches(']')
+                .split(',')
+                .map(|w| w.trim().trim_matches('"').to_owned())
+                .filter(|w| !w.is_empty())
+                .collect();
+            found.push(words);
+        }
+        if let Some(rest) = line.split("docker compose exec scriptd scriptd ").nth(1) {
+            found.push(shell_words(rest));
+        }
+    }
+    found
+}
+
+/// Splits a command line on spaces, keeping single-quoted words whole.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '\'' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[test]
+fn what_compose_mounts_and_builds_from_exists() {
+    let text = compose();
+    for path in ["Dockerfile", "nats/nats-server.conf", "scripts-examples"] {
+        assert!(Path::new(ROOT).join(path).exists(), "{path} is missing");
+    }
+    assert!(text.contains("./nats/nats-server.conf:/etc/nats/nats-server.conf"));
+    assert!(text.contains("./scripts-examples:/srv/scripts-examples"));
+}
+
+#[test]
+fn every_variable_compose_sets_is_a_setting() {
+    let text = compose();
+    let vars: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .filter(|(k, _)| k.starts_with("SCRIPTD_"))
+        .collect();
+    assert!(vars.len() >= 3, "{vars:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"))
+        .arg("config")
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("are ignored"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_compose_gives_runs_as_written() {
+    let env = TestEnv::new().await;
+    let found = commands(&compose());
+    assert!(found.len() >= 3, "{found:?}");
+    for words in found {
+        if words == ["run"] {
+            // The daemon: it parses and starts (its readiness is the other tests' work).
+            let out = env
+                .daemon_command()
+                .args(["run", "--help"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "scriptd run --help");
+            continue;
+        }
+        let out = env
+            .daemon_command()
+            .args(&words)
+            .current_dir(ROOT)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scriptd {}: {}{}",
+            words.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    env.cleanup().await;
+}
