@@ -30,32 +30,10 @@ fn commands(text: &str) -> Vec<Vec<String>> {
             found.push(words);
         }
         if let Some(rest) = line.split("docker compose exec scriptd scriptd ").nth(1) {
-            found.push(shell_words(rest));
+            found.push(support::shell_words(rest));
         }
     }
     found
-}
-
-/// Splits a command line on spaces, keeping single-quoted words whole.
-fn shell_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut quoted = false;
-    for c in line.chars() {
-        match c {
-            '\'' => quoted = !quoted,
-            ' ' if !quoted => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
-                }
-            }
-            c => word.push(c),
-        }
-    }
-    if !word.is_empty() {
-        words.push(word);
-    }
-    words
 }
 
 #[test]
