@@ -1,7 +1,7 @@
-//! `compose.yaml` as an operator meets it (no Docker engine here, so its structure is read
-//! as text): the files it mounts and builds from exist, every `SCRIPTD_` variable it sets is
-//! a setting, and every `scriptd` command in it and in its comments runs as written
-//! against the real services.
+//! `compose.yaml` as an operator meets it (no Docker engine here): it follows the Compose
+//! specification (read and validated by the `compose_spec` crate), the files it mounts and
+//! builds from exist, every `SCRIPTD_` variable it sets is a setting, and every `scriptd`
+//! command in it and in its comments runs as written against the real services.
 
 mod support;
 
@@ -34,6 +34,36 @@ fn commands(text: &str) -> Vec<Vec<String>> {
         }
     }
     found
+}
+
+/// compose.yaml as a Compose implementation reads it.
+fn parsed(text: &str) -> Result<compose_spec::Compose, String> {
+    let compose = compose_spec::Compose::options()
+        .from_yaml_str(text)
+        .map_err(|e| e.to_string())?;
+    compose.validate_all().map_err(|e| e.to_string())?;
+    Ok(compose)
+}
+
+#[test]
+fn compose_yaml_follows_the_compose_specification() {
+    let text = compose();
+    let compose = parsed(&text).unwrap_or_else(|e| panic!("compose.yaml: {e}"));
+    let services: Vec<&str> = compose.services.keys().map(|k| k.as_str()).collect();
+    assert_eq!(services, ["nats", "postgres", "scriptd"]);
+    let scriptd = &compose.services["scriptd"];
+    let compose_spec::ShortOrLong::Long(depends_on) = &scriptd.depends_on else {
+        panic!("scriptd's depends_on has no conditions");
+    };
+    let on: Vec<&str> = depends_on.keys().map(|k| k.as_str()).collect();
+    assert_eq!(on, ["postgres", "nats"]);
+    // The check can fail: a misspelt key is refused.
+    let typo = text.replace(
+        "    environment:\n      SCRIPTD_",
+        "    enviroment:\n      SCRIPTD_",
+    );
+    assert_ne!(typo, text);
+    assert!(parsed(&typo).is_err(), "a misspelt key passed");
 }
 
 #[test]
