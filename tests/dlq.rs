@@ -16,6 +16,22 @@ fn run_cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
     env.daemon_command().args(args).output().expect("scriptd")
 }
 
+/// The newest dead letter once there is one other than `not`; fails the test after 30 s.
+async fn newest_letter_other_than(env: &TestEnv, not: Option<u64>) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seqs = sequences(&json(run_cli(env, &["dlq", "list", "--json"])));
+        if let Some(s) = seqs.first().filter(|s| Some(**s) != not) {
+            return *s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new dead letter within 30 s (have {seqs:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn sequences(list: &serde_json::Value) -> Vec<u64> {
     list.as_array()
         .unwrap()
@@ -95,13 +111,7 @@ async fn a_pinned_replay_runs_the_old_version_and_keeps_the_chain() {
         ],
     ));
     // v1 fails again: a second dead letter, linked to the first.
-    let second = loop {
-        let seqs = sequences(&json(run_cli(&env, &["dlq", "list", "--json"])));
-        if let Some(s) = seqs.first() {
-            break *s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let second = newest_letter_other_than(&env, None).await;
     assert_ne!(second, first);
     let runs = env.runs().await;
     assert!(runs
@@ -127,13 +137,7 @@ async fn a_pinned_replay_runs_the_old_version_and_keeps_the_chain() {
             "--json",
         ],
     ));
-    let third = loop {
-        let seqs = sequences(&json(run_cli(&env, &["dlq", "list", "--json"])));
-        if let Some(s) = seqs.first().filter(|s| **s != second) {
-            break *s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let third = newest_letter_other_than(&env, Some(second)).await;
     let shown = json(run_cli(
         &env,
         &["dlq", "show", &third.to_string(), "--json"],

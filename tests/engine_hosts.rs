@@ -37,7 +37,9 @@ fn hosts_of(count: usize, workers_per_host: usize, max_isolates: u64) -> Engine 
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    scriptd::engine::rss_of(pid).unwrap_or(0) as f64 / (1024.0 * 1024.0)
+    // A bound checked against a reading that failed would pass on nothing.
+    let rss = scriptd::engine::rss_of(pid).unwrap_or_else(|| panic!("no RSS for process {pid}"));
+    rss as f64 / (1024.0 * 1024.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
