@@ -103,27 +103,10 @@ async fn every_command_compose_gives_runs_as_written() {
     for words in found {
         if words == ["run"] {
             // The daemon: it parses and starts (its readiness is the other tests' work).
-            let out = env
-                .daemon_command()
-                .args(["run", "--help"])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "scriptd run --help");
+            env.cli_ok(&["run", "--help"]);
             continue;
         }
-        let out = env
-            .daemon_command()
-            .args(&words)
-            .current_dir(ROOT)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scriptd {}: {}{}",
-            words.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        env.cli_ok(&words);
     }
     env.cleanup().await;
 }

@@ -54,21 +54,11 @@ async fn the_readmes_commands_run_as_written() {
         "flaky-payment",
         "audit-log",
     ] {
-        let out = env
-            .daemon_command()
-            .args([
-                "scripts",
-                "deploy",
-                &format!("scripts-examples/{manifest}.toml"),
-            ])
-            .current_dir(ROOT)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        env.cli_ok(&[
+            "scripts",
+            "deploy",
+            &format!("scripts-examples/{manifest}.toml"),
+        ]);
     }
     let daemon = env.start_daemon();
     for words in &commands {
@@ -81,19 +71,7 @@ async fn the_readmes_commands_run_as_written() {
             .iter()
             .map(|w| if w == "ID" { "1".to_owned() } else { w.clone() })
             .collect();
-        let out = env
-            .daemon_command()
-            .args(&words)
-            .current_dir(ROOT)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scriptd {}: {}{}",
-            words.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        env.cli_ok(&words);
     }
     let _ = std::fs::remove_file(&path);
     daemon.shutdown().await;

@@ -146,6 +146,30 @@ impl TestEnv {
         RunningDaemon { stop, task, stats }
     }
 
+    /// Runs `scriptd ARGS` in this world from the project's directory (as the README and
+    /// compose.yaml give commands) and fails the test, with what it printed, unless it
+    /// succeeds.
+    pub fn cli_ok<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> std::process::Output {
+        let out = self
+            .daemon_command()
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("scriptd runs");
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            out.status.success(),
+            "scriptd {}: {}{}",
+            shown.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// The environment a `scriptd` child process needs to join this world.
     pub fn daemon_command(&self) -> std::process::Command {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_scriptd"));
