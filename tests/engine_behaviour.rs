@@ -298,7 +298,12 @@ async fn a_runaway_script_does_not_hold_up_other_workers() {
         tokio::spawn(async move { engine.run(runaway).await })
     };
     // Both workers may be idle when the runaway is placed; wait until it is running.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while engine.stats().cold_starts == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runaway never started"
+        );
         tokio::task::yield_now().await;
     }
     for i in 0..5 {

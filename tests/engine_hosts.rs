@@ -122,6 +122,10 @@ async fn with_two_workers_per_host_a_runaway_holds_up_only_its_own_worker() {
     let (looping, quick) = tokio::join!(engine.run(runaway), async {
         // The runaway is placed first; the quick run then goes to the host's other worker.
         while engine.stats().in_flight == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the runaway never started"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let done = engine
@@ -269,7 +273,7 @@ async fn hosts_run_without_their_environment() {
     );
     assert_eq!(v, json!("undefined"));
     let pid = engine.host_pids()[0];
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("the host's environment");
     let environ = String::from_utf8_lossy(&environ);
     assert!(!environ.contains("SCRIPTD_TEST_SECRET"), "{environ}");
     assert!(environ.contains("TZ=UTC"));
@@ -283,4 +287,10 @@ async fn hosts_run_without_their_environment() {
     };
     assert_eq!(field("NoNewPrivs:"), "1");
     assert_eq!(field("Seccomp:"), "2", "a seccomp filter is installed");
+    // And it holds: once confined, the host opened a socket, a file and sent a signal, and
+    // each was refused with EPERM.
+    assert_eq!(
+        engine.host_confinement(),
+        [(pid, vec!["socket".into(), "openat".into(), "kill".into()])]
+    );
 }

@@ -372,14 +372,23 @@ impl Engine {
         true
     }
 
-    /// Process ids of the engine hosts (none with thread isolation).
     /// Engine host processes started and not yet gone (0 in-process).
     pub fn host_processes(&self) -> usize {
         self.hosts.as_ref().map_or(0, |h| h.processes())
     }
 
+    /// Process ids of the engine hosts (none with thread isolation).
     pub fn host_pids(&self) -> Vec<u32> {
         self.hosts.as_ref().map(|h| h.pids()).unwrap_or_default()
+    }
+
+    /// Each engine host's process id and the system calls it tried once confined and saw
+    /// refused with EPERM (none without the seccomp filter, or with thread isolation).
+    pub fn host_confinement(&self) -> Vec<(u32, Vec<String>)> {
+        self.hosts
+            .as_ref()
+            .map(|h| h.confinement())
+            .unwrap_or_default()
     }
 
     /// Runs a script. Never panics on script behaviour: every way a script can fail ends in

@@ -102,9 +102,10 @@ async fn serve() -> anyhow::Result<()> {
     // Everything that reads files (the startup snapshot, thread stacks) happens before the
     // process gives up the right to.
     crate::engine::prepare();
-    super::confine::apply(engine_config.hosts.seccomp)?;
+    let refused = super::confine::apply(engine_config.hosts.seccomp)?;
     let _ = out.send(FromHost::Ready {
         pid: std::process::id(),
+        refused,
     });
 
     let in_flight = Arc::new(AtomicUsize::new(0));

@@ -61,15 +61,17 @@ fn denied() -> Vec<i64> {
     calls
 }
 
-/// Gives up new privileges, and with `seccomp` installs the filter.
-pub fn apply(seccomp: bool) -> anyhow::Result<()> {
+/// Gives up new privileges, and with `seccomp` installs the filter and proves it holds:
+/// the calls of [`probe`] must each fail with EPERM, or the host refuses to start. Returns
+/// the names of the calls refused (none without the filter).
+pub fn apply(seccomp: bool) -> anyhow::Result<Vec<String>> {
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes plain integers.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
     }
     if !seccomp {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| anyhow::anyhow!("no seccomp filter for this architecture: {e:?}"))?;
@@ -89,5 +91,41 @@ pub fn apply(seccomp: bool) -> anyhow::Result<()> {
     })?;
     seccompiler::apply_filter_all_threads(&program)
         .map_err(|e| anyhow::anyhow!("installing the seccomp filter: {e}"))?;
-    Ok(())
+    probe()
+        .into_iter()
+        .map(|(call, errno)| match errno {
+            Some(libc::EPERM) => Ok(call.to_owned()),
+            Some(errno) => anyhow::bail!(
+                "the seccomp filter is installed but {call} failed with errno {errno}, not EPERM"
+            ),
+            None => anyhow::bail!("the seccomp filter is installed but {call} was allowed"),
+        })
+        .collect()
+}
+
+/// Makes one call of each kind the filter denies — a network socket, opening a file,
+/// a signal — and returns each one's errno (none if it succeeded). Each is harmless if
+/// allowed: the socket and the directory are closed at once, the signal is 0 to itself.
+fn probe() -> Vec<(&'static str, Option<i32>)> {
+    let errno = |rc: libc::c_int, close: bool| {
+        if rc >= 0 {
+            if close {
+                // SAFETY: `rc` is a descriptor this function just opened.
+                unsafe { libc::close(rc) };
+            }
+            None
+        } else {
+            Some(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        }
+    };
+    // SAFETY: plain integer arguments and a NUL-terminated path.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    let socket = errno(socket, true);
+    // SAFETY: as above.
+    let open = unsafe { libc::open(c"/".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    let open = errno(open, true);
+    // SAFETY: as above.
+    let kill = unsafe { libc::kill(libc::getpid(), 0) };
+    let kill = errno(kill, false);
+    vec![("socket", socket), ("openat", open), ("kill", kill)]
 }

@@ -101,7 +101,7 @@ async fn run_host(
             .map_err(|e| e.to_string())?;
         match frames.next().await {
             Some(Ok(bytes)) => match serde_json::from_slice::<FromHost>(&bytes) {
-                Ok(FromHost::Ready { .. }) => Ok(()),
+                Ok(FromHost::Ready { refused, .. }) => Ok(refused),
                 _ => Err("its first frame was not Ready".to_owned()),
             },
             Some(Err(e)) => Err(e.to_string()),
@@ -111,14 +111,17 @@ async fn run_host(
     let started = tokio::time::timeout(READY_WAIT, ready)
         .await
         .unwrap_or_else(|_| Err("no answer".into()));
-    if let Err(why) = started {
-        started_or_failed(&shared, slot);
-        let status = child.wait().await.ok();
-        tracing::error!(pid, slot, %why, ?status, "An engine host did not start; trying again in a second.");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        respawn(&shared, slot, None);
-        return;
-    }
+    let refused = match started {
+        Ok(refused) => refused,
+        Err(why) => {
+            started_or_failed(&shared, slot);
+            let status = child.wait().await.ok();
+            tracing::error!(pid, slot, %why, ?status, "An engine host did not start; trying again in a second.");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            respawn(&shared, slot, None);
+            return;
+        }
+    };
     let (tx, mut outgoing) = mpsc::unbounded_channel::<ToHost>();
     tokio::spawn(async move {
         while let Some(frame) = outgoing.recv().await {
@@ -132,6 +135,7 @@ async fn run_host(
     });
     let host = Arc::new(Host {
         pid,
+        refused,
         workers: shared.config.hosts.workers_per_host.max(1),
         state: Mutex::new(HostState {
             pending: HashMap::new(),
@@ -159,7 +163,7 @@ async fn run_host(
         }
     }
     shared.room.notify_waiters();
-    tracing::debug!(pid, slot, "Engine host ready.");
+    tracing::debug!(pid, slot, refused = ?host.refused, "Engine host ready.");
     let grace = shared.config.hosts.kill_grace;
     let mut deadlines = tokio::time::interval(DEADLINE_CHECK);
     deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

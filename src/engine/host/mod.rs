@@ -111,6 +111,8 @@ struct Shared {
 
 struct Host {
     pid: u32,
+    /// The system calls the host saw refused once confined.
+    refused: Vec<String>,
     /// Runs the host works on at once (`workers_per_host`).
     workers: usize,
     state: Mutex<HostState>,
@@ -226,6 +228,14 @@ impl HostPool {
 
     pub fn pids(&self) -> Vec<u32> {
         self.live().iter().map(|h| h.pid).collect()
+    }
+
+    /// Each live host's process id and the system calls it saw refused once confined.
+    pub fn confinement(&self) -> Vec<(u32, Vec<String>)> {
+        self.live()
+            .iter()
+            .map(|h| (h.pid, h.refused.clone()))
+            .collect()
     }
 
     fn live(&self) -> Vec<Arc<Host>> {

@@ -76,6 +76,8 @@ pub enum ToHost {
 pub enum FromHost {
     Ready {
         pid: u32,
+        /// The system calls the host tried once confined and saw refused with EPERM.
+        refused: Vec<String>,
     },
     Done {
         id: u64,
