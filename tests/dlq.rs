@@ -3,9 +3,12 @@
 
 mod support;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use scriptd::caps::secrets::SecretBox;
 use scriptd::retry::RetryOverrides;
+use support::http::TestServer;
 use support::{json, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -154,11 +157,45 @@ async fn a_pinned_replay_runs_the_old_version_and_keeps_the_chain() {
     env.cleanup().await;
 }
 
+/// A dry run of a script that publishes, writes a key, reads a secret and fetches: it
+/// reads what a real run would read and reports what it would have done, and nothing
+/// happens — checked with the daemon stopped, so nothing can consume the evidence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dry_run_publishes_nothing_and_changes_no_table() {
+async fn a_dry_run_publishes_writes_and_fetches_nothing() {
     let env = TestEnv::new().await;
+    let server = TestServer::start().await;
     let (daemon, seq) = one_dead_letter(&env).await;
-    env.deploy("acme", "charge", WORKS, &["pay"]).await;
+    daemon.shutdown().await;
+    let key = SecretBox::generate_key();
+    let secret_box = SecretBox::new(
+        &base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &key).unwrap(),
+    )
+    .unwrap();
+    env.store
+        .secret_put("acme", "psp", &secret_box.seal("acme", "psp", "psp-token"))
+        .await
+        .unwrap();
+    env.store
+        .kv_set("acme", "count", "41", 1 << 20)
+        .await
+        .unwrap();
+    env.store
+        .set_fetch_allow_list("acme", &[format!("127.0.0.1:{}", server.port)])
+        .await
+        .unwrap();
+    let url = server.url("/hello");
+    let fixed = format!(
+        "export default async (e, ctx) => {{
+            await ctx.publish('charged', {{ n: e.data.n }});
+            const count = (await ctx.kv.get('count')) + 1;
+            await ctx.kv.set('count', count);
+            const token = await ctx.secrets.get('psp');
+            let fetched = 'made';
+            try {{ await fetch('{url}'); }} catch (err) {{ fetched = err.name; }}
+            return {{ charged: e.data.n, count, token: token === 'psp-token', fetched }};
+        }}"
+    );
+    env.deploy("acme", "charge", &fixed, &["pay"]).await;
     let runs_before = env.runs().await.len();
     let jobs = env
         .js
@@ -166,32 +203,57 @@ async fn a_dry_run_publishes_nothing_and_changes_no_table() {
         .await
         .unwrap();
     let jobs_before = jobs.get_info().await.unwrap().state.messages;
-    let out = json(run_cli(
-        &env,
-        &["dlq", "replay", &seq.to_string(), "--dry-run", "--json"],
-    ));
+    let dry_run = |json: bool| {
+        let mut command = env.daemon_command();
+        command
+            .env("SCRIPTD_CAPABILITIES__SECRETS__KEY", &key)
+            .args(["dlq", "replay", &seq.to_string(), "--dry-run"]);
+        if json {
+            command.arg("--json");
+        }
+        command.output().expect("scriptd")
+    };
+    let out = json(dry_run(true));
     assert_eq!(out[0]["dry_run"], true);
     assert_eq!(out[0]["version"], 2);
-    assert_eq!(out[0]["run"]["status"], "ok");
-    assert_eq!(out[0]["run"]["result"]["charged"], 7);
-    assert_eq!(out[0]["outcome"], "ok");
+    assert_eq!(out[0]["outcome"], "ok", "{out}");
+    assert_eq!(
+        out[0]["run"]["result"],
+        serde_json::json!({ "charged": 7, "count": 42, "token": true, "fetched": "NotSupported" })
+    );
+    let would = &out[0]["would"];
+    let subject = format!("{}.acme.charged", env.settings.nats.events_prefix);
+    assert_eq!(would["published"][0]["subject"], subject.as_str());
+    assert_eq!(would["published"][0]["data"], serde_json::json!({ "n": 7 }));
+    assert_eq!(would["kv_writes"], serde_json::json!({ "count": 42 }));
+    assert_eq!(
+        would["fetches_refused"],
+        serde_json::json!([format!("GET {url}")])
+    );
     // Without --json: a line for a person.
-    let said = run_cli(&env, &["dlq", "replay", &seq.to_string(), "--dry-run"]);
+    let said = dry_run(false);
     let said = String::from_utf8_lossy(&said.stdout);
     assert!(
         said.contains(&format!(
             "dead letter {seq}: dry run of acme/charge v2: ok, returning {{"
-        )),
+        )) && said.contains("(1 event(s) to publish, 1 key(s) to write, 1 fetch(es) refused)"),
         "{said}"
     );
     assert!(!said.trim_start().starts_with('{'), "{said}");
+    // Nothing happened: no message on the subject, the key as it was, no connection to
+    // the server, no run recorded, no job queued, the dead letter still there.
+    assert_eq!(env.messages_on(&subject).await, 0);
+    assert_eq!(
+        env.store.kv_get("acme", "count").await.unwrap().as_deref(),
+        Some("41")
+    );
+    assert_eq!(server.connections.load(Ordering::SeqCst), 0);
     assert_eq!(env.runs().await.len(), runs_before);
     assert_eq!(jobs.get_info().await.unwrap().state.messages, jobs_before);
     assert_eq!(
         sequences(&json(run_cli(&env, &["dlq", "list", "--json"]))),
         vec![seq]
     );
-    daemon.shutdown().await;
     env.cleanup().await;
 }
 

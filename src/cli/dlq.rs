@@ -12,6 +12,7 @@ use clap::Args;
 use crate::bus::dlq::{self, LetterFilter};
 use crate::bus::replay::{self, VersionChoice};
 use crate::config::Settings;
+use crate::daemon::dry_run::DryRun;
 use crate::engine::Engine;
 use crate::pipeline::attempt::{self, Attempt, Defaults, Outcome};
 use crate::pipeline::job::Job;
@@ -265,9 +266,14 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
         },
         if args.dry_run { ", dry run" } else { "" }
     );
-    let engine = if args.dry_run {
-        let none = Arc::new(crate::caps::NoCapabilities::default());
-        Some(Engine::for_command(&settings.engine, none).await?)
+    let dry = if args.dry_run {
+        let caps = DryRun::new(
+            &settings.capabilities,
+            &settings.nats.events_prefix,
+            store.clone(),
+        )?;
+        let engine = Engine::for_command(&settings.engine, Arc::new(caps.clone())).await?;
+        Some((engine, caps))
     } else {
         None
     };
@@ -283,8 +289,8 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
             tokio::time::sleep_until((started + interval * i as u32).into()).await;
         }
         let (job, headers) = replay::replay_job(&stored, args.version)?;
-        let outcome = match &engine {
-            Some(engine) => dry_run(&store, engine, settings, &job).await?,
+        let outcome = match &dry {
+            Some((engine, caps)) => dry_run(&store, engine, caps, settings, &job).await?,
             None => {
                 let seq = replay::publish(&js, &settings.nats, &job, headers).await?;
                 stream
@@ -348,14 +354,36 @@ fn describe(sequence: u64, job: &Job, outcome: &serde_json::Value) -> String {
         ),
     };
     let took = run["duration_ms"].as_f64().unwrap_or_default();
-    format!("dead letter {sequence}: dry run of {script} v{version}: {what} in {took:.1} ms; nothing was published, stored or recorded")
+    let would = &outcome["would"];
+    let count = |v: &serde_json::Value| v.as_array().map_or(0, Vec::len);
+    let mut effects = Vec::new();
+    for (n, what) in [
+        (count(&would["published"]), "event(s) to publish"),
+        (
+            would["kv_writes"].as_object().map_or(0, |o| o.len()),
+            "key(s) to write",
+        ),
+        (count(&would["fetches_refused"]), "fetch(es) refused"),
+    ] {
+        if n > 0 {
+            effects.push(format!("{n} {what}"));
+        }
+    }
+    let effects = if effects.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", effects.join(", "))
+    };
+    format!("dead letter {sequence}: dry run of {script} v{version}: {what} in {took:.1} ms; nothing was published, stored, fetched or recorded{effects}")
 }
 
-/// Plans and runs the replay's first attempt as the daemon would, in an isolate with no
-/// capabilities, and decides its outcome; nothing is published, stored or recorded.
+/// Plans and runs the replay's first attempt as the daemon would, with a script API that
+/// reads and changes nothing, and decides its outcome; nothing is published, stored,
+/// fetched or recorded, and what would have been is reported.
 async fn dry_run(
     store: &Store,
     engine: &Engine,
+    caps: &DryRun,
     settings: &Settings,
     job: &Job,
 ) -> anyhow::Result<serde_json::Value> {
@@ -395,6 +423,7 @@ async fn dry_run(
         "version": plan.version,
         "outcome": outcome.status(),
         "run": result,
+        "would": caps.take(),
     }))
 }
 

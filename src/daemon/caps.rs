@@ -165,29 +165,39 @@ impl Capabilities for Live {
 
     fn secret(&self, call: Call, name: String) -> BoxFuture<'static, CapResult<Option<String>>> {
         self.spawn(move |inner| async move {
-            let Some(secret_box) = &inner.secrets else {
-                return Err(CapError::new(
-                    CapErrorKind::Unavailable,
-                    "ctx.secrets: no secrets key is configured on this daemon",
-                ));
-            };
-            let sealed = inner
-                .store
-                .secret_get(&call.tenant, &name)
-                .await
-                .map_err(|e| service_error("ctx.secrets.get", &call, e))?;
-            match sealed {
-                None => Ok(None),
-                // Not the service's fault: trying again would not help, and the script (and
-                // its tenant) should learn what is wrong.
-                Some(sealed) => secret_box
-                    .open(&call.tenant, &name, &sealed)
-                    .map(Some)
-                    .map_err(|e| {
-                        tracing::warn!(tenant = %call.tenant, script = %call.script, job = %call.job, error = %format!("{e:#}"), "A secret could not be opened.");
-                        CapError::failed(format!("ctx.secrets.get: {e:#}"))
-                    }),
-            }
+            open_secret(&inner.store, inner.secrets.as_ref(), &call, &name).await
         })
+    }
+}
+
+/// `ctx.secrets.get` as the daemon (and a dry run) answers it: the tenant's sealed value,
+/// opened with the daemon's key.
+pub(super) async fn open_secret(
+    store: &Store,
+    secrets: Option<&SecretBox>,
+    call: &Call,
+    name: &str,
+) -> CapResult<Option<String>> {
+    let Some(secret_box) = secrets else {
+        return Err(CapError::new(
+            CapErrorKind::Unavailable,
+            "ctx.secrets: no secrets key is configured on this daemon",
+        ));
+    };
+    let sealed = store
+        .secret_get(&call.tenant, name)
+        .await
+        .map_err(|e| service_error("ctx.secrets.get", call, e))?;
+    match sealed {
+        None => Ok(None),
+        // Not the service's fault: trying again would not help, and the script (and its
+        // tenant) should learn what is wrong.
+        Some(sealed) => secret_box
+            .open(&call.tenant, name, &sealed)
+            .map(Some)
+            .map_err(|e| {
+                tracing::warn!(tenant = %call.tenant, script = %call.script, job = %call.job, error = %format!("{e:#}"), "A secret could not be opened.");
+                CapError::failed(format!("ctx.secrets.get: {e:#}"))
+            }),
     }
 }

@@ -3,6 +3,7 @@
 //! flight finish within the grace period, hand back what remains, flush records.
 
 mod caps;
+pub mod dry_run;
 pub mod readings;
 pub mod supervisor;
 

@@ -15,6 +15,8 @@ pub struct TestServer {
     pub port: u16,
     /// Body bytes written by `/huge*` routes.
     pub huge_sent: Arc<AtomicU64>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -26,14 +28,18 @@ impl TestServer {
         let port = listener.local_addr().unwrap().port();
         let huge_sent = Arc::new(AtomicU64::new(0));
         let sent = huge_sent.clone();
+        let connections = Arc::new(AtomicU64::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(serve(socket, sent.clone()));
             }
         });
         TestServer {
             port,
             huge_sent,
+            connections,
             task,
         }
     }
