@@ -43,28 +43,10 @@ async fn wait_for_ok_jobs(env: &TestEnv, at_least: i64) -> (i64, i64) {
     }
 }
 
-/// Messages of `stream` not yet delivered or delivered and not yet acknowledged, over all
-/// its consumers.
-async fn backlog(env: &TestEnv, stream: String) -> u64 {
-    use futures::StreamExt;
-    let stream = env.js.get_stream(stream).await.unwrap();
-    let mut consumers = stream.consumers();
-    let mut left = 0;
-    while let Some(info) = consumers.next().await {
-        let info = info.expect("consumer info");
-        left += info.num_pending + info.num_ack_pending as u64;
-    }
-    left
-}
-
 /// Waits until the events and jobs streams have drained (nothing waiting, nothing handed
 /// out), then asserts exactly one ok run per job and no attempt recorded twice.
 async fn assert_exactly_once(env: &TestEnv, jobs: usize) {
-    let nats = &env.settings.nats;
-    env.wait_until(WAIT, "the streams to drain", || async {
-        backlog(env, nats.events_stream()).await + backlog(env, nats.jobs_stream()).await == 0
-    })
-    .await;
+    env.wait_idle(WAIT).await;
     let client = scriptd::store::connect_direct(&env.settings.database.url)
         .await
         .unwrap();
@@ -88,6 +70,45 @@ async fn assert_exactly_once(env: &TestEnv, jobs: usize) {
 
 fn replica(env: &TestEnv) -> Child {
     replica_with(env, &[])
+}
+
+/// The process id in a replica's name in attempt claims (`host:pid:random`).
+fn pid_in(replica: &str) -> Option<u32> {
+    replica.split(':').nth(1)?.parse().ok()
+}
+
+/// Every attempt claim: job id, state and the process id of the replica that holds (or
+/// last held) it.
+async fn claims(env: &TestEnv) -> Vec<(String, String, Option<u32>)> {
+    let client = scriptd::store::connect_direct(&env.settings.database.url)
+        .await
+        .unwrap();
+    client
+        .query("SELECT job_id, state, replica FROM attempt_claims", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), pid_in(r.get(2))))
+        .collect()
+}
+
+/// The jobs whose attempt the replica with process id `pid` has claimed and not recorded.
+async fn running_on(env: &TestEnv, pid: u32) -> Vec<String> {
+    claims(env)
+        .await
+        .into_iter()
+        .filter(|(_, state, holder)| state == "running" && *holder == Some(pid))
+        .map(|(job, ..)| job)
+        .collect()
+}
+
+/// A job's event sequence, from its id (`ev-<stream>-<sequence>-<script id>`).
+fn event_sequence(job_id: &str) -> u64 {
+    job_id
+        .rsplit('-')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an event job id: {job_id}"))
 }
 
 /// A `scriptd run` replica with one engine host, and settings of its own on top.
@@ -128,12 +149,21 @@ async fn three_replicas_lose_nothing_when_one_is_killed_mid_load() {
         let env = &env;
         async move { publish_load(env).await }
     };
+    let victim = replicas[0].0.id();
     let killing = async {
         wait_for_ok_jobs(&env, (EVENTS / 5) as i64).await;
+        // Killed while it holds attempts, so the kill strands work rather than an idle
+        // process; what it held when it died is read after the kill.
+        env.wait_until(WAIT, "the replica to hold running attempts", || async {
+            !running_on(&env, victim).await.is_empty()
+        })
+        .await;
         replicas[0].0.kill().expect("SIGKILL");
         replicas[0].0.wait().unwrap();
+        running_on(&env, victim).await
     };
-    tokio::join!(publishing, killing);
+    let ((), stranded) = tokio::join!(publishing, killing);
+    assert!(!stranded.is_empty(), "the killed replica held no attempts");
     let (ok, runs) = wait_for_ok_jobs(&env, EVENTS as i64).await;
     let duplicates = runs - ok;
     println!(
@@ -146,6 +176,23 @@ async fn three_replicas_lose_nothing_when_one_is_killed_mid_load() {
     // the claims make the first ones acknowledged without running and the second ones
     // taken over once their lease ends.
     assert_exactly_once(&env, EVENTS).await;
+    // Every attempt it stranded was taken over by a survivor and ended there.
+    let ended_elsewhere = claims(&env)
+        .await
+        .into_iter()
+        .filter(|(job, state, holder)| {
+            stranded.contains(job) && state == "ended" && *holder != Some(victim)
+        })
+        .count();
+    println!(
+        "the killed replica held {} attempts in flight",
+        stranded.len()
+    );
+    assert_eq!(
+        ended_elsewhere,
+        stranded.len(),
+        "stranded attempts taken over"
+    );
     drop(replicas);
     env.cleanup().await;
 }
@@ -218,13 +265,82 @@ async fn replicas_reconnect_after_a_nats_restart_mid_load() {
     println!("{N} events, NATS restarted mid-load: {ok} jobs ok, {runs} run records");
     assert_eq!(ok, N as i64);
     assert_exactly_once(&env, N).await;
+    // Every replica ran events published after the restart: none stayed disconnected.
+    // (The events stream's sequences go on across the restart: its store is on disk.)
+    let mut sequences: Vec<u64> = claims(&env)
+        .await
+        .iter()
+        .map(|(job, ..)| event_sequence(job))
+        .collect();
+    sequences.sort_unstable();
+    let first_after = sequences[N / 2];
+    let pids: Vec<u32> = replicas.iter().map(|r| r.0.id()).collect();
+    let mut after: Vec<u32> = claims(&env)
+        .await
+        .into_iter()
+        .filter(|(job, ..)| event_sequence(job) >= first_after)
+        .filter_map(|(.., holder)| holder)
+        .collect();
+    after.sort_unstable();
+    after.dedup();
+    let mut expected = pids.clone();
+    expected.sort_unstable();
+    assert_eq!(
+        after, expected,
+        "replicas that ran events after the restart"
+    );
     drop(replicas);
     env.cleanup().await;
+}
+
+/// A replica whose log lines are kept (and passed on to the test's output).
+struct Logged {
+    _child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Logged {
+    fn start(env: &TestEnv, settings: &[(&str, &str)]) -> Logged {
+        let mut command = env.daemon_command();
+        command
+            .arg("run")
+            .env("SCRIPTD_ENGINE__HOSTS__COUNT", "1")
+            .envs(settings.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("spawn scriptd run");
+        let stderr = child.stderr.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                kept.lock().unwrap().push(line);
+            }
+        });
+        Logged {
+            _child: Child(child),
+            lines,
+        }
+    }
+
+    /// Lines logged so far that contain `text`.
+    fn count(&self, text: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_record_every_run_after_a_database_outage_mid_load() {
     const N: usize = 3000;
+    const FAILED: &str = "Writing run records failed.";
     let env = TestEnv::new().await;
     deploy_counter(&env).await;
     let relay = support::Relay::start("127.0.0.1:5432").await;
@@ -233,19 +349,33 @@ async fn replicas_record_every_run_after_a_database_outage_mid_load() {
         .database
         .url
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
-    let replicas: Vec<Child> = (0..3)
-        .map(|_| replica_with(&env, &[("SCRIPTD_DATABASE__URL", &database)]))
+    let replicas: Vec<Logged> = (0..3)
+        .map(|_| Logged::start(&env, &[("SCRIPTD_DATABASE__URL", &database)]))
         .collect();
+    let failed = || replicas.iter().map(|r| r.count(FAILED)).sum::<usize>();
     let publishing = publish_retrying(&env, 0..N);
     let outage = async {
         wait_for_ok_jobs(&env, (N / 5) as i64).await;
         relay.cut();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The cut is held until replicas have tried to record runs and failed: the outage
+        // hit work in flight, not idle pools.
+        env.wait_until(WAIT, "a replica to fail writing run records", || async {
+            failed() > 0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (ok_at_restore, _) = progress(&env).await;
         relay.restore();
+        ok_at_restore
     };
-    tokio::join!(publishing, outage);
+    let ((), ok_at_restore) = tokio::join!(publishing, outage);
     let (ok, runs) = wait_for_ok_jobs(&env, N as i64).await;
-    println!("{N} events, PostgreSQL cut for 3s mid-load: {ok} jobs ok, {runs} run records");
+    println!(
+        "{N} events, PostgreSQL cut mid-load: {} record batches failed, {ok_at_restore} jobs ok \
+         when it came back, then {ok} jobs ok, {runs} run records",
+        failed()
+    );
+    assert!(ok_at_restore < N as i64, "the outage came after the work");
     assert_eq!(ok, N as i64);
     assert_exactly_once(&env, N).await;
     drop(replicas);

@@ -1,5 +1,7 @@
 //! The event pipeline end to end on real NATS JetStream and PostgreSQL: fan-out to the
 //! tenant's matching scripts, retries with backoff, dead letters, live deploys, shutdown.
+//! Every test runs twice: with first attempts run straight from the fan-out (the default)
+//! and with direct runs off, every run a job in its tenant's lane.
 
 mod support;
 
@@ -11,6 +13,39 @@ use scriptd::retry::RetryOverrides;
 use support::{busy_script, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// `name::direct_runs` and `name::jobs_only` run `name(true)` and `name(false)`.
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn direct_runs() {
+                super::$name(true).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jobs_only() {
+                super::$name(false).await
+            }
+        }
+    )*};
+}
+
+on_both_paths!(
+    an_event_runs_the_tenants_matching_scripts_only,
+    first_attempts_run_in_the_fan_out_or_as_jobs_and_retries_as_jobs,
+    a_script_that_fails_twice_is_retried_with_growing_delays,
+    a_script_that_always_throws_is_dead_lettered_with_everything,
+    non_retryable_failures_go_straight_to_the_dead_letters,
+    a_deploy_changes_the_next_event_without_restart,
+    graceful_shutdown_loses_nothing,
+);
+
+/// A daemon in this world, with direct runs on or off.
+fn start(env: &TestEnv, direct: bool) -> support::RunningDaemon {
+    let mut settings = env.settings.clone();
+    settings.nats.direct_runs = direct;
+    env.start_daemon_with(settings)
+}
 
 /// How many first attempts the fan-out ran itself, and how many jobs it published.
 fn assert_paths(daemon: &support::RunningDaemon, direct: u64, jobs: u64) {
@@ -25,8 +60,7 @@ fn assert_paths(daemon: &support::RunningDaemon, direct: u64, jobs: u64) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_runs_the_tenants_matching_scripts_only() {
+async fn an_event_runs_the_tenants_matching_scripts_only(direct: bool) {
     let env = TestEnv::new().await;
     let echo = "export default (event, ctx) => ({ script: ctx.script, type: event.type, data: event.data })";
     env.deploy("acme", "exact", echo, &["order.created"]).await;
@@ -35,16 +69,17 @@ async fn an_event_runs_the_tenants_matching_scripts_only() {
     env.deploy("acme", "other-type", echo, &["user.*"]).await;
     env.deploy("globex", "same-pattern", echo, &["order.created"])
         .await;
-    let daemon = env.start_daemon();
+    let daemon = start(&env, direct);
 
     env.publish("acme", "order.created", r#"{"id": 1}"#).await;
     env.publish("acme", "order.created.v2", r#"{"id": 2}"#)
         .await;
-    let runs = env
-        .wait_for_runs(WAIT, |runs| {
-            runs.iter().filter(|r| r.status == "ok").count() >= 4
-        })
-        .await;
+    env.wait_for_runs(WAIT, |runs| {
+        runs.iter().filter(|r| r.status == "ok").count() >= 4
+    })
+    .await;
+    env.wait_idle(WAIT).await;
+    let runs = env.runs().await;
     let mut ran: Vec<(String, String)> = runs
         .iter()
         .map(|r| {
@@ -71,43 +106,49 @@ async fn an_event_runs_the_tenants_matching_scripts_only() {
         ]
     );
     assert!(runs.iter().all(|r| r.tenant == "acme" && r.attempt == 1));
-    // Each ran straight from the fan-out, without a job.
-    assert_paths(&daemon, 4, 0);
+    // Each ran straight from the fan-out, without a job, or as a job of its own.
+    if direct {
+        assert_paths(&daemon, 4, 0);
+    } else {
+        assert_paths(&daemon, 0, 4);
+    }
     daemon.shutdown().await;
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_direct_runs_off_every_run_is_a_job_in_its_lane() {
+async fn first_attempts_run_in_the_fan_out_or_as_jobs_and_retries_as_jobs(direct: bool) {
     let env = TestEnv::new().await;
     let flaky = "export default (event, ctx) => { if (ctx.attempt < 2) throw new Error('once'); return 1; }";
     env.deploy("acme", "flaky", flaky, &["pay.*"]).await;
     env.deploy("acme", "fine", "export default () => 2", &["pay.*"])
         .await;
-    let mut settings = env.settings.clone();
-    settings.nats.direct_runs = false;
-    let daemon = env.start_daemon_with(settings);
+    let daemon = start(&env, direct);
     for i in 0..5 {
         env.publish("acme", "pay.in", format!("{{\"i\":{i}}}"))
             .await;
     }
-    let runs = env
-        .wait_for_runs(WAIT, |runs| {
-            runs.iter().filter(|r| r.status == "ok").count() == 10
-        })
-        .await;
+    env.wait_for_runs(WAIT, |runs| {
+        runs.iter().filter(|r| r.status == "ok").count() == 10
+    })
+    .await;
+    env.wait_idle(WAIT).await;
+    let runs = env.runs().await;
     assert_eq!(
         runs.len(),
         15,
         "5 ok + 5 failed first attempts + 5 ok: {runs:#?}"
     );
-    assert_paths(&daemon, 0, 10);
+    if direct {
+        // Ten first attempts in the fan-out; the five that failed came back as jobs.
+        assert_paths(&daemon, 10, 5);
+    } else {
+        assert_paths(&daemon, 0, 10);
+    }
     daemon.shutdown().await;
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_script_that_fails_twice_is_retried_with_growing_delays() {
+async fn a_script_that_fails_twice_is_retried_with_growing_delays(direct: bool) {
     let env = TestEnv::new().await;
     let flaky = "export default (event, ctx) => { if (ctx.attempt < 3) throw new Error('not yet ' + ctx.attempt); return 'third time'; }";
     env.deploy_with(
@@ -124,7 +165,7 @@ async fn a_script_that_fails_twice_is_retried_with_growing_delays() {
         },
     )
     .await;
-    let daemon = env.start_daemon();
+    let daemon = start(&env, direct);
     env.publish("acme", "pay.in", "{}").await;
     let runs = env
         .wait_for_runs(WAIT, |runs| runs.iter().any(|r| r.status == "ok"))
@@ -141,15 +182,17 @@ async fn a_script_that_fails_twice_is_retried_with_growing_delays() {
     assert!(first_gap.num_milliseconds() >= 200, "{first_gap}");
     assert!(second_gap > first_gap, "{first_gap} then {second_gap}");
     assert!(second_gap.num_milliseconds() >= 600, "{second_gap}");
+    env.wait_idle(WAIT).await;
+    assert_eq!(env.runs().await.len(), 3);
     assert!(env.dead_letters().await.is_empty());
-    // The first attempt ran in the fan-out; the retries went through one job in the lane.
-    assert_paths(&daemon, 1, 1);
+    // The retries went through one job in the lane; the first attempt ran in the fan-out
+    // or in that job.
+    assert_paths(&daemon, u64::from(direct), 1);
     daemon.shutdown().await;
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_script_that_always_throws_is_dead_lettered_with_everything() {
+async fn a_script_that_always_throws_is_dead_lettered_with_everything(direct: bool) {
     let env = TestEnv::new().await;
     let version = env
         .deploy(
@@ -159,14 +202,15 @@ async fn a_script_that_always_throws_is_dead_lettered_with_everything() {
             &["pay.*"],
         )
         .await;
-    let daemon = env.start_daemon();
+    let daemon = start(&env, direct);
     env.publish("acme", "pay.in", r#"{"amount": 42}"#).await;
     let runs = env
         .wait_for_runs(WAIT, |runs| {
             runs.iter().any(|r| r.status == "dead_lettered")
         })
         .await;
-    assert_eq!(runs.len(), 3, "max_attempts is 3: {runs:#?}");
+    env.wait_idle(WAIT).await;
+    assert_eq!(env.runs().await.len(), 3, "max_attempts is 3: {runs:#?}");
     let letters = env.dead_letters().await;
     assert_eq!(letters.len(), 1);
     let (headers, letter) = &letters[0];
@@ -198,18 +242,18 @@ async fn a_script_that_always_throws_is_dead_lettered_with_everything() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_retryable_failures_go_straight_to_the_dead_letters() {
+async fn non_retryable_failures_go_straight_to_the_dead_letters(direct: bool) {
     let env = TestEnv::new().await;
     env.deploy("acme", "bigint", "export default () => 10n", &["x"])
         .await;
-    let daemon = env.start_daemon();
+    let daemon = start(&env, direct);
     env.publish("acme", "x", "{}").await;
-    let runs = env
-        .wait_for_runs(WAIT, |runs| {
-            runs.iter().any(|r| r.status == "dead_lettered")
-        })
-        .await;
+    env.wait_for_runs(WAIT, |runs| {
+        runs.iter().any(|r| r.status == "dead_lettered")
+    })
+    .await;
+    env.wait_idle(WAIT).await;
+    let runs = env.runs().await;
     assert_eq!(runs.len(), 1);
     assert_eq!(
         runs[0].failure_kind.as_deref(),
@@ -219,12 +263,11 @@ async fn non_retryable_failures_go_straight_to_the_dead_letters() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deploy_changes_the_next_event_without_restart() {
+async fn a_deploy_changes_the_next_event_without_restart(direct: bool) {
     let env = TestEnv::new().await;
     env.deploy("acme", "greeter", "export default () => 'v1'", &["hello"])
         .await;
-    let daemon = env.start_daemon();
+    let daemon = start(&env, direct);
     env.publish("acme", "hello", "{}").await;
     env.wait_for_runs(WAIT, |runs| runs.len() == 1).await;
     let v2 = env
@@ -250,12 +293,11 @@ async fn a_deploy_changes_the_next_event_without_restart() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_loses_nothing() {
+async fn graceful_shutdown_loses_nothing(direct: bool) {
     let env = TestEnv::new().await;
     let slow = busy_script(50, "e.data.n");
     env.deploy("acme", "slow", &slow, &["work"]).await;
-    let daemon = env.start_daemon();
+    let daemon = start(&env, direct);
     for n in 0..40 {
         env.publish("acme", "work", format!(r#"{{"n": {n}}}"#))
             .await;
@@ -269,7 +311,7 @@ async fn graceful_shutdown_loses_nothing() {
     );
     assert!(before_restart.iter().all(|r| r.status == "ok"));
 
-    let daemon = env.start_daemon();
+    let daemon = start(&env, direct);
     let runs = env
         .wait_for_runs(WAIT, |runs| {
             runs.iter().map(|r| &r.job_id).collect::<HashSet<_>>().len() == 40

@@ -51,8 +51,13 @@ async fn a_tenant_session_sees_only_its_own_rows() {
              VALUES ('globex', 'g', 'j', 1, 'event', 'ok', now(), 1)",
             &[],
         )
-        .await;
-    assert!(forged.is_err(), "a row of another tenant was written");
+        .await
+        .expect_err("a row of another tenant was written");
+    assert_eq!(
+        forged.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{forged}"
+    );
     client
         .batch_execute("SELECT set_config('scriptd.tenant', '*', false)")
         .await
@@ -107,8 +112,8 @@ const TABLES: &[(&str, &str)] = &[
 ];
 
 /// Every table, read and written by a session of one tenant as the daemon's role: it sees
-/// only that tenant's rows, and writing a row of another tenant is refused with SQLSTATE
-/// 42501 (the policy's, not any error). The queries name no tenant: only the policy can
+/// only that tenant's rows, cannot change or delete the other's, and writing a row of
+/// another tenant is refused with SQLSTATE 42501 (the policy's, not any error). The queries name no tenant: only the policy can
 /// keep the other tenant's rows out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_table_keeps_tenants_apart_by_policy_alone() {
@@ -158,6 +163,26 @@ async fn every_table_keeps_tenants_apart_by_policy_alone() {
             Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
             "{table}: {forged}"
         );
+        // Changing: the other tenant's rows are out of reach of UPDATE and DELETE, and a
+        // row of one's own cannot be handed to another tenant.
+        let sql = format!("UPDATE {table} SET tenant = tenant WHERE tenant = 'globex'");
+        assert_eq!(client.execute(&sql, &[]).await.unwrap(), 0, "{table}");
+        let sql = format!("DELETE FROM {table} WHERE tenant = 'globex'");
+        assert_eq!(client.execute(&sql, &[]).await.unwrap(), 0, "{table}");
+        let sql = format!("UPDATE {table} SET tenant = 'globex'");
+        let moved = client.execute(&sql, &[]).await.expect_err(table);
+        assert_eq!(
+            moved.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{table}: {moved}"
+        );
+    }
+    // Everything of the other tenant is still there, as it was.
+    as_tenant("*").await;
+    for (table, _) in TABLES {
+        let sql = format!("SELECT count(*) FROM {table} WHERE tenant = 'globex'");
+        let left: i64 = client.query_one(&sql, &[]).await.unwrap().get(0);
+        assert_eq!(left, 1, "{table}: globex's rows");
     }
     drop(client);
     env.cleanup().await;

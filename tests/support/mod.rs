@@ -17,7 +17,29 @@ use scriptd::store::{ScriptSpec, Store};
 use tokio_util::sync::CancellationToken;
 
 const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// The NATS server the tests use: the machine's, unless `TEST_NATS_URL` names
+/// another (`scripts/test` points the suite at a current nats-server that way).
+pub fn nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// The nats-server binary tests that run a server of their own start: the one named by
+/// `TEST_NATS_SERVER`, else the machine's.
+pub fn nats_server_binary() -> String {
+    if let Ok(binary) = std::env::var("TEST_NATS_SERVER") {
+        return binary;
+    }
+    [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .unwrap_or("nats-server")
+    .to_owned()
+}
 
 pub struct TestEnv {
     pub id: String,
@@ -58,7 +80,7 @@ pub struct Run {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
-        Self::with_nats(NATS_URL).await
+        Self::with_nats(&nats_url()).await
     }
 
     /// A world on another NATS server (one the test starts and stops itself).
@@ -370,6 +392,50 @@ impl TestEnv {
         pending
     }
 
+    /// Messages of `stream` not yet delivered, or delivered and not yet acknowledged, over
+    /// all its consumers.
+    pub async fn backlog(&self, stream: String) -> u64 {
+        use futures::StreamExt;
+        let stream = self.js.get_stream(stream).await.expect("stream");
+        let mut consumers = stream.consumers();
+        let mut left = 0;
+        while let Some(info) = consumers.next().await {
+            let info = info.expect("consumer info");
+            left += info.num_pending + info.num_ack_pending as u64;
+        }
+        left
+    }
+
+    /// The messages stored on `subject` in the events stream.
+    pub async fn messages_on(&self, subject: &str) -> u64 {
+        use futures::TryStreamExt;
+        let stream = self
+            .js
+            .get_stream(self.settings.nats.events_stream())
+            .await
+            .expect("events stream");
+        let mut info = stream
+            .info_with_subjects(subject)
+            .await
+            .expect("stream info");
+        let mut total = 0;
+        while let Some((_, count)) = info.try_next().await.expect("stream info") {
+            total += count as u64;
+        }
+        total
+    }
+
+    /// Waits until the events and jobs streams have nothing waiting and nothing handed out:
+    /// every event taken is settled and every retry has run, so what has not happened by
+    /// now will not. Absence is asserted after this, never before.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let nats = &self.settings.nats;
+        self.wait_until(limit, "the events and jobs streams to drain", || async {
+            self.backlog(nats.events_stream()).await + self.backlog(nats.jobs_stream()).await == 0
+        })
+        .await;
+    }
+
     /// Whether exactly `n` events are taken and not yet acknowledged.
     pub async fn events_in_flight_is(&self, n: usize) -> bool {
         self.in_flight(self.settings.nats.events_stream()).await == n
@@ -485,16 +551,8 @@ impl OwnNats {
 
     pub fn restart(&mut self) {
         self.stop();
-        let binary = [
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
-            "/usr/local/bin/nats-server",
-        ]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("nats-server");
         self.process = Some(
-            std::process::Command::new(binary)
+            std::process::Command::new(nats_server_binary())
                 .args([
                     "-a",
                     "127.0.0.1",
