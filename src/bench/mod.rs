@@ -6,3 +6,4 @@ pub mod fairness;
 pub mod hosts;
 pub mod pipeline;
 pub mod procstat;
+pub mod typescript;

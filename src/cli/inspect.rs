@@ -11,6 +11,7 @@ use clap::Args;
 use super::scripts::NameArgs;
 use crate::config::Settings;
 use crate::domain::Version;
+use crate::scripts::typescript::{self, Lang};
 use crate::store::{RunFilter, ScriptSpec, Store, StoredRun};
 use crate::units::parse_duration;
 
@@ -50,6 +51,9 @@ pub struct RollbackArgs {
 pub struct ValidateArgs {
     /// The script file.
     pub file: PathBuf,
+    /// The script's language, when its file name does not say (`.ts` is TypeScript).
+    #[arg(long, value_enum)]
+    pub lang: Option<Lang>,
 }
 
 #[derive(Debug, Args)]
@@ -92,8 +96,12 @@ pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCod
         .with_context(|| format!("no script {tenant}/{name}"))?;
     if args.json {
         let mut value = serde_json::to_value(&script)?;
+        value["language"] = language(&script.typescript).into();
         if args.source {
             value["source"] = script.source.clone().into();
+            if let Some(typescript) = &script.typescript {
+                value["typescript"] = typescript.clone().into();
+            }
         }
         super::print_json(&value)?;
         return Ok(ExitCode::SUCCESS);
@@ -118,6 +126,7 @@ pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCod
             script.catch_up.as_str()
         );
     }
+    println!("  language:  {}", language(&script.typescript));
     println!("  sha256:    {}", script.sha256);
     println!(
         "  limits:    timeout {}, cpu_time {}, heap {}, source {}, result {}, logs {}",
@@ -136,9 +145,20 @@ pub async fn show(settings: &Settings, args: ShowArgs) -> anyhow::Result<ExitCod
         humantime::format_duration(retry.max_interval)
     );
     if args.source {
-        println!("---\n{}", script.source);
+        // What the tenant wrote: the TypeScript, not what it compiled to.
+        println!(
+            "---\n{}",
+            script.typescript.as_deref().unwrap_or(&script.source)
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn language(typescript: &Option<String>) -> &'static str {
+    match typescript {
+        Some(_) => "typescript",
+        None => "javascript",
+    }
 }
 
 pub async fn versions(settings: &Settings, args: VersionsArgs) -> anyhow::Result<ExitCode> {
@@ -178,12 +198,20 @@ pub async fn rollback(settings: &Settings, args: RollbackArgs) -> anyhow::Result
 
 /// Loads the file in an isolate and reports what the engine says, with line and column.
 pub async fn validate(settings: &Settings, args: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let source = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading the script {}", args.file.display()))?;
+    let compiled = match typescript::load(&args.file, args.lang) {
+        Ok(compiled) => compiled,
+        // A syntax error is the answer, not a failure to answer.
+        Err(e) if e.is::<typescript::SyntaxError>() => {
+            println!("{e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e),
+    };
     let spec = ScriptSpec {
         tenant: "validate".into(),
         name: "script".into(),
-        source,
+        source: compiled.javascript,
+        typescript: compiled.typescript,
         timezone: "UTC".into(),
         ..Default::default()
     };
@@ -199,7 +227,9 @@ pub async fn validate(settings: &Settings, args: ValidateArgs) -> anyhow::Result
             let place = f
                 .stack
                 .as_deref()
-                .and_then(|s| s.split("script@v0.js:").nth(1))
+                .and_then(|s| s.split("script@v0.").nth(1))
+                .and_then(|s| s.split_once(':'))
+                .map(|(_, rest)| rest)
                 .map(|rest| {
                     rest.trim_end_matches(')')
                         .split_whitespace()

@@ -88,6 +88,9 @@ pub enum Command {
     Bench(BenchCommand),
     /// Print the effective configuration (defaults, file and environment merged) as TOML.
     Config,
+    /// Print TypeScript declarations of the event, ctx, fetch and the API's errors, for an
+    /// editor to check handlers with (`scriptd types > scriptd.d.ts`).
+    Types,
     /// An engine host process; started by the daemon, not by hand.
     #[command(hide = true)]
     EngineHost {
@@ -195,12 +198,18 @@ pub enum BenchCommand {
     /// Raw JetStream rate beside scriptd's end-to-end rate and latency (uses the
     /// configured NATS and PostgreSQL, with throw-away streams and database).
     Pipeline(crate::bench::pipeline::PipelineBenchArgs),
+    /// The one-time TypeScript compile at deploy, for a 1 KiB and a 100 KiB handler.
+    Typescript(crate::bench::typescript::TypeScriptBenchArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// The script: an ES module whose default export handles the event.
+    /// The script: an ES module whose default export handles the event (JavaScript, or
+    /// TypeScript for a `.ts` file or with --lang ts).
     pub file: PathBuf,
+    /// The script's language, when its file name does not say (`.ts` is TypeScript).
+    #[arg(long, value_enum)]
+    pub lang: Option<crate::scripts::typescript::Lang>,
     /// The whole event the handler gets, as JSON (`{"type": ..., "data": {...}}`), or
     /// @FILE to read it from a file.
     #[arg(long, conflicts_with = "data")]
@@ -306,6 +315,10 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::engine::host_main(stack)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Types => {
+            print!("{}", crate::scripts::typescript::DECLARATIONS);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config => {
             print!("{}", toml::to_string_pretty(&settings.redacted())?);
             Ok(ExitCode::SUCCESS)
@@ -366,6 +379,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Engine(args)) => {
             block_on(crate::bench::engine::engine(&settings.engine, args))
+        }
+        Command::Bench(BenchCommand::Typescript(args)) => {
+            crate::bench::typescript::typescript(args)
         }
         Command::Bench(BenchCommand::Hosts(args)) => {
             block_on(crate::bench::hosts::hosts(&settings.engine, args))

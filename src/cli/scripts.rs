@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::engine::{Engine, ScriptRun, ENGINE_NAME};
 use crate::retry::RetryOverrides;
 use crate::scripts::manifest::{validate_spec, Manifest};
+use crate::scripts::typescript::{self, Lang};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
 use crate::subject;
 use crate::units::parse_duration;
@@ -57,6 +58,9 @@ pub struct DeployArgs {
     /// Treat FILE as a manifest even without the .toml extension.
     #[arg(long = "manifest", id = "manifest_file")]
     pub manifest: bool,
+    /// The script's language, when its file name does not say (`.ts` is TypeScript).
+    #[arg(long, value_enum)]
+    pub lang: Option<Lang>,
 }
 
 #[derive(Debug, Args)]
@@ -91,12 +95,12 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
                 args.file.display()
             );
         };
-        let source = std::fs::read_to_string(&args.file)
-            .with_context(|| format!("reading the script {}", args.file.display()))?;
+        let compiled = typescript::load(&args.file, args.lang)?;
         let spec = ScriptSpec {
             tenant: tenant.clone(),
             name: name.clone(),
-            source,
+            source: compiled.javascript,
+            typescript: compiled.typescript,
             subjects: args.on.clone(),
             cron: args.cron.clone(),
             timezone: args.timezone.clone(),
@@ -261,8 +265,7 @@ fn test_event(settings: &Settings, args: &TestArgs) -> anyhow::Result<serde_json
 }
 
 pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCode> {
-    let source = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading the script {}", args.file.display()))?;
+    let source = typescript::load(&args.file, args.lang)?.javascript;
     let event = test_event(settings, &args)?;
     let name = args.name.clone().unwrap_or_else(|| {
         args.file

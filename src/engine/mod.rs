@@ -10,6 +10,7 @@ mod ops;
 mod pool;
 mod redact;
 mod sandbox;
+pub mod source_map;
 mod watchdog;
 mod worker;
 
@@ -403,8 +404,19 @@ impl Engine {
         self.submit(run, true).await.outcome.map(|_| ())
     }
 
-    /// Runs `run`, or with `validate_only` only loads it; the whole result either way.
+    /// Runs `run`, or with `validate_only` only loads it; the whole result either way. A
+    /// failure of a script compiled from TypeScript names the TypeScript's lines.
     pub(crate) async fn submit(&self, run: ScriptRun, validate_only: bool) -> RunResult {
+        let source = run.source.clone();
+        let file = format!("{}@v{}", run.script, run.version);
+        let mut result = self.submit_compiled(run, validate_only).await;
+        if let Err(failure) = &mut result.outcome {
+            source_map::map_failure(&source, &file, failure);
+        }
+        result
+    }
+
+    async fn submit_compiled(&self, run: ScriptRun, validate_only: bool) -> RunResult {
         if let Some(hosts) = &self.hosts {
             return hosts.submit(run, validate_only).await;
         }

@@ -69,12 +69,12 @@ impl Manifest {
             .parent()
             .unwrap_or_else(|| Path::new("."))
             .join(&manifest.source);
-        let source = std::fs::read_to_string(&source_path)
-            .with_context(|| format!("reading the script {}", source_path.display()))?;
+        let compiled = super::typescript::load(&source_path, None)?;
         let spec = ScriptSpec {
             tenant: manifest.tenant.clone(),
             name: manifest.name.clone(),
-            source,
+            source: compiled.javascript,
+            typescript: compiled.typescript,
             subjects: manifest.on.clone(),
             cron: manifest.cron.clone(),
             timezone: manifest.timezone.clone(),

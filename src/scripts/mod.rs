@@ -1,5 +1,6 @@
 //! Tenant scripts as the daemon sees them: the in-memory index of current versions
-//! (`index`) and deploy manifests (`manifest`).
+//! (`index`), deploy manifests (`manifest`) and the TypeScript compile (`typescript`).
 
 pub mod index;
 pub mod manifest;
+pub mod typescript;

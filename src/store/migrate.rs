@@ -27,6 +27,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "run_results",
         include_str!("../../migrations/0005_run_results.sql"),
     ),
+    (
+        6,
+        "typescript",
+        include_str!("../../migrations/0006_typescript.sql"),
+    ),
 ];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.

@@ -18,9 +18,13 @@ pub struct ScriptSpec {
     pub tenant: String,
     /// The script's name, unique within its tenant.
     pub name: String,
-    /// The script's source; a new version is made when it differs from the current one.
+    /// The JavaScript that runs; a new version is made when it (or the TypeScript it was
+    /// compiled from) differs from the current one.
     #[serde(skip)]
     pub source: String,
+    /// The TypeScript `source` was compiled from, if it was.
+    #[serde(skip)]
+    pub typescript: Option<String>,
     /// Tenant-relative subject patterns (`order.*`).
     pub subjects: Vec<String>,
     /// A schedule: six cron fields, seconds first; `None` for none.
@@ -94,7 +98,8 @@ pub const NOTIFY_CHANNEL: &str = "scriptd_scripts";
 
 const SELECT_CURRENT: &str =
     "SELECT s.id, s.tenant, s.name, s.enabled, s.current_version, s.subjects,
-        s.cron, s.timezone, s.limits, s.retry, v.sha256, v.source, s.overlap, s.catch_up
+        s.cron, s.timezone, s.limits, s.retry, v.sha256, v.source, s.overlap, s.catch_up,
+        v.typescript
     FROM scripts s
     JOIN script_versions v ON v.script_id = s.id AND v.version = s.current_version";
 
@@ -104,7 +109,9 @@ impl Store {
     pub async fn deploy(&self, spec: &ScriptSpec) -> Result<Deployed> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, &spec.tenant).await?;
-        let sha = sha256_hex(&spec.source);
+        // A TypeScript version is named by the TypeScript: the same file deployed again is
+        // unchanged, whatever the compiler makes of it.
+        let sha = sha256_hex(spec.typescript.as_deref().unwrap_or(&spec.source));
         let limits = serde_json::to_value(spec.limits).map_err(|e| bad_data("limits", e))?;
         let retry = serde_json::to_value(spec.retry).map_err(|e| bad_data("retry policy", e))?;
         let existing = tx
@@ -163,9 +170,17 @@ impl Store {
         };
         if !unchanged_source {
             tx.execute(
-                "INSERT INTO script_versions (script_id, tenant, version, source, sha256)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[&id, &spec.tenant, &version, &spec.source, &sha],
+                "INSERT INTO script_versions (script_id, tenant, version, source, sha256,
+                                              typescript)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &id,
+                    &spec.tenant,
+                    &version,
+                    &spec.source,
+                    &sha,
+                    &spec.typescript,
+                ],
             )
             .await?;
         }
@@ -239,6 +254,7 @@ impl Store {
                         tenant: r.get(1),
                         name: r.get(2),
                         source: r.get(11),
+                        typescript: r.get(14),
                         subjects: r.get(5),
                         cron: r.get(6),
                         timezone: r.get(7),
