@@ -45,11 +45,21 @@ pub struct Settings {
     pub capabilities: CapabilitiesConfig,
     /// Health and metrics endpoints and OTLP export (`[telemetry]`).
     pub telemetry: crate::observe::telemetry::TelemetryConfig,
+    /// The HTTP API (`[api]`).
+    pub api: ApiConfig,
     /// Variables with the `SCRIPTD_` prefix that name no section of the settings and were
     /// left alone (Kubernetes puts `SCRIPTD_PORT`, `SCRIPTD_SERVICE_HOST` and the like into
     /// every pod beside a Service named `scriptd`); the command warns of them once.
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+}
+
+/// The `[api]` settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address the API listens on (`127.0.0.1:8081`); empty (the default) serves none.
+    pub listen: String,
 }
 
 /// The `[daemon]` settings.

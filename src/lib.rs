@@ -1,6 +1,7 @@
 //! scriptd: an event-driven scripting worker daemon. The library holds everything; the
 //! binary only parses the command line.
 
+pub mod api;
 mod bench;
 pub mod bus;
 pub mod caps;

@@ -105,6 +105,14 @@ const TABLES: &[(&str, &str)] = &[
         "INSERT INTO tenant_policies (tenant) SELECT $1 WHERE $2::text IS NOT NULL",
     ),
     (
+        "api_tokens",
+        "INSERT INTO api_tokens (prefix, tenant, role, secret_hash) VALUES ($2, $1, 'tenant', '\\x00')",
+    ),
+    (
+        "audit_log",
+        "INSERT INTO audit_log (tenant, actor, role, action, status) VALUES ($1, $2, 'tenant', 'x', 200)",
+    ),
+    (
         "attempt_claims",
         "INSERT INTO attempt_claims (job_id, tenant, attempt, state, replica, claimed_at, lease_until, first_claimed_at)
          VALUES ($2, $1, 1, 'open', 'r', now(), now(), now())",
@@ -163,6 +171,21 @@ async fn every_table_keeps_tenants_apart_by_policy_alone() {
             Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
             "{table}: {forged}"
         );
+        // The audit trail is append-only: no row of it changes, whosever it is.
+        if *table == "audit_log" {
+            for sql in [
+                "UPDATE audit_log SET tenant = tenant",
+                "DELETE FROM audit_log",
+            ] {
+                let refused = client.execute(sql, &[]).await.expect_err(sql);
+                assert_eq!(
+                    refused.code(),
+                    Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+                    "{sql}: {refused}"
+                );
+            }
+            continue;
+        }
         // Changing: the other tenant's rows are out of reach of UPDATE and DELETE, and a
         // row of one's own cannot be handed to another tenant.
         let sql = format!("UPDATE {table} SET tenant = tenant WHERE tenant = 'globex'");

@@ -264,6 +264,7 @@ pub async fn runs_list(settings: &Settings, args: RunsListArgs) -> anyhow::Resul
             status: args.status.map(|s| s.as_str().to_owned()),
             since,
             job_id: None,
+            before: None,
             limit: args.limit,
         })
         .await?;

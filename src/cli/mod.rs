@@ -8,6 +8,7 @@ mod inspect;
 mod ops;
 mod scripts;
 mod tenants;
+mod tokens;
 
 pub use ops::cancel_on_signal;
 pub use scripts::check_compiles;
@@ -83,6 +84,9 @@ pub enum Command {
     /// Per-tenant policy: the hosts `fetch` may call, and what a tenant uses.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Bearer tokens of the HTTP API: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// Measure the engine and print the numbers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -160,6 +164,19 @@ pub enum SecretsCommand {
     Delete(tenants::SecretNameArgs),
     /// Print a new random key for capabilities.secrets.key_file.
     GenerateKey,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Make a token; it is printed once and stored only as a hash.
+    #[command(after_help = "Examples:
+  scriptd tokens create --tenant acme --expires 90d --label ci
+  scriptd tokens create --role operator --label on-call")]
+    Create(tokens::CreateArgs),
+    /// Tokens with their prefix, tenant, role, expiry and state; never the token.
+    List(tokens::ListArgs),
+    /// Revoke a token by its prefix; it is refused from the next request on.
+    Revoke(tokens::RevokeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +357,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(tenants::allow_fetch(&settings, args))
         }
         Command::Tenants(TenantsCommand::Show(args)) => block_on(tenants::show(&settings, args)),
+        Command::Tokens(TokensCommand::Create(args)) => block_on(tokens::create(&settings, args)),
+        Command::Tokens(TokensCommand::List(args)) => block_on(tokens::list(&settings, args)),
+        Command::Tokens(TokensCommand::Revoke(args)) => block_on(tokens::revoke(&settings, args)),
         Command::Run => block_on(ops::run_daemon(settings, telemetry.metrics())),
         Command::Dev(args) => block_on(crate::cli::dev::run(settings, args, telemetry.metrics())),
         Command::Migrate => block_on(ops::migrate(&settings)),

@@ -15,7 +15,7 @@ use crate::caps::net::HostRule;
 use crate::config::Settings;
 use crate::engine::{Engine, ScriptRun, ENGINE_NAME};
 use crate::retry::RetryOverrides;
-use crate::scripts::manifest::{validate_spec, Manifest};
+use crate::scripts::manifest::{draft_run, validate_spec, Manifest};
 use crate::scripts::typescript::{self, Lang};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
 use crate::subject;
@@ -157,15 +157,9 @@ pub async fn check_compiles(
 ) -> anyhow::Result<Result<(), crate::engine::Failure>> {
     let none = Arc::new(crate::caps::NoCapabilities::default());
     let engine = Engine::for_command(&settings.engine, none).await?;
-    let run = ScriptRun::new(
-        &spec.tenant,
-        &spec.name,
-        crate::domain::Version::DRAFT,
-        Arc::<str>::from(spec.source.as_str()),
-        &serde_json::Value::Null,
-        settings.engine.limits.with(&spec.limits),
-    );
-    Ok(engine.validate(run).await)
+    Ok(engine
+        .validate(draft_run(spec, &settings.engine.limits))
+        .await)
 }
 
 pub async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<ExitCode> {

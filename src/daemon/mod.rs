@@ -47,6 +47,8 @@ pub struct DaemonStats {
     pub readiness: Arc<Readiness>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served, once bound.
     pub listening: Arc<OnceLock<SocketAddr>>,
+    /// Where the HTTP API is served, once bound.
+    pub api_listening: Arc<OnceLock<SocketAddr>>,
     /// The script index, once loaded.
     pub index: Arc<OnceLock<Arc<ScriptIndex>>>,
 }
@@ -180,6 +182,19 @@ impl Daemon {
             shutdown: daemon.shutdown.clone(),
             hard_stop: daemon.hard_stop.clone(),
         };
+        if !settings.api.listen.is_empty() {
+            let state = crate::api::ApiState {
+                store: store.clone(),
+                js: wiring.js.clone(),
+                engine: daemon.engine.clone(),
+                settings: Arc::new(settings.clone()),
+                index: wiring.index.clone(),
+            };
+            let bound =
+                crate::api::serve(&settings.api.listen, state, wiring.shutdown.clone()).await?;
+            tracing::info!(address = %bound, "Serving the HTTP API (/v1, /openapi.json).");
+            let _ = daemon.stats.api_listening.set(bound);
+        }
         let executor = daemon.executor(&settings, &wiring, &store).await?;
         daemon.spawn_background(&settings, &wiring, store);
         daemon.spawn_consumers(&settings, &wiring, executor).await?;

@@ -88,6 +88,19 @@ impl Manifest {
     }
 }
 
+/// The run that checks a deploy: the script loaded in a fresh isolate under its own
+/// limits, its default export checked, nothing called.
+pub fn draft_run(spec: &ScriptSpec, defaults: &crate::engine::Limits) -> crate::engine::ScriptRun {
+    crate::engine::ScriptRun::new(
+        &spec.tenant,
+        &spec.name,
+        crate::domain::Version::DRAFT,
+        std::sync::Arc::<str>::from(spec.source.as_str()),
+        &serde_json::Value::Null,
+        defaults.with(&spec.limits),
+    )
+}
+
 /// Checks names and patterns of a deploy before anything is compiled or stored.
 pub fn validate_spec(spec: &ScriptSpec) -> anyhow::Result<()> {
     subject::validate_name("tenant", &spec.tenant)?;

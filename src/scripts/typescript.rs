@@ -14,7 +14,8 @@ use crate::engine::source_map::{with_inline_map, ORIGINAL};
 pub const DECLARATIONS: &str = include_str!("scriptd.d.ts");
 
 /// The language a script is written in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Lang {
     /// JavaScript (an ES module), run as written.
     #[default]

@@ -32,6 +32,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "typescript",
         include_str!("../../migrations/0006_typescript.sql"),
     ),
+    (7, "api", include_str!("../../migrations/0007_api.sql")),
 ];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.

@@ -9,6 +9,7 @@ mod migrate;
 mod runs;
 mod scripts;
 mod secrets;
+mod tokens;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ pub use kv::KvWrite;
 pub use runs::{LockOutcome, RunFilter, RunRecord, StoredRun, RESULT_KEPT};
 pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
 pub use secrets::SecretInfo;
+pub use tokens::{AuditEntry, AuditRow, Principal, Rejected, Role, TokenInfo};
 
 /// The `[database]` settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -278,6 +278,8 @@ pub struct RunFilter {
     pub since: Option<DateTime<Utc>>,
     /// Only the runs of this job.
     pub job_id: Option<String>,
+    /// Only runs older than the one with this id (the cursor of a page of runs).
+    pub before: Option<i64>,
     /// At most this many runs, newest first (at least 1).
     pub limit: i64,
 }
@@ -319,6 +321,8 @@ impl Store {
                    AND ($3::text IS NULL OR status = $3)
                    AND ($4::timestamptz IS NULL OR started_at >= $4)
                    AND ($5::text IS NULL OR job_id = $5)
+                   AND ($7::bigint IS NULL OR (started_at, id) <
+                        (SELECT c.started_at, c.id FROM runs c WHERE c.id = $7))
                  ORDER BY started_at DESC, id DESC
                  LIMIT $6"
                 ),
@@ -329,6 +333,7 @@ impl Store {
                     &filter.since,
                     &filter.job_id,
                     &filter.limit.max(1),
+                    &filter.before,
                 ],
             )
             .await?;
@@ -356,6 +361,20 @@ impl Store {
             .all_tenants_query("SELECT coalesce(max(id), 0) FROM runs", &[])
             .await?;
         Ok(rows.first().map_or(0, |r| r.get(0)))
+    }
+
+    /// One run of `tenant` by id, read as that tenant: none if it is another's.
+    pub async fn run_of(&self, tenant: &str, id: i64) -> Result<Option<StoredRun>> {
+        let mut client = self.client().await?;
+        let tx = scoped(&mut client, tenant).await?;
+        let row = tx
+            .query_opt(
+                &format!("SELECT {STORED_RUN_COLUMNS} FROM runs WHERE id = $1 AND tenant = $2"),
+                &[&id, &tenant],
+            )
+            .await?;
+        tx.commit().await?;
+        row.as_ref().map(stored_run).transpose()
     }
 
     /// One run by id.

@@ -1,0 +1,93 @@
+//! `/v1/tenants/{tenant}/runs` (newest first, filtered, paged with a cursor), one run with
+//! its logs, input and result, and the tenant's audit trail.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+
+use super::{ApiError, ApiResult, ApiState, Caller, Params, Route};
+use crate::domain::RunStatus;
+use crate::store::RunFilter;
+
+/// Runs per page unless asked otherwise, and at most.
+const PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsQuery {
+    script: Option<String>,
+    status: Option<String>,
+    limit: Option<i64>,
+    /// The `next` of the previous page: runs older than that one.
+    before: Option<i64>,
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route(tenant): Route<String>,
+    Params(query): Params<RunsQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    if let Some(status) = &query.status {
+        status.parse::<RunStatus>().map_err(|_| {
+            let known: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::BadRequest(format!("status {status:?} is none of {}", known.join(", ")))
+        })?;
+    }
+    let limit = query.limit.unwrap_or(PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit is 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let runs = state
+        .store
+        .list_runs(&RunFilter {
+            tenant: Some(tenant),
+            script: query.script,
+            status: query.status,
+            before: query.before,
+            limit,
+            ..Default::default()
+        })
+        .await?;
+    let next = (runs.len() as i64 == limit)
+        .then(|| runs.last().map(|r| r.id))
+        .flatten();
+    Ok(Json(serde_json::json!({ "runs": runs, "next": next })))
+}
+
+pub async fn show(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, id)): Route<(String, i64)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    // Read as the tenant: another tenant's run is not there (404), whatever its id.
+    let run = state
+        .store
+        .run_of(&tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no run {id} of tenant {tenant}")))?;
+    Ok(Json(serde_json::to_value(run).unwrap_or_default()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    limit: Option<i64>,
+}
+
+pub async fn audit(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route(tenant): Route<String>,
+    Params(query): Params<AuditQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    let limit = query.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE);
+    let rows = state.store.audit_trail(&tenant, limit).await?;
+    Ok(Json(serde_json::json!({ "entries": rows })))
+}

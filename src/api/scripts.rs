@@ -1,0 +1,220 @@
+//! `/v1/tenants/{tenant}/scripts`: list, show, deploy (checked in an isolate first, as
+//! `scripts deploy` does), enable, disable, delete.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+
+use super::{audited, ApiError, ApiResult, ApiState, Body, Caller, Params, Route};
+use crate::domain::{CatchUp, Overlap, Version};
+use crate::engine::LimitOverrides;
+use crate::retry::RetryOverrides;
+use crate::scripts::manifest::{draft_run, validate_spec};
+use crate::scripts::typescript::{compile, Lang};
+use crate::store::{ScriptRow, ScriptSpec};
+
+/// A script as the API shows it.
+fn view(row: &ScriptRow, with_source: bool) -> serde_json::Value {
+    let mut value = serde_json::to_value(row).unwrap_or_default();
+    value["language"] = match row.typescript {
+        Some(_) => "typescript",
+        None => "javascript",
+    }
+    .into();
+    if with_source {
+        value["source"] = row.source.clone().into();
+        if let Some(typescript) = &row.typescript {
+            value["typescript"] = typescript.clone().into();
+        }
+    }
+    value
+}
+
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route(tenant): Route<String>,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    caller.acting_for(&tenant)?;
+    let rows = state.store.scripts(&tenant).await?;
+    Ok(Json(rows.iter().map(|r| view(r, false)).collect()))
+}
+
+#[derive(Deserialize)]
+pub struct ShowQuery {
+    /// Include the source (and the TypeScript a version was compiled from).
+    #[serde(default)]
+    source: bool,
+}
+
+pub async fn show(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+    Params(query): Params<ShowQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    let row = state
+        .store
+        .script(&tenant, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no script {tenant}/{name}")))?;
+    Ok(Json(view(&row, query.source)))
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// A deploy: the source and every setting (one left out goes back to its default).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployBody {
+    source: String,
+    #[serde(default)]
+    lang: Lang,
+    #[serde(default)]
+    on: Vec<String>,
+    #[serde(default)]
+    cron: Option<String>,
+    #[serde(default = "utc")]
+    timezone: String,
+    #[serde(default)]
+    overlap: Overlap,
+    #[serde(default)]
+    catch_up: CatchUp,
+    #[serde(default)]
+    limits: LimitOverrides,
+    #[serde(default)]
+    retry: RetryOverrides,
+}
+
+pub async fn deploy(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+    Body(body): Body<DeployBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let work = async {
+        let compiled = compile(body.source, body.lang).map_err(|e| {
+            ApiError::Refused(format!(
+                "syntax error at {}:{}: {}",
+                e.line, e.column, e.message
+            ))
+        })?;
+        let spec = ScriptSpec {
+            tenant: tenant.clone(),
+            name: name.clone(),
+            source: compiled.javascript,
+            typescript: compiled.typescript,
+            subjects: body.on,
+            cron: body.cron,
+            timezone: body.timezone,
+            overlap: body.overlap,
+            catch_up: body.catch_up,
+            limits: body.limits,
+            retry: body.retry,
+        };
+        validate_spec(&spec).map_err(|e| ApiError::Refused(format!("{e:#}")))?;
+        let run = draft_run(&spec, &state.settings.engine.limits);
+        if let Err(failure) = state.engine.validate(run).await {
+            return Err(ApiError::Refused(format!(
+                "the script does not load ({}): {}{}",
+                failure.kind,
+                failure.message,
+                failure.stack.map(|s| format!("\n{s}")).unwrap_or_default()
+            )));
+        }
+        let deployed = state.store.deploy(&spec).await?;
+        // Answered once this daemon runs the new version (its index hears of the deploy
+        // within moments), so an event published after the answer meets it here.
+        let live = live_within(&state, &tenant, &name, deployed.version).await;
+        Ok(Json(serde_json::json!({
+            "live": live,
+            "tenant": tenant,
+            "name": name,
+            "version": deployed.version,
+            "sha256": deployed.sha256,
+            "unchanged": deployed.unchanged_source,
+        })))
+    };
+    audited(&state, &caller, &tenant, "scripts.deploy", &name, work).await
+}
+
+/// How long a deploy waits for this daemon's index to hold the new version.
+const LIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether this daemon's index holds `version` (or a later one) of the script within
+/// [`LIVE_WAIT`].
+async fn live_within(state: &ApiState, tenant: &str, name: &str, version: Version) -> bool {
+    let deadline = tokio::time::Instant::now() + LIVE_WAIT;
+    loop {
+        let snapshot = state.index.snapshot();
+        if snapshot
+            .get(tenant, name)
+            .is_some_and(|s| s.version >= version)
+        {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Enables or disables a script.
+async fn switch(
+    state: ApiState,
+    caller: Caller,
+    tenant: String,
+    name: String,
+    enabled: bool,
+) -> ApiResult<Json<serde_json::Value>> {
+    let action = if enabled {
+        "scripts.enable"
+    } else {
+        "scripts.disable"
+    };
+    let work = async {
+        if !state.store.set_enabled(&tenant, &name, enabled).await? {
+            return Err(ApiError::NotFound(format!("no script {tenant}/{name}")));
+        }
+        Ok(Json(
+            serde_json::json!({ "tenant": tenant, "name": name, "enabled": enabled }),
+        ))
+    };
+    audited(&state, &caller, &tenant, action, &name, work).await
+}
+
+pub async fn enable(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    switch(state, caller, tenant, name, true).await
+}
+
+pub async fn disable(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    switch(state, caller, tenant, name, false).await
+}
+
+pub async fn delete(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let work = async {
+        if !state.store.delete_script(&tenant, &name).await? {
+            return Err(ApiError::NotFound(format!("no script {tenant}/{name}")));
+        }
+        Ok(Json(
+            serde_json::json!({ "tenant": tenant, "name": name, "deleted": true }),
+        ))
+    };
+    audited(&state, &caller, &tenant, "scripts.delete", &name, work).await
+}

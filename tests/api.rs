@@ -1,0 +1,429 @@
+//! The HTTP API against a real daemon, NATS and PostgreSQL: tokens made with the CLI,
+//! 401 / 403 / 404 as documented, a tenant's whole loop (deploy, publish, runs, dead
+//! letter, replay) over HTTP, the audit trail, and every operation of `/openapi.json`
+//! served and guarded.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::{RunningDaemon, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn start(env: &TestEnv) -> (RunningDaemon, Api) {
+        let mut settings = env.settings.clone();
+        settings.api.listen = "127.0.0.1:0".into();
+        let daemon = env.start_daemon_with(settings);
+        let deadline = std::time::Instant::now() + WAIT;
+        let address = loop {
+            if let Some(address) = daemon.stats.api_listening.get() {
+                break *address;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the API never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let api = Api {
+            base: format!("http://{address}"),
+            http: reqwest::Client::new(),
+        };
+        (daemon, api)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request.send().await.expect("the API answers");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+}
+
+/// A token made with `scriptd tokens create --json`.
+fn token(env: &TestEnv, args: &[&str]) -> (String, String) {
+    let out = env.cli_ok(&[&["tokens", "create", "--json"], args].concat());
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        shown["token"].as_str().unwrap().to_owned(),
+        shown["prefix"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_who_may_do_what() {
+    let env = TestEnv::new().await;
+    let (daemon, api) = Api::start(&env).await;
+    let (acme, acme_prefix) = token(&env, &["--tenant", "acme", "--label", "acme ci"]);
+    let (operator, _) = token(&env, &["--role", "operator"]);
+    let (revoked, revoked_prefix) = token(&env, &["--tenant", "acme"]);
+    env.cli_ok(&["tokens", "revoke", &revoked_prefix]);
+    let (expired, _) = env
+        .store
+        .create_token(
+            "acme",
+            scriptd::store::Role::Tenant,
+            "",
+            Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
+        )
+        .await
+        .unwrap();
+    let scripts = "/v1/tenants/acme/scripts";
+    let wrong_secret = format!("sd_{acme_prefix}_not-the-secret");
+    for (why, presented) in [
+        ("no token", None),
+        ("not a token", Some("hello")),
+        ("a wrong secret", Some(wrong_secret.as_str())),
+        ("a revoked token", Some(revoked.as_str())),
+        ("an expired token", Some(expired.as_str())),
+    ] {
+        let (status, body) = api.call(Method::GET, scripts, presented, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}: {body}");
+        assert_eq!(body["error"]["code"], "unauthenticated", "{why}");
+    }
+    assert_eq!(
+        api.call(Method::GET, scripts, Some(&acme), None).await.0,
+        StatusCode::OK
+    );
+    // Another tenant's resources: refused before anything is looked up, and a change is
+    // refused into the audit trail.
+    let (status, body) = api
+        .call(Method::GET, "/v1/tenants/globex/scripts", Some(&acme), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/globex/scripts/x",
+            Some(&acme),
+            Some(json!({ "source": "export default () => 1" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(env.store.script("globex", "x").await.unwrap().is_none());
+    let (status, trail) = api
+        .call(
+            Method::GET,
+            "/v1/tenants/globex/audit",
+            Some(&operator),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(trail["entries"][0]["actor"], acme_prefix.as_str());
+    assert_eq!(trail["entries"][0]["action"], "scripts.deploy");
+    assert_eq!(trail["entries"][0]["status"], 403);
+    // An operator acts for every tenant.
+    let (status, _) = api
+        .call(
+            Method::GET,
+            "/v1/tenants/globex/scripts",
+            Some(&operator),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Tokens are listed without their secret, and stored only as a hash.
+    let listed = String::from_utf8(env.cli_ok(&["tokens", "list", "--json"]).stdout).unwrap();
+    assert!(listed.contains(&acme_prefix));
+    assert!(!listed.contains(&acme[16..]), "a secret in the listing");
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
+    let env = TestEnv::new().await;
+    let (daemon, api) = Api::start(&env).await;
+    let (acme, _) = token(&env, &["--tenant", "acme"]);
+    let (globex, _) = token(&env, &["--tenant", "globex"]);
+    let acme = Some(acme.as_str());
+
+    // Deploy TypeScript; a syntax error is refused with its line and column.
+    let (status, deployed) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/double",
+            acme,
+            Some(json!({
+                "source": "export default (e: { data: { n: number } }): number => e.data.n * 2;",
+                "lang": "ts",
+                "on": ["number.*"],
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{deployed}");
+    assert_eq!(deployed["version"], 1);
+    assert_eq!(deployed["live"], true, "answered once the daemon runs it");
+    // Requests that are not what a route takes get the API's own JSON errors.
+    let (status, wrong) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/double",
+            acme,
+            Some(json!({ "sauce": "x" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}");
+    assert_eq!(wrong["error"]["code"], "bad_request");
+    let (status, wrong) = api
+        .call(Method::GET, "/v1/tenants/acme/runs/latest", acme, None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}");
+    assert_eq!(wrong["error"]["code"], "bad_request");
+    let (status, refused) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/double",
+            acme,
+            Some(json!({ "source": "export default (e: number) => e *;", "lang": "ts" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("1:"));
+    let (_, shown) = api
+        .call(
+            Method::GET,
+            "/v1/tenants/acme/scripts/double?source=true",
+            acme,
+            None,
+        )
+        .await;
+    assert_eq!(shown["language"], "typescript");
+    assert_eq!(shown["version"], 1, "the refused deploy made no version");
+
+    // Events in over HTTP, runs out, a page at a time.
+    for n in 1..=3 {
+        let (status, published) = api
+            .call(
+                Method::POST,
+                "/v1/tenants/acme/events",
+                acme,
+                Some(json!({ "type": "number.in", "data": { "n": n } })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{published}");
+    }
+    env.wait_for_runs(WAIT, |runs| runs.len() == 3).await;
+    let (_, page) = api
+        .call(Method::GET, "/v1/tenants/acme/runs?limit=2", acme, None)
+        .await;
+    assert_eq!(page["runs"].as_array().unwrap().len(), 2, "{page}");
+    let next = page["next"].as_i64().expect("a next page");
+    let (_, rest) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/acme/runs?limit=2&before={next}"),
+            acme,
+            None,
+        )
+        .await;
+    assert_eq!(rest["runs"].as_array().unwrap().len(), 1, "{rest}");
+    assert_eq!(rest["next"], Value::Null);
+    let id = page["runs"][0]["id"].as_i64().unwrap();
+    let (status, run) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/acme/runs/{id}"),
+            acme,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(run["status"], "ok");
+    assert!(run["result"].is_number(), "{run}");
+    // Globex cannot see it, not even under its own name: 404, as if it did not exist.
+    let (status, _) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/globex/runs/{id}"),
+            Some(&globex),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A dead letter, replayed over HTTP after a fix.
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/charge",
+            acme,
+            Some(json!({
+                "source": "export default () => { throw new Error('declined'); }",
+                "on": ["pay"],
+                "retry": { "max_attempts": 1 },
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    api.call(
+        Method::POST,
+        "/v1/tenants/acme/events",
+        acme,
+        Some(json!({ "type": "pay", "data": {} })),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let sequence = loop {
+        let (_, letters) = api
+            .call(Method::GET, "/v1/tenants/acme/dead-letters", acme, None)
+            .await;
+        if let Some(first) = letters["dead_letters"].as_array().and_then(|l| l.first()) {
+            break first["sequence"].as_u64().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter: {letters}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/v1/tenants/globex/dead-letters/{sequence}/replay"),
+            Some(&globex),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another tenant's letter");
+    api.call(
+        Method::PUT,
+        "/v1/tenants/acme/scripts/charge",
+        acme,
+        Some(json!({ "source": "export default () => 'charged'", "on": ["pay"] })),
+    )
+    .await;
+    let (status, replayed) = api
+        .call(
+            Method::POST,
+            &format!("/v1/tenants/acme/dead-letters/{sequence}/replay"),
+            acme,
+            Some(json!({ "version": "latest" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    env.wait_for_runs(WAIT, |runs| {
+        runs.iter()
+            .any(|r| r.script == "charge" && r.status == "ok")
+    })
+    .await;
+    let (_, letters) = api
+        .call(Method::GET, "/v1/tenants/acme/dead-letters", acme, None)
+        .await;
+    assert_eq!(letters["dead_letters"], json!([]));
+
+    // The audit trail holds every change, refused ones included.
+    let (_, trail) = api
+        .call(Method::GET, "/v1/tenants/acme/audit", acme, None)
+        .await;
+    let actions: Vec<(String, i64)> = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["status"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, i64)> = [
+        ("scripts.deploy", 200),
+        ("scripts.deploy", 422),
+        ("events.publish", 200),
+        ("events.publish", 200),
+        ("events.publish", 200),
+        ("scripts.deploy", 200),
+        ("events.publish", 200),
+        ("scripts.deploy", 200),
+        ("dead_letters.replay", 200),
+    ]
+    .iter()
+    .map(|(a, s)| (a.to_string(), *s))
+    .collect();
+    assert_eq!(actions, expected);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+/// Every operation the document lists is served and guarded: without a token it is 401
+/// (the fallback for unknown routes answers 404 without asking for one), and with an
+/// operator token it answers one of the statuses the document gives for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_operation_is_served_as_documented() {
+    let env = TestEnv::new().await;
+    let (daemon, api) = Api::start(&env).await;
+    let (operator, _) = token(&env, &["--role", "operator"]);
+    let (status, served) = api.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let document: Value = serde_json::from_str(scriptd::api::OPENAPI).unwrap();
+    assert_eq!(served, document);
+    assert_eq!(document["openapi"], "3.1.0");
+    let mut operations = 0;
+    for (path, item) in document["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{tenant}", "acme")
+            .replace("{name}", "nothing-here")
+            .replace("{id}", "1")
+            .replace("{sequence}", "1");
+        for (method, operation) in item.as_object().unwrap() {
+            operations += 1;
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let body = match operation["operationId"].as_str().unwrap() {
+                "deployScript" => Some(json!({ "source": "export default () => 1" })),
+                "publishEvent" => Some(json!({ "type": "t", "data": {} })),
+                "replayDeadLetter" => Some(json!({})),
+                _ => None,
+            };
+            let open = operation["security"] == json!([]);
+            let (status, answer) = api.call(method.clone(), &concrete, None, None).await;
+            if open {
+                assert_eq!(status, StatusCode::OK, "{method} {path}");
+                continue;
+            }
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path}: {answer}"
+            );
+            let (status, answer) = api
+                .call(method.clone(), &concrete, Some(&operator), body)
+                .await;
+            let documented = operation["responses"]
+                .as_object()
+                .unwrap()
+                .contains_key(status.as_str());
+            assert!(documented, "{method} {path} answered {status}: {answer}");
+        }
+    }
+    assert!(operations >= 13, "{operations} operations");
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
