@@ -13,6 +13,16 @@ use support::{RunningDaemon, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A daemon with the API on a free port and `settings` changed by `change`.
+async fn start_with(
+    env: &TestEnv,
+    change: impl FnOnce(&mut scriptd::config::Settings),
+) -> (RunningDaemon, Api) {
+    let mut settings = env.settings.clone();
+    change(&mut settings);
+    Api::start_settings(settings).await
+}
+
 struct Api {
     base: String,
     http: reqwest::Client,
@@ -20,9 +30,19 @@ struct Api {
 
 impl Api {
     async fn start(env: &TestEnv) -> (RunningDaemon, Api) {
-        let mut settings = env.settings.clone();
+        start_with(env, |_| {}).await
+    }
+
+    async fn start_settings(mut settings: scriptd::config::Settings) -> (RunningDaemon, Api) {
         settings.api.listen = "127.0.0.1:0".into();
-        let daemon = env.start_daemon_with(settings);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stats = scriptd::daemon::DaemonStats::default();
+        let task = tokio::spawn(scriptd::daemon::run_with_stats(
+            settings,
+            stop.clone(),
+            stats.clone(),
+        ));
+        let daemon = RunningDaemon { stop, task, stats };
         let deadline = std::time::Instant::now() + WAIT;
         let address = loop {
             if let Some(address) = daemon.stats.api_listening.get() {
@@ -400,6 +420,11 @@ async fn every_documented_operation_is_served_as_documented() {
                 "deployScript" => Some(json!({ "source": "export default () => 1" })),
                 "publishEvent" => Some(json!({ "type": "t", "data": {} })),
                 "replayDeadLetter" => Some(json!({})),
+                "rollbackScript" => Some(json!({ "version": 1 })),
+                "testScript" => Some(json!({ "data": {} })),
+                "validateSource" => Some(json!({ "source": "export default () => 1" })),
+                "putSecret" => Some(json!({ "value": "v" })),
+                "putFetchAllow" => Some(json!({ "hosts": [] })),
                 _ => None,
             };
             let open = operation["security"] == json!([]);
@@ -423,7 +448,157 @@ async fn every_documented_operation_is_served_as_documented() {
             assert!(documented, "{method} {path} answered {status}: {answer}");
         }
     }
-    assert!(operations >= 13, "{operations} operations");
+    assert!(operations >= 22, "{operations} operations");
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_trials_settings_and_schedules_over_http() {
+    let env = TestEnv::new().await;
+    let key = scriptd::caps::secrets::SecretBox::generate_key();
+    let (daemon, api) = start_with(&env, |s| s.capabilities.secrets.key = key.clone()).await;
+    let (acme, _) = token(&env, &["--tenant", "acme"]);
+    let (operator, _) = token(&env, &["--role", "operator"]);
+    let acme = Some(acme.as_str());
+    let deploy = |source: &str| json!({ "source": source, "on": ["x"], "cron": "0 0 3 * * *", "timezone": "Europe/Paris" });
+    let counter = "export default async (e, ctx) => { const n = (await ctx.kv.get('n')) ?? 0; \
+                   await ctx.kv.set('n', n + e.data.by); await ctx.publish('counted', { n }); \
+                   return { n: n + e.data.by, token: (await ctx.secrets.get('api')) === 's3cret' }; }";
+    for source in [counter, "export default () => 'v2'"] {
+        let (status, body) = api
+            .call(
+                Method::PUT,
+                "/v1/tenants/acme/scripts/count",
+                acme,
+                Some(deploy(source)),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (_, versions) = api
+        .call(
+            Method::GET,
+            "/v1/tenants/acme/scripts/count/versions",
+            acme,
+            None,
+        )
+        .await;
+    assert_eq!(
+        versions["versions"].as_array().unwrap().len(),
+        2,
+        "{versions}"
+    );
+    let (status, rolled) = api
+        .call(
+            Method::POST,
+            "/v1/tenants/acme/scripts/count/rollback",
+            acme,
+            Some(json!({ "version": 1 })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    assert_eq!(rolled["live"], true);
+
+    // Secrets: set by the tenant, listed by name, never returned.
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/secrets/api",
+            acme,
+            Some(json!({ "value": "s3cret" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    env.store.kv_set("acme", "n", "40", 1 << 20).await.unwrap();
+    // A test run reads what a run would and changes nothing.
+    let (status, tried) = api
+        .call(
+            Method::POST,
+            "/v1/tenants/acme/scripts/count/test",
+            acme,
+            Some(json!({ "type": "x", "data": { "by": 2 } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{tried}");
+    assert_eq!(
+        tried["run"]["result"],
+        json!({ "n": 42, "token": true }),
+        "{tried}"
+    );
+    assert_eq!(tried["would"]["kv_writes"], json!({ "n": 42 }));
+    assert_eq!(tried["would"]["published"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        env.store.kv_get("acme", "n").await.unwrap().as_deref(),
+        Some("40")
+    );
+    assert!(env.runs().await.is_empty(), "a test run is not recorded");
+    // Validation without storing: a TypeScript syntax error at its line and column.
+    let (_, checked) = api
+        .call(
+            Method::POST,
+            "/v1/tenants/acme/validate",
+            acme,
+            Some(json!({ "source": "const a: number = 1;\nexport default () => a +;", "lang": "ts" })),
+        )
+        .await;
+    assert_eq!(checked["ok"], false);
+    assert_eq!(
+        (checked["line"].as_i64(), checked["kind"].as_str()),
+        (Some(2), Some("syntax"))
+    );
+
+    // Settings: the allow list is an operator's to change.
+    let hosts = json!({ "hosts": ["api.example.com"] });
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/fetch-allow",
+            acme,
+            Some(hosts.clone()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/fetch-allow",
+            Some(&operator),
+            Some(hosts),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, settings) = api
+        .call(Method::GET, "/v1/tenants/acme/settings", acme, None)
+        .await;
+    assert_eq!(settings["fetch_allow"], json!(["api.example.com"]));
+    assert_eq!(settings["secrets"][0]["name"], "api");
+    assert!(!settings.to_string().contains("s3cret"), "{settings}");
+
+    // Schedules with their next occurrences, at 03:00 in Paris.
+    let (_, schedules) = api
+        .call(Method::GET, "/v1/tenants/acme/schedules?next=3", acme, None)
+        .await;
+    let next = schedules["schedules"][0]["next"].as_array().unwrap();
+    assert_eq!(next.len(), 3, "{schedules}");
+    for at in next {
+        let at: chrono::DateTime<chrono::Utc> = at.as_str().unwrap().parse().unwrap();
+        let paris = at.with_timezone(&chrono_tz::Europe::Paris);
+        assert_eq!(paris.format("%H:%M:%S").to_string(), "03:00:00", "{at}");
+    }
+    let (_, trail) = api
+        .call(Method::GET, "/v1/tenants/acme/audit", acme, None)
+        .await;
+    let actions: Vec<&str> = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in ["scripts.rollback", "secrets.set", "tenants.fetch_allow"] {
+        assert!(actions.contains(&action), "{action} missing: {actions:?}");
+    }
+    assert!(!trail.to_string().contains("s3cret"));
     daemon.shutdown().await;
     env.cleanup().await;
 }

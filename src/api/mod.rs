@@ -6,6 +6,7 @@
 mod events;
 mod runs;
 mod scripts;
+mod tenants;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::pipeline::dry_run::DryRun;
 use crate::store::{AuditEntry, Principal, Rejected, Store};
 
 /// The OpenAPI 3.1 document of what is served.
@@ -36,6 +38,39 @@ pub struct ApiState {
     pub settings: Arc<Settings>,
     /// This daemon's script index: a deploy answers once it runs the new version.
     pub index: Arc<crate::scripts::index::ScriptIndex>,
+    /// The engine of test runs, with a dry run's script API; started at the first.
+    pub trial: Arc<tokio::sync::OnceCell<Trial>>,
+}
+
+/// An engine host of its own for test runs, whose script API changes nothing.
+pub struct Trial {
+    pub engine: Engine,
+    pub caps: DryRun,
+    /// Test runs take turns: what each would have done is collected per run.
+    pub turn: tokio::sync::Mutex<()>,
+}
+
+impl ApiState {
+    /// The test-run engine, started on first use.
+    pub async fn trial(&self) -> ApiResult<&Trial> {
+        self.trial
+            .get_or_try_init(|| async {
+                let settings = &self.settings;
+                let caps = DryRun::new(
+                    &settings.capabilities,
+                    &settings.nats.events_prefix,
+                    self.store.clone(),
+                )?;
+                let engine = Engine::for_command(&settings.engine, Arc::new(caps.clone())).await?;
+                Ok::<_, anyhow::Error>(Trial {
+                    engine,
+                    caps,
+                    turn: Default::default(),
+                })
+            })
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the test-run engine did not start: {e:#}")))
+    }
 }
 
 /// Every route, as the OpenAPI document lists it (tests compare the two).
@@ -57,6 +92,29 @@ pub fn router(state: ApiState) -> Router {
             "/v1/tenants/{tenant}/scripts/{name}/disable",
             post(scripts::disable),
         )
+        .route(
+            "/v1/tenants/{tenant}/scripts/{name}/versions",
+            get(scripts::versions),
+        )
+        .route(
+            "/v1/tenants/{tenant}/scripts/{name}/rollback",
+            post(scripts::rollback),
+        )
+        .route(
+            "/v1/tenants/{tenant}/scripts/{name}/test",
+            post(scripts::test),
+        )
+        .route("/v1/tenants/{tenant}/validate", post(scripts::validate))
+        .route("/v1/tenants/{tenant}/settings", get(tenants::show))
+        .route(
+            "/v1/tenants/{tenant}/secrets/{name}",
+            axum::routing::put(tenants::put_secret).delete(tenants::delete_secret),
+        )
+        .route(
+            "/v1/tenants/{tenant}/fetch-allow",
+            axum::routing::put(tenants::put_fetch_allow),
+        )
+        .route("/v1/tenants/{tenant}/schedules", get(tenants::schedules))
         .route("/v1/tenants/{tenant}/runs", get(runs::list))
         .route("/v1/tenants/{tenant}/runs/{id}", get(runs::show))
         .route("/v1/tenants/{tenant}/events", post(events::publish))

@@ -1,5 +1,6 @@
 //! `/v1/tenants/{tenant}/scripts`: list, show, deploy (checked in an isolate first, as
-//! `scripts deploy` does), enable, disable, delete.
+//! `scripts deploy` does), enable, disable, delete, versions, rollback, test runs; and
+//! validating a source without storing it.
 
 use axum::extract::State;
 use axum::Json;
@@ -217,4 +218,175 @@ pub async fn delete(
         ))
     };
     audited(&state, &caller, &tenant, "scripts.delete", &name, work).await
+}
+
+pub async fn versions(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    let versions = state.store.versions(&tenant, &name).await?;
+    if versions.is_empty() {
+        return Err(ApiError::NotFound(format!("no script {tenant}/{name}")));
+    }
+    Ok(Json(serde_json::json!({ "versions": versions })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    version: Version,
+}
+
+pub async fn rollback(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+    Body(body): Body<RollbackBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let target = format!("{name} v{}", body.version);
+    let work = async {
+        if !state.store.rollback(&tenant, &name, body.version).await? {
+            return Err(ApiError::NotFound(format!(
+                "no version {} of script {tenant}/{name}",
+                body.version
+            )));
+        }
+        let live = live_within(&state, &tenant, &name, body.version).await;
+        Ok(Json(serde_json::json!({
+            "tenant": tenant, "name": name, "version": body.version, "live": live,
+        })))
+    };
+    audited(&state, &caller, &tenant, "scripts.rollback", &target, work).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceBody {
+    source: String,
+    #[serde(default)]
+    lang: Lang,
+}
+
+/// Compiles and loads a source without storing it: `{"ok": true}`, or where it fails.
+pub async fn validate(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route(tenant): Route<String>,
+    Body(body): Body<SourceBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    let compiled = match compile(body.source, body.lang) {
+        Ok(compiled) => compiled,
+        Err(e) => {
+            return Ok(Json(serde_json::json!({
+                "ok": false,
+                "kind": "syntax",
+                "line": e.line,
+                "column": e.column,
+                "message": e.message,
+            })))
+        }
+    };
+    let spec = ScriptSpec {
+        tenant: tenant.clone(),
+        name: "script".into(),
+        source: compiled.javascript,
+        typescript: compiled.typescript,
+        ..Default::default()
+    };
+    Ok(Json(
+        match state
+            .engine
+            .validate(draft_run(&spec, &state.settings.engine.limits))
+            .await
+        {
+            Ok(()) => serde_json::json!({ "ok": true }),
+            Err(f) => serde_json::json!({
+                "ok": false,
+                "kind": f.kind,
+                "message": f.message,
+                "stack": f.stack,
+            }),
+        },
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestBody {
+    /// The payload of the test event.
+    #[serde(default)]
+    data: serde_json::Value,
+    /// Its tenant-relative type.
+    #[serde(rename = "type", default = "test_type")]
+    event_type: String,
+    /// A source to try instead of the script's current version.
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    lang: Lang,
+}
+
+fn test_type() -> String {
+    "test".into()
+}
+
+/// Runs the script (its current version, or a source given) once on a test event, as a
+/// dry run: it reads the tenant's key-value data and secrets; nothing is published,
+/// stored, fetched or recorded, and what would have been is reported.
+pub async fn test(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name)): Route<(String, String)>,
+    Body(body): Body<TestBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    crate::subject::validate_event_type(&body.event_type)
+        .map_err(|e| ApiError::Refused(e.to_string()))?;
+    let (source, limits) = match body.source {
+        Some(source) => {
+            let compiled = compile(source, body.lang).map_err(|e| {
+                ApiError::Refused(format!(
+                    "syntax error at {}:{}: {}",
+                    e.line, e.column, e.message
+                ))
+            })?;
+            (compiled.javascript, state.settings.engine.limits)
+        }
+        None => {
+            let row = state
+                .store
+                .script(&tenant, &name)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("no script {tenant}/{name}")))?;
+            (
+                row.spec.source.clone(),
+                state.settings.engine.limits.with(&row.limits),
+            )
+        }
+    };
+    let event = crate::scripts::manifest::test_event(
+        &state.settings.nats.events_prefix,
+        &tenant,
+        &body.event_type,
+        body.data,
+    );
+    let run = crate::engine::ScriptRun::new(
+        &tenant,
+        &name,
+        Version::FIRST,
+        std::sync::Arc::<str>::from(source),
+        &event,
+        limits,
+    );
+    let trial = state.trial().await?;
+    // One test run at a time: what it would have done is collected per run.
+    let _turn = trial.turn.lock().await;
+    let result = trial.engine.run(run).await;
+    Ok(Json(serde_json::json!({
+        "run": result,
+        "would": trial.caps.take(),
+    })))
 }

@@ -15,7 +15,7 @@ use crate::caps::net::HostRule;
 use crate::config::Settings;
 use crate::engine::{Engine, ScriptRun, ENGINE_NAME};
 use crate::retry::RetryOverrides;
-use crate::scripts::manifest::{draft_run, validate_spec, Manifest};
+use crate::scripts::manifest::{self, draft_run, validate_spec, Manifest};
 use crate::scripts::typescript::{self, Lang};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
 use crate::subject;
@@ -246,16 +246,12 @@ fn test_event(settings: &Settings, args: &TestArgs) -> anyhow::Result<serde_json
         None => serde_json::json!({}),
     };
     subject::validate_event_type(&args.event_type)?;
-    Ok(serde_json::json!({
-        "id": format!("test-{:016x}", rand::random::<u64>()),
-        "subject": format!("{}.{}.{}", settings.nats.events_prefix, args.tenant, args.event_type),
-        "type": args.event_type,
-        "tenant": args.tenant,
-        "data": data,
-        "encoding": "json",
-        "headers": {},
-        "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    }))
+    Ok(manifest::test_event(
+        &settings.nats.events_prefix,
+        &args.tenant,
+        &args.event_type,
+        data,
+    ))
 }
 
 pub async fn test(settings: &Settings, args: TestArgs) -> anyhow::Result<ExitCode> {

@@ -13,9 +13,10 @@ use crate::caps::fetch::Fetcher;
 use crate::caps::net::HostRule;
 use crate::caps::secrets::SecretBox;
 use crate::caps::{
-    Call, CapError, CapErrorKind, CapResult, Capabilities, CapabilitiesConfig, FetchRequest,
-    FetchResponse, KvOp, KvReply, Publish, DEPTH_HEADER,
+    Call, CapError, CapResult, Capabilities, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp,
+    KvReply, Publish, DEPTH_HEADER,
 };
+use crate::pipeline::script_api::{open_secret, service_error};
 use crate::store::{KvWrite, Store};
 
 struct Inner {
@@ -66,15 +67,6 @@ impl Live {
                 .unwrap_or_else(|e| Err(CapError::failed(format!("the call failed: {e}"))))
         })
     }
-}
-
-/// A service failure as the script sees it; the detail goes to the daemon's log.
-fn service_error(what: &str, call: &Call, error: impl Into<anyhow::Error>) -> CapError {
-    let error = error.into();
-    tracing::warn!(tenant = %call.tenant, script = %call.script, job = %call.job, error = %format!("{error:#}"), "{what} failed.");
-    CapError::failed(format!(
-        "{what} failed: the service is unavailable, try again later"
-    ))
 }
 
 impl Capabilities for Live {
@@ -167,37 +159,5 @@ impl Capabilities for Live {
         self.spawn(move |inner| async move {
             open_secret(&inner.store, inner.secrets.as_ref(), &call, &name).await
         })
-    }
-}
-
-/// `ctx.secrets.get` as the daemon (and a dry run) answers it: the tenant's sealed value,
-/// opened with the daemon's key.
-pub(super) async fn open_secret(
-    store: &Store,
-    secrets: Option<&SecretBox>,
-    call: &Call,
-    name: &str,
-) -> CapResult<Option<String>> {
-    let Some(secret_box) = secrets else {
-        return Err(CapError::new(
-            CapErrorKind::Unavailable,
-            "ctx.secrets: no secrets key is configured on this daemon",
-        ));
-    };
-    let sealed = store
-        .secret_get(&call.tenant, name)
-        .await
-        .map_err(|e| service_error("ctx.secrets.get", call, e))?;
-    match sealed {
-        None => Ok(None),
-        // Not the service's fault: trying again would not help, and the script (and its
-        // tenant) should learn what is wrong.
-        Some(sealed) => secret_box
-            .open(&call.tenant, name, &sealed)
-            .map(Some)
-            .map_err(|e| {
-                tracing::warn!(tenant = %call.tenant, script = %call.script, job = %call.job, error = %format!("{e:#}"), "A secret could not be opened.");
-                CapError::failed(format!("ctx.secrets.get: {e:#}"))
-            }),
     }
 }

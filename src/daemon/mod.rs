@@ -3,7 +3,6 @@
 //! flight finish within the grace period, hand back what remains, flush records.
 
 mod caps;
-pub mod dry_run;
 pub mod readings;
 pub mod supervisor;
 
@@ -189,6 +188,7 @@ impl Daemon {
                 engine: daemon.engine.clone(),
                 settings: Arc::new(settings.clone()),
                 index: wiring.index.clone(),
+                trial: Default::default(),
             };
             let bound =
                 crate::api::serve(&settings.api.listen, state, wiring.shutdown.clone()).await?;

@@ -101,6 +101,26 @@ pub fn draft_run(spec: &ScriptSpec, defaults: &crate::engine::Limits) -> crate::
     )
 }
 
+/// The event a test run of `tenant`'s script gets around `data`, made as the daemon makes
+/// one from a message on `<events_prefix>.<tenant>.<event_type>`.
+pub fn test_event(
+    events_prefix: &str,
+    tenant: &str,
+    event_type: &str,
+    data: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("test-{:016x}", rand::random::<u64>()),
+        "subject": format!("{events_prefix}.{tenant}.{event_type}"),
+        "type": event_type,
+        "tenant": tenant,
+        "data": data,
+        "encoding": "json",
+        "headers": {},
+        "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
 /// Checks names and patterns of a deploy before anything is compiled or stored.
 pub fn validate_spec(spec: &ScriptSpec) -> anyhow::Result<()> {
     subject::validate_name("tenant", &spec.tenant)?;

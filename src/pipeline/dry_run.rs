@@ -1,5 +1,5 @@
-//! The script API of a dry run (`dlq replay --dry-run`): reads what the daemon would read,
-//! changes nothing. Key-value reads see the tenant's stored data under the run's own
+//! The script API of a dry run (`dlq replay --dry-run`, the API's test runs): reads what
+//! the daemon would read, changes nothing. Key-value reads see the tenant's stored data under the run's own
 //! writes, which stay in memory; secrets open as in the daemon; publishes are recorded,
 //! not sent; fetches are refused (a request cannot be taken back) and recorded.
 
@@ -10,7 +10,6 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::runtime::Handle;
 
-use super::caps::open_secret;
 use crate::caps::local::Published;
 use crate::caps::secrets::SecretBox;
 use crate::caps::{
@@ -18,6 +17,8 @@ use crate::caps::{
     FetchResponse, KvOp, KvReply, Publish,
 };
 use crate::store::Store;
+
+use super::script_api::open_secret;
 
 /// What a dry run's script would have done.
 #[derive(Debug, Default, Serialize)]
