@@ -339,6 +339,19 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         Some(json!({ "source": "export default () => 'charged'", "on": ["pay"] })),
     )
     .await;
+    let (status, tried) = api
+        .call(
+            Method::POST,
+            &format!("/v1/tenants/acme/dead-letters/{sequence}/replay"),
+            acme,
+            Some(json!({ "dry_run": true })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{tried}");
+    assert_eq!(
+        (tried["outcome"].as_str(), tried["version"].as_i64()),
+        (Some("ok"), Some(2))
+    );
     let (status, replayed) = api
         .call(
             Method::POST,
@@ -357,6 +370,46 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         .call(Method::GET, "/v1/tenants/acme/dead-letters", acme, None)
         .await;
     assert_eq!(letters["dead_letters"], json!([]));
+
+    // A purge counts first and deletes only when confirmed.
+    api.call(
+        Method::PUT,
+        "/v1/tenants/acme/scripts/charge",
+        acme,
+        Some(json!({ "source": "export default () => { throw new Error('no'); }", "on": ["pay"], "retry": { "max_attempts": 1 } })),
+    )
+    .await;
+    api.call(
+        Method::POST,
+        "/v1/tenants/acme/events",
+        acme,
+        Some(json!({ "type": "pay", "data": {} })),
+    )
+    .await;
+    env.wait_for_runs(WAIT, |runs| {
+        runs.iter()
+            .any(|r| r.status == "dead_lettered" && r.version == Some(3))
+    })
+    .await;
+    let purge = |confirm: bool| json!({ "script": "charge", "confirm": confirm });
+    let (_, counted) = api
+        .call(
+            Method::POST,
+            "/v1/tenants/acme/dead-letters/purge",
+            acme,
+            Some(purge(false)),
+        )
+        .await;
+    assert_eq!(counted, json!({ "matching": 1, "deleted": 0 }));
+    let (_, purged) = api
+        .call(
+            Method::POST,
+            "/v1/tenants/acme/dead-letters/purge",
+            acme,
+            Some(purge(true)),
+        )
+        .await;
+    assert_eq!(purged, json!({ "matching": 1, "deleted": 1 }));
 
     // The audit trail holds every change, refused ones included.
     let (_, trail) = api
@@ -383,7 +436,12 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         ("scripts.deploy", 200),
         ("events.publish", 200),
         ("scripts.deploy", 200),
+        ("dead_letters.replay_dry_run", 200),
         ("dead_letters.replay", 200),
+        ("scripts.deploy", 200),
+        ("events.publish", 200),
+        ("dead_letters.purge", 200),
+        ("dead_letters.purge", 200),
     ]
     .iter()
     .map(|(a, s)| (a.to_string(), *s))
@@ -425,6 +483,7 @@ async fn every_documented_operation_is_served_as_documented() {
                 "validateSource" => Some(json!({ "source": "export default () => 1" })),
                 "putSecret" => Some(json!({ "value": "v" })),
                 "putFetchAllow" => Some(json!({ "hosts": [] })),
+                "purgeDeadLetters" => Some(json!({})),
                 _ => None,
             };
             let open = operation["security"] == json!([]);
@@ -448,7 +507,7 @@ async fn every_documented_operation_is_served_as_documented() {
             assert!(documented, "{method} {path} answered {status}: {answer}");
         }
     }
-    assert!(operations >= 22, "{operations} operations");
+    assert!(operations >= 23, "{operations} operations");
     daemon.shutdown().await;
     env.cleanup().await;
 }

@@ -9,6 +9,8 @@ use serde::Deserialize;
 use super::{audited, ApiError, ApiResult, ApiState, Body, Caller, Params, Route};
 use crate::bus::dlq::{self, LetterFilter};
 use crate::bus::replay::{self, VersionChoice};
+use crate::pipeline::attempt::Defaults;
+use crate::pipeline::dry_run;
 use crate::subject;
 
 #[derive(Deserialize)]
@@ -113,6 +115,10 @@ pub struct ReplayBody {
     /// `latest` (default), `pinned` or a version number.
     #[serde(default)]
     version: Option<String>,
+    /// Run the replay's first attempt as a dry run and say how it ends; nothing is
+    /// queued and the dead letter stays.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 pub async fn replay(
@@ -144,6 +150,19 @@ pub async fn replay(
         }
         let (job, headers) =
             replay::replay_job(&stored, choice).map_err(|e| ApiError::Refused(e.to_string()))?;
+        if body.dry_run {
+            let trial = state.trial().await?;
+            let _turn = trial.turn.lock().await;
+            let defaults = Defaults {
+                limits: state.settings.engine.limits,
+                retry: state.settings.retry,
+            };
+            let outcome =
+                dry_run::replay(&state.store, &trial.engine, &trial.caps, &defaults, &job)
+                    .await
+                    .map_err(|e| ApiError::Unavailable(format!("{e:#}")))?;
+            return Ok(Json(outcome));
+        }
         let job_sequence = replay::publish(&state.js, &state.settings.nats, &job, headers)
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
@@ -158,12 +177,76 @@ pub async fn replay(
             "job_sequence": job_sequence,
         })))
     };
+    let action = if body.dry_run {
+        "dead_letters.replay_dry_run"
+    } else {
+        "dead_letters.replay"
+    };
     audited(
         &state,
         &caller,
         &tenant,
-        "dead_letters.replay",
+        action,
         &sequence.to_string(),
+        work,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeBody {
+    script: Option<String>,
+    kind: Option<String>,
+    /// Must be true: without it, only the count of what would be deleted is answered.
+    #[serde(default)]
+    confirm: bool,
+}
+
+/// Deletes the tenant's dead letters matching the filter (all of them with none), once
+/// confirmed; unconfirmed, says how many would go.
+pub async fn purge(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route(tenant): Route<String>,
+    Body(body): Body<PurgeBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let target = format!(
+        "script={} kind={}",
+        body.script.as_deref().unwrap_or("*"),
+        body.kind.as_deref().unwrap_or("*")
+    );
+    let work = async {
+        let mut stream = letters_stream(&state).await?;
+        let filter = LetterFilter {
+            tenant: Some(tenant.clone()),
+            script: body.script,
+            kind: body.kind,
+            since: None,
+        };
+        let letters = dlq::list(&mut stream, &filter, usize::MAX)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        if !body.confirm {
+            return Ok(Json(
+                serde_json::json!({ "matching": letters.len(), "deleted": 0 }),
+            ));
+        }
+        for letter in &letters {
+            stream.delete_message(letter.sequence).await.map_err(|e| {
+                ApiError::Unavailable(format!("deleting dead letter {}: {e}", letter.sequence))
+            })?;
+        }
+        Ok(Json(
+            serde_json::json!({ "matching": letters.len(), "deleted": letters.len() }),
+        ))
+    };
+    audited(
+        &state,
+        &caller,
+        &tenant,
+        "dead_letters.purge",
+        &target,
         work,
     )
     .await

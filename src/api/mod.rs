@@ -126,6 +126,10 @@ pub fn router(state: ApiState) -> Router {
             "/v1/tenants/{tenant}/dead-letters/{sequence}/replay",
             post(events::replay),
         )
+        .route(
+            "/v1/tenants/{tenant}/dead-letters/purge",
+            post(events::purge),
+        )
         .route("/v1/tenants/{tenant}/audit", get(runs::audit))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(state)

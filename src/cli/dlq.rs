@@ -13,10 +13,9 @@ use crate::bus::dlq::{self, LetterFilter};
 use crate::bus::replay::{self, VersionChoice};
 use crate::config::Settings;
 use crate::engine::Engine;
-use crate::pipeline::attempt::{self, Attempt, Defaults, Outcome};
-use crate::pipeline::dry_run::DryRun;
+use crate::pipeline::attempt::Defaults;
+use crate::pipeline::dry_run::{self, DryRun};
 use crate::pipeline::job::Job;
-use crate::scripts::index::Snapshot;
 use crate::store::{RunFilter, Store};
 use crate::units::parse_duration;
 
@@ -290,7 +289,13 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
         }
         let (job, headers) = replay::replay_job(&stored, args.version)?;
         let outcome = match &dry {
-            Some((engine, caps)) => dry_run(&store, engine, caps, settings, &job).await?,
+            Some((engine, caps)) => {
+                let defaults = Defaults {
+                    limits: settings.engine.limits,
+                    retry: settings.retry,
+                };
+                dry_run::replay(&store, engine, caps, &defaults, &job).await?
+            }
             None => {
                 let seq = replay::publish(&js, &settings.nats, &job, headers).await?;
                 stream
@@ -375,56 +380,6 @@ fn describe(sequence: u64, job: &Job, outcome: &serde_json::Value) -> String {
         format!(" ({})", effects.join(", "))
     };
     format!("dead letter {sequence}: dry run of {script} v{version}: {what} in {took:.1} ms; nothing was published, stored, fetched or recorded{effects}")
-}
-
-/// Plans and runs the replay's first attempt as the daemon would, with a script API that
-/// reads and changes nothing, and decides its outcome; nothing is published, stored,
-/// fetched or recorded, and what would have been is reported.
-async fn dry_run(
-    store: &Store,
-    engine: &Engine,
-    caps: &DryRun,
-    settings: &Settings,
-    job: &Job,
-) -> anyhow::Result<serde_json::Value> {
-    let current = Snapshot::from_rows(
-        store
-            .script(&job.tenant, &job.script)
-            .await?
-            .into_iter()
-            .collect(),
-    );
-    let defaults = Defaults {
-        limits: settings.engine.limits,
-        retry: settings.retry,
-    };
-    let plan =
-        match attempt::plan(job, current.get(&job.tenant, &job.script), store, &defaults).await? {
-            Ok(plan) => plan,
-            Err(reason) => {
-                return Ok(serde_json::json!({
-                    "dry_run": true,
-                    "outcome": Outcome::Skipped(reason).status(),
-                    "reason": reason,
-                    "message": reason.message(),
-                }))
-            }
-        };
-    let attempt = Attempt {
-        job,
-        number: 1,
-        first_at: chrono::Utc::now(),
-        headers: None,
-    };
-    let result = engine.run(plan.run(&attempt, None)).await;
-    let outcome = plan.decide(&result, attempt.number);
-    Ok(serde_json::json!({
-        "dry_run": true,
-        "version": plan.version,
-        "outcome": outcome.status(),
-        "run": result,
-        "would": caps.take(),
-    }))
 }
 
 pub async fn purge(settings: &Settings, args: PurgeArgs) -> anyhow::Result<ExitCode> {

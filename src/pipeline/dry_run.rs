@@ -18,7 +18,11 @@ use crate::caps::{
 };
 use crate::store::Store;
 
+use super::attempt::{self, Attempt, Defaults, Outcome};
+use super::job::Job;
 use super::script_api::open_secret;
+use crate::engine::Engine;
+use crate::scripts::index::Snapshot;
 
 /// What a dry run's script would have done.
 #[derive(Debug, Default, Serialize)]
@@ -199,4 +203,50 @@ impl Capabilities for DryRun {
             open_secret(&inner.store, inner.secrets.as_ref(), &call, &name).await
         })
     }
+}
+
+/// Plans and runs the replay's first attempt as the daemon would, with a script API that
+/// reads and changes nothing, and decides its outcome; nothing is published, stored,
+/// fetched or recorded, and what would have been is reported.
+pub async fn replay(
+    store: &Store,
+    engine: &Engine,
+    caps: &DryRun,
+    defaults: &Defaults,
+    job: &Job,
+) -> anyhow::Result<serde_json::Value> {
+    let current = Snapshot::from_rows(
+        store
+            .script(&job.tenant, &job.script)
+            .await?
+            .into_iter()
+            .collect(),
+    );
+    let plan =
+        match attempt::plan(job, current.get(&job.tenant, &job.script), store, defaults).await? {
+            Ok(plan) => plan,
+            Err(reason) => {
+                return Ok(serde_json::json!({
+                    "dry_run": true,
+                    "outcome": Outcome::Skipped(reason).status(),
+                    "reason": reason,
+                    "message": reason.message(),
+                }))
+            }
+        };
+    let attempt = Attempt {
+        job,
+        number: 1,
+        first_at: chrono::Utc::now(),
+        headers: None,
+    };
+    let result = engine.run(plan.run(&attempt, None)).await;
+    let outcome = plan.decide(&result, attempt.number);
+    Ok(serde_json::json!({
+        "dry_run": true,
+        "version": plan.version,
+        "outcome": outcome.status(),
+        "run": result,
+        "would": caps.take(),
+    }))
 }
