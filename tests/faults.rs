@@ -102,6 +102,28 @@ async fn running_on(env: &TestEnv, pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) with plain integers, to a child this test started.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "signal {signal} to {pid}");
+}
+
+/// Statements running now in sessions named `application` (`pg_stat_activity`).
+async fn statements_of(env: &TestEnv, application: &str) -> i64 {
+    let client = scriptd::store::connect_direct(&env.settings.database.url)
+        .await
+        .unwrap();
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'",
+            &[&application],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A job's event sequence, from its id (`ev-<stream>-<sequence>-<script id>`).
 fn event_sequence(job_id: &str) -> u64 {
     job_id
@@ -143,7 +165,14 @@ async fn publish_load(env: &TestEnv) {
 async fn three_replicas_lose_nothing_when_one_is_killed_mid_load() {
     let env = TestEnv::new().await;
     deploy_counter(&env).await;
-    let mut replicas: Vec<Child> = (0..3).map(|_| replica(&env)).collect();
+    // The victim's database sessions carry a name of their own, so the test can tell
+    // when none of its statements is still running.
+    let victim_url = format!("{}?application_name=victim", env.settings.database.url);
+    let mut replicas: Vec<Child> = vec![
+        replica_with(&env, &[("SCRIPTD_DATABASE__URL", &victim_url)]),
+        replica(&env),
+        replica(&env),
+    ];
     let started = Instant::now();
     let publishing = {
         let env = &env;
@@ -153,14 +182,32 @@ async fn three_replicas_lose_nothing_when_one_is_killed_mid_load() {
     let killing = async {
         wait_for_ok_jobs(&env, (EVENTS / 5) as i64).await;
         // Killed while it holds attempts, so the kill strands work rather than an idle
-        // process; what it held when it died is read after the kill.
-        env.wait_until(WAIT, "the replica to hold running attempts", || async {
-            !running_on(&env, victim).await.is_empty()
-        })
-        .await;
-        replicas[0].0.kill().expect("SIGKILL");
-        replicas[0].0.wait().unwrap();
-        running_on(&env, victim).await
+        // process. It is frozen first (SIGSTOP) and, once none of its statements is still
+        // running in PostgreSQL, what it holds can no longer change: counted, then killed.
+        // Holding nothing at that moment, it is thawed and frozen again later.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            signal(victim, libc::SIGSTOP);
+            env.wait_until(WAIT, "the frozen replica's statements to end", || async {
+                statements_of(&env, "victim").await == 0
+            })
+            .await;
+            let held = running_on(&env, victim).await;
+            if !held.is_empty() {
+                replicas[0].0.kill().expect("SIGKILL");
+                replicas[0].0.wait().unwrap();
+                break held;
+            }
+            signal(victim, libc::SIGCONT);
+            assert!(
+                Instant::now() < deadline,
+                "the replica never held an attempt when frozen"
+            );
+            env.wait_until(WAIT, "the replica to hold running attempts", || async {
+                !running_on(&env, victim).await.is_empty()
+            })
+            .await;
+        }
     };
     let ((), stranded) = tokio::join!(publishing, killing);
     assert!(!stranded.is_empty(), "the killed replica held no attempts");
@@ -340,7 +387,13 @@ impl Logged {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_record_every_run_after_a_database_outage_mid_load() {
     const N: usize = 3000;
-    const FAILED: &str = "Writing run records failed.";
+    // What replicas log when a write of theirs to PostgreSQL fails: run records, and the
+    // attempt claims taken before a run (fan-out and job lanes).
+    const FAILED: [&str; 3] = [
+        "Writing run records failed.",
+        "Cannot claim the job's attempt",
+        "cannot claim the first attempt",
+    ];
     let env = TestEnv::new().await;
     deploy_counter(&env).await;
     let relay = support::Relay::start("127.0.0.1:5432").await;
@@ -352,14 +405,19 @@ async fn replicas_record_every_run_after_a_database_outage_mid_load() {
     let replicas: Vec<Logged> = (0..3)
         .map(|_| Logged::start(&env, &[("SCRIPTD_DATABASE__URL", &database)]))
         .collect();
-    let failed = || replicas.iter().map(|r| r.count(FAILED)).sum::<usize>();
+    let failed = || {
+        replicas
+            .iter()
+            .map(|r| FAILED.iter().map(|f| r.count(f)).sum::<usize>())
+            .sum::<usize>()
+    };
     let publishing = publish_retrying(&env, 0..N);
     let outage = async {
         wait_for_ok_jobs(&env, (N / 5) as i64).await;
         relay.cut();
-        // The cut is held until replicas have tried to record runs and failed: the outage
-        // hit work in flight, not idle pools.
-        env.wait_until(WAIT, "a replica to fail writing run records", || async {
+        // The cut is held until replicas have tried to write claims or records and failed:
+        // the outage hit work in flight, not idle pools.
+        env.wait_until(WAIT, "a replica to fail writing to PostgreSQL", || async {
             failed() > 0
         })
         .await;
@@ -371,8 +429,8 @@ async fn replicas_record_every_run_after_a_database_outage_mid_load() {
     let ((), ok_at_restore) = tokio::join!(publishing, outage);
     let (ok, runs) = wait_for_ok_jobs(&env, N as i64).await;
     println!(
-        "{N} events, PostgreSQL cut mid-load: {} record batches failed, {ok_at_restore} jobs ok \
-         when it came back, then {ok} jobs ok, {runs} run records",
+        "{N} events, PostgreSQL cut mid-load: {} claim or record writes failed, {ok_at_restore} \
+         jobs ok when it came back, then {ok} jobs ok, {runs} run records",
         failed()
     );
     assert!(ok_at_restore < N as i64, "the outage came after the work");
