@@ -168,6 +168,25 @@ async fn tokens_decide_who_may_do_what() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    // What the command line did is in the trail too, by login name.
+    let (_, trail) = api
+        .call(Method::GET, "/v1/tenants/acme/audit", Some(&operator), None)
+        .await;
+    let by_cli: Vec<(&str, &str)> = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["role"] == "cli")
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    assert!(
+        by_cli.contains(&("tokens.revoke", revoked_prefix.as_str())),
+        "{by_cli:?}"
+    );
+    assert!(
+        by_cli.contains(&("tokens.create", acme_prefix.as_str())),
+        "{by_cli:?}"
+    );
     // Tokens are listed without their secret, and stored only as a hash.
     let listed = String::from_utf8(env.cli_ok(&["tokens", "list", "--json"]).stdout).unwrap();
     assert!(listed.contains(&acme_prefix));
@@ -415,11 +434,13 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
     let (_, trail) = api
         .call(Method::GET, "/v1/tenants/acme/audit", acme, None)
         .await;
+    // (The token's making, by the command line, is there too, with role `cli`.)
     let actions: Vec<(String, i64)> = trail["entries"]
         .as_array()
         .unwrap()
         .iter()
         .rev()
+        .filter(|e| e["role"] != "cli")
         .map(|e| {
             (
                 e["action"].as_str().unwrap().to_owned(),
@@ -451,9 +472,38 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
     env.cleanup().await;
 }
 
-/// Every operation the document lists is served and guarded: without a token it is 401
-/// (the fallback for unknown routes answers 404 without asking for one), and with an
-/// operator token it answers one of the statuses the document gives for it.
+/// Checks `body` against the schema the document gives for `status` of `operation`; the
+/// schema's `$ref`s resolve inside the document.
+fn assert_matches(
+    document: &Value,
+    operation: &Value,
+    status: StatusCode,
+    body: &Value,
+    what: &str,
+) {
+    let Some(schema) =
+        operation["responses"][status.as_str()]["content"]["application/json"].get("schema")
+    else {
+        return;
+    };
+    let mut root = schema.clone();
+    root["components"] = document["components"].clone();
+    let validator = jsonschema::draft202012::new(&root).expect("a schema of the document");
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} answered {status} with {body} against its schema: {errors:?}"
+    );
+}
+
+/// Every operation the document lists is served and guarded, and answers as documented:
+/// without a token it is 401 (the fallback for unknown routes answers 404 without asking
+/// for one); with an operator token, on a tenant with a script, a run and a dead letter,
+/// it answers one of the statuses the document gives for it, with a body that matches
+/// that status's schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_operation_is_served_as_documented() {
     let env = TestEnv::new().await;
@@ -464,20 +514,67 @@ async fn every_documented_operation_is_served_as_documented() {
     let document: Value = serde_json::from_str(scriptd::api::OPENAPI).unwrap();
     assert_eq!(served, document);
     assert_eq!(document["openapi"], "3.1.0");
+    // Something to show: a script whose run failed into a dead letter.
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/probe",
+            Some(&operator),
+            Some(json!({
+                "source": "export default () => { throw new Error('no'); }",
+                "on": ["t"],
+                "cron": "0 0 * * * *",
+                "retry": { "max_attempts": 1 },
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    api.call(
+        Method::POST,
+        "/v1/tenants/acme/events",
+        Some(&operator),
+        Some(json!({ "type": "t", "data": {} })),
+    )
+    .await;
+    env.wait_for_runs(WAIT, |runs| {
+        runs.iter().any(|r| r.status == "dead_lettered")
+    })
+    .await;
+    let (_, page) = api
+        .call(Method::GET, "/v1/tenants/acme/runs", Some(&operator), None)
+        .await;
+    let run = page["runs"][0]["id"].as_i64().unwrap().to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    let letter = loop {
+        let (_, letters) = api
+            .call(
+                Method::GET,
+                "/v1/tenants/acme/dead-letters",
+                Some(&operator),
+                None,
+            )
+            .await;
+        if let Some(first) = letters["dead_letters"].as_array().and_then(|l| l.first()) {
+            break first["sequence"].as_u64().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let mut operations = 0;
     for (path, item) in document["paths"].as_object().unwrap() {
         let concrete = path
             .replace("{tenant}", "acme")
-            .replace("{name}", "nothing-here")
-            .replace("{id}", "1")
-            .replace("{sequence}", "1");
+            .replace("{name}", "probe")
+            .replace("{id}", &run)
+            .replace("{sequence}", &letter);
         for (method, operation) in item.as_object().unwrap() {
             operations += 1;
             let method: Method = method.to_uppercase().parse().unwrap();
+            let what = format!("{method} {path}");
             let body = match operation["operationId"].as_str().unwrap() {
-                "deployScript" => Some(json!({ "source": "export default () => 1" })),
+                "deployScript" => Some(json!({ "source": "export default () => 1", "on": ["t"] })),
                 "publishEvent" => Some(json!({ "type": "t", "data": {} })),
-                "replayDeadLetter" => Some(json!({})),
+                "replayDeadLetter" => Some(json!({ "dry_run": true })),
                 "rollbackScript" => Some(json!({ "version": 1 })),
                 "testScript" => Some(json!({ "data": {} })),
                 "validateSource" => Some(json!({ "source": "export default () => 1" })),
@@ -489,14 +586,11 @@ async fn every_documented_operation_is_served_as_documented() {
             let open = operation["security"] == json!([]);
             let (status, answer) = api.call(method.clone(), &concrete, None, None).await;
             if open {
-                assert_eq!(status, StatusCode::OK, "{method} {path}");
+                assert_eq!(status, StatusCode::OK, "{what}");
                 continue;
             }
-            assert_eq!(
-                status,
-                StatusCode::UNAUTHORIZED,
-                "{method} {path}: {answer}"
-            );
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
+            assert_matches(&document, operation, status, &answer, &what);
             let (status, answer) = api
                 .call(method.clone(), &concrete, Some(&operator), body)
                 .await;
@@ -504,7 +598,8 @@ async fn every_documented_operation_is_served_as_documented() {
                 .as_object()
                 .unwrap()
                 .contains_key(status.as_str());
-            assert!(documented, "{method} {path} answered {status}: {answer}");
+            assert!(documented, "{what} answered {status}: {answer}");
+            assert_matches(&document, operation, status, &answer, &what);
         }
     }
     assert!(operations >= 23, "{operations} operations");

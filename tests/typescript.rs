@@ -42,7 +42,7 @@ async fn a_typescript_script_is_compiled_once_and_fails_at_its_own_lines() {
     let env = TestEnv::new().await;
     let file = env.write_script("orders.ts", HANDLER);
     let file = file.to_str().unwrap();
-    env.cli_ok(&[
+    let deploy = [
         "scripts",
         "deploy",
         file,
@@ -54,7 +54,8 @@ async fn a_typescript_script_is_compiled_once_and_fails_at_its_own_lines() {
         "order.*",
         "--max-attempts",
         "1",
-    ]);
+    ];
+    env.cli_ok(&deploy);
     // The version keeps the TypeScript and names it by its sha256; what runs is JavaScript.
     let client = scriptd::store::connect_direct(&env.settings.database.url)
         .await
@@ -73,19 +74,7 @@ async fn a_typescript_script_is_compiled_once_and_fails_at_its_own_lines() {
     assert!(!javascript.contains("interface Line"), "{javascript}");
     assert!(!javascript.contains("import type"), "{javascript}");
     // The same file again is the same version.
-    let again = env.cli_ok(&[
-        "scripts",
-        "deploy",
-        file,
-        "--tenant",
-        "acme",
-        "--name",
-        "orders",
-        "--on",
-        "order.*",
-        "--max-attempts",
-        "1",
-    ]);
+    let again = env.cli_ok(&deploy);
     assert!(String::from_utf8_lossy(&again.stdout).contains("source unchanged, still v1"));
 
     let daemon = env.start_daemon();

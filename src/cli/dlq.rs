@@ -307,6 +307,13 @@ pub async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<Exi
                             stored.sequence
                         )
                     })?;
+                super::audit(
+                    &store,
+                    &job.tenant,
+                    "dead_letters.replay",
+                    &stored.sequence.to_string(),
+                )
+                .await?;
                 serde_json::json!({ "dead_letter": stored.sequence, "job": job.id, "job_sequence": seq })
             }
         };
@@ -397,8 +404,16 @@ pub async fn purge(settings: &Settings, args: PurgeArgs) -> anyhow::Result<ExitC
         );
         return Ok(ExitCode::FAILURE);
     }
+    let store = Store::connect(&settings.database).await?;
     for l in &letters {
         stream.delete_message(l.sequence).await?;
+        super::audit(
+            &store,
+            &l.letter.tenant,
+            "dead_letters.purge",
+            &l.sequence.to_string(),
+        )
+        .await?;
     }
     println!("deleted {} dead letter(s)", letters.len());
     Ok(ExitCode::SUCCESS)

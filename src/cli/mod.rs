@@ -410,6 +410,31 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints `value` as pretty JSON on standard output (the `--json` of every command).
+/// Records a command-line action in the audit trail beside the API's requests: the actor
+/// is `cli:<login name>` (the command holds database credentials, not a token).
+async fn audit(
+    store: &crate::store::Store,
+    tenant: &str,
+    action: &str,
+    target: &str,
+) -> anyhow::Result<()> {
+    let login = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    store
+        .audit(&crate::store::AuditEntry {
+            tenant: tenant.to_owned(),
+            actor: format!("cli:{login}"),
+            role: "cli".into(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            status: 200,
+            detail: None,
+        })
+        .await?;
+    Ok(())
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();

@@ -129,6 +129,7 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
     let store = Store::connect(&settings.database).await?;
     let before = store.script(&spec.tenant, &spec.name).await?;
     let deployed = store.deploy(&spec).await?;
+    super::audit(&store, &spec.tenant, "scripts.deploy", &spec.name).await?;
     if deployed.unchanged_source {
         println!(
             "{}/{}: source unchanged, still v{}",

@@ -98,6 +98,7 @@ pub async fn secret_set(settings: &Settings, args: SecretSetArgs) -> anyhow::Res
     let store = Store::connect(&settings.database).await?;
     let sealed = secret_box.seal(&args.tenant, &args.name, &value);
     store.secret_put(&args.tenant, &args.name, &sealed).await?;
+    super::audit(&store, &args.tenant, "secrets.set", &args.name).await?;
     println!(
         "secret {}/{} stored (key {})",
         args.tenant,
@@ -130,6 +131,7 @@ pub async fn secret_list(settings: &Settings, args: TenantArgs) -> anyhow::Resul
 pub async fn secret_delete(settings: &Settings, args: SecretNameArgs) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&settings.database).await?;
     if store.secret_delete(&args.tenant, &args.name).await? {
+        super::audit(&store, &args.tenant, "secrets.delete", &args.name).await?;
         println!("secret {}/{} deleted", args.tenant, args.name);
         Ok(ExitCode::SUCCESS)
     } else {
@@ -147,6 +149,7 @@ pub async fn allow_fetch(settings: &Settings, args: AllowFetchArgs) -> anyhow::R
     store
         .set_fetch_allow_list(&args.tenant, &args.hosts)
         .await?;
+    super::audit(&store, &args.tenant, "tenants.fetch_allow", "").await?;
     if args.hosts.is_empty() {
         println!("tenant {} may fetch from no host", args.tenant);
     } else {

@@ -65,6 +65,7 @@ pub async fn create(settings: &Settings, args: CreateArgs) -> anyhow::Result<Exi
     let (token, info) = store
         .create_token(&tenant, args.role, &args.label, expires_at)
         .await?;
+    super::audit(&store, &tenant, "tokens.create", &info.prefix).await?;
     if args.json {
         let mut shown = serde_json::to_value(&info)?;
         shown["token"] = token.into();
@@ -127,7 +128,8 @@ pub async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<ExitCod
 
 pub async fn revoke(settings: &Settings, args: RevokeArgs) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&settings.database).await?;
-    if store.revoke_token(&args.prefix).await? {
+    if let Some(tenant) = store.revoke_token(&args.prefix).await? {
+        super::audit(&store, &tenant, "tokens.revoke", &args.prefix).await?;
         println!("revoked token {}", args.prefix);
         Ok(ExitCode::SUCCESS)
     } else {

@@ -16,7 +16,7 @@ use crate::caps::{
     Call, CapError, CapResult, Capabilities, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp,
     KvReply, Publish, DEPTH_HEADER,
 };
-use crate::pipeline::script_api::{open_secret, service_error};
+use crate::pipeline::script_api::{on_runtime, open_secret, service_error};
 use crate::store::{KvWrite, Store};
 
 struct Inner {
@@ -55,17 +55,13 @@ impl Live {
         })
     }
 
-    /// Runs `work` on the daemon's runtime and waits for it from wherever the op runs.
+    /// Runs `work` on the command's or daemon's runtime (see [`on_runtime`]).
     fn spawn<T, F>(&self, work: impl FnOnce(Arc<Inner>) -> F) -> BoxFuture<'static, CapResult<T>>
     where
         T: Send + 'static,
         F: std::future::Future<Output = CapResult<T>> + Send + 'static,
     {
-        let task = self.runtime.spawn(work(self.inner.clone()));
-        Box::pin(async move {
-            task.await
-                .unwrap_or_else(|e| Err(CapError::failed(format!("the call failed: {e}"))))
-        })
+        on_runtime(&self.runtime, work(self.inner.clone()))
     }
 }
 

@@ -20,7 +20,7 @@ use crate::store::Store;
 
 use super::attempt::{self, Attempt, Defaults, Outcome};
 use super::job::Job;
-use super::script_api::open_secret;
+use super::script_api::{on_runtime, open_secret};
 use crate::engine::Engine;
 use crate::scripts::index::Snapshot;
 
@@ -91,16 +91,13 @@ impl DryRun {
         }
     }
 
+    /// Runs `work` on the command's or daemon's runtime (see [`on_runtime`]).
     fn spawn<T, F>(&self, work: impl FnOnce(Arc<Inner>) -> F) -> BoxFuture<'static, CapResult<T>>
     where
         T: Send + 'static,
         F: std::future::Future<Output = CapResult<T>> + Send + 'static,
     {
-        let task = self.runtime.spawn(work(self.inner.clone()));
-        Box::pin(async move {
-            task.await
-                .unwrap_or_else(|e| Err(CapError::failed(format!("the call failed: {e}"))))
-        })
+        on_runtime(&self.runtime, work(self.inner.clone()))
     }
 }
 

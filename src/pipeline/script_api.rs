@@ -2,6 +2,8 @@
 //! failed service as the script sees it, and a secret opened. Shared by the daemon's API
 //! and a dry run's.
 
+use futures::future::BoxFuture;
+
 use crate::caps::secrets::SecretBox;
 use crate::caps::{Call, CapError, CapErrorKind, CapResult};
 use crate::store::Store;
@@ -45,4 +47,21 @@ pub async fn open_secret(
                 CapError::failed(format!("ctx.secrets.get: {e:#}"))
             }),
     }
+}
+
+/// Runs `work` on `runtime` (where the connections live) and waits for it from wherever
+/// the engine's op runs: a worker thread busy with JavaScript cannot drive them.
+pub fn on_runtime<T, F>(
+    runtime: &tokio::runtime::Handle,
+    work: F,
+) -> BoxFuture<'static, CapResult<T>>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = CapResult<T>> + Send + 'static,
+{
+    let task = runtime.spawn(work);
+    Box::pin(async move {
+        task.await
+            .unwrap_or_else(|e| Err(CapError::failed(format!("the call failed: {e}"))))
+    })
 }

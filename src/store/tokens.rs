@@ -220,16 +220,17 @@ impl Store {
             .collect())
     }
 
-    /// Revokes the token with `prefix`; false if there is none (or it was revoked before).
-    pub async fn revoke_token(&self, prefix: &str) -> Result<bool> {
+    /// Revokes the token with `prefix`: the tenant it was for (`*` for an operator's), or
+    /// none if there is no such token or it was revoked before.
+    pub async fn revoke_token(&self, prefix: &str) -> Result<Option<String>> {
         let rows = self
             .all_tenants_query(
                 "UPDATE api_tokens SET revoked_at = now()
-                 WHERE prefix = $1 AND revoked_at IS NULL RETURNING prefix",
+                 WHERE prefix = $1 AND revoked_at IS NULL RETURNING tenant",
                 &[&prefix],
             )
             .await?;
-        Ok(!rows.is_empty())
+        Ok(rows.first().map(|r| r.get(0)))
     }
 
     /// Appends `entry` to the audit trail.
