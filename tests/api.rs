@@ -187,6 +187,18 @@ async fn tokens_decide_who_may_do_what() {
         by_cli.contains(&("tokens.create", acme_prefix.as_str())),
         "{by_cli:?}"
     );
+    let listed: Value = serde_json::from_slice(
+        &env.cli_ok(&["audit", "list", "--tenant", "acme", "--json"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(listed[0]["action"], "tokens.revoke", "{listed}");
+    assert_eq!(listed[0]["target"], revoked_prefix.as_str());
+    let text = String::from_utf8(env.cli_ok(&["audit", "list"]).stdout).unwrap();
+    assert!(
+        text.contains("scripts.deploy") && text.contains("globex"),
+        "{text}"
+    );
     // Tokens are listed without their secret, and stored only as a hash.
     let listed = String::from_utf8(env.cli_ok(&["tokens", "list", "--json"]).stdout).unwrap();
     assert!(listed.contains(&acme_prefix));
@@ -230,6 +242,17 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}");
     assert_eq!(wrong["error"]["code"], "bad_request");
+    let huge = json!({ "source": "x".repeat(2 << 20) });
+    let (status, wrong) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/double",
+            acme,
+            Some(huge),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{wrong}");
+    assert_eq!(wrong["error"]["code"], "too_large");
     let (status, wrong) = api
         .call(Method::GET, "/v1/tenants/acme/runs/latest", acme, None)
         .await;
@@ -358,6 +381,20 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         Some(json!({ "source": "export default () => 'charged'", "on": ["pay"] })),
     )
     .await;
+    let (status, shown) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/acme/dead-letters/{sequence}"),
+            acme,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["runs"].as_array().unwrap().len(), 1, "{shown}");
+    assert_eq!(
+        shown["dead_letter"]["letter"]["failure"]["kind"],
+        "exception"
+    );
     let (status, tried) = api
         .call(
             Method::POST,
@@ -602,7 +639,7 @@ async fn every_documented_operation_is_served_as_documented() {
             assert_matches(&document, operation, status, &answer, &what);
         }
     }
-    assert!(operations >= 23, "{operations} operations");
+    assert!(operations >= 24, "{operations} operations");
     daemon.shutdown().await;
     env.cleanup().await;
 }

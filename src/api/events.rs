@@ -11,6 +11,7 @@ use crate::bus::dlq::{self, LetterFilter};
 use crate::bus::replay::{self, VersionChoice};
 use crate::pipeline::attempt::Defaults;
 use crate::pipeline::dry_run;
+use crate::store::RunFilter;
 use crate::subject;
 
 #[derive(Deserialize)]
@@ -107,6 +108,33 @@ pub async fn dead_letters(
     .await
     .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(serde_json::json!({ "dead_letters": letters })))
+}
+
+/// One dead letter with the run records of every attempt of its job.
+pub async fn dead_letter(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, sequence)): Route<(String, u64)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    let stream = letters_stream(&state).await?;
+    let missing = || ApiError::NotFound(format!("no dead letter {sequence} of tenant {tenant}"));
+    let stored = dlq::get(&stream, sequence).await.map_err(|_| missing())?;
+    if stored.letter.tenant != tenant {
+        return Err(missing());
+    }
+    let runs = state
+        .store
+        .list_runs(&RunFilter {
+            tenant: Some(tenant.clone()),
+            job_id: Some(stored.letter.job_id.clone()),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?;
+    Ok(Json(
+        serde_json::json!({ "dead_letter": stored, "runs": runs }),
+    ))
 }
 
 #[derive(Deserialize, Default)]

@@ -26,6 +26,9 @@ use crate::engine::Engine;
 use crate::pipeline::dry_run::DryRun;
 use crate::store::{AuditEntry, Principal, Rejected, Store};
 
+/// The largest request body taken (a deploy's source with its settings).
+pub const BODY_LIMIT: usize = 1 << 20;
+
 /// The OpenAPI 3.1 document of what is served.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
@@ -123,6 +126,10 @@ pub fn router(state: ApiState) -> Router {
             get(events::dead_letters),
         )
         .route(
+            "/v1/tenants/{tenant}/dead-letters/{sequence}",
+            get(events::dead_letter),
+        )
+        .route(
             "/v1/tenants/{tenant}/dead-letters/{sequence}/replay",
             post(events::replay),
         )
@@ -132,6 +139,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/tenants/{tenant}/audit", get(runs::audit))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        // A request body over 1 MiB is refused (413) before it is read further.
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
@@ -172,6 +181,8 @@ pub enum ApiError {
     NotFound(String),
     /// 400: the request itself is wrong.
     BadRequest(String),
+    /// 413: a body over [`BODY_LIMIT`].
+    TooLarge,
     /// 422: well-formed but refused (a script that does not compile, a bad setting).
     Refused(String),
     /// 503: PostgreSQL or NATS did not answer.
@@ -185,6 +196,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -196,6 +208,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::TooLarge => "too_large",
             ApiError::Refused(_) => "refused",
             ApiError::Unavailable(_) => "unavailable",
         }
@@ -206,6 +219,7 @@ impl ApiError {
             ApiError::Unauthenticated => {
                 "a valid bearer token is needed (Authorization: Bearer sd_...)"
             }
+            ApiError::TooLarge => "the request body is over 1 MiB",
             ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::BadRequest(m)
@@ -254,7 +268,10 @@ where
         Json::<T>::from_request(request, state)
             .await
             .map(|Json(value)| Body(value))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
+            .map_err(|e| match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
+                _ => ApiError::BadRequest(e.body_text()),
+            })
     }
 }
 

@@ -192,6 +192,8 @@ pub async fn rollback(settings: &Settings, args: RollbackArgs) -> anyhow::Result
             args.version
         );
     }
+    let target = format!("{name} v{}", args.version);
+    super::audit(&store, tenant, "scripts.rollback", &target).await?;
     println!("{tenant}/{name} is at v{} again", args.version);
     Ok(ExitCode::SUCCESS)
 }

@@ -87,6 +87,9 @@ pub enum Command {
     /// Bearer tokens of the HTTP API: create (shown once), list, revoke.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// The audit trail: who changed what, by API or command line.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Measure the engine and print the numbers.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -164,6 +167,13 @@ pub enum SecretsCommand {
     Delete(tenants::SecretNameArgs),
     /// Print a new random key for capabilities.secrets.key_file.
     GenerateKey,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Entries, newest first: when, tenant, who (token prefix or cli:<login>), action,
+    /// target, HTTP status.
+    List(tokens::AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,6 +370,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tokens(TokensCommand::Create(args)) => block_on(tokens::create(&settings, args)),
         Command::Tokens(TokensCommand::List(args)) => block_on(tokens::list(&settings, args)),
         Command::Tokens(TokensCommand::Revoke(args)) => block_on(tokens::revoke(&settings, args)),
+        Command::Audit(AuditCommand::List(args)) => block_on(tokens::audit_list(&settings, args)),
         Command::Run => block_on(ops::run_daemon(settings, telemetry.metrics())),
         Command::Dev(args) => block_on(crate::cli::dev::run(settings, args, telemetry.metrics())),
         Command::Migrate => block_on(ops::migrate(&settings)),

@@ -206,6 +206,12 @@ pub async fn set_enabled(
     if !store.set_enabled(&args.tenant, &args.name, enabled).await? {
         anyhow::bail!("no script {}/{}", args.tenant, args.name);
     }
+    let action = if enabled {
+        "scripts.enable"
+    } else {
+        "scripts.disable"
+    };
+    super::audit(&store, &args.tenant, action, &args.name).await?;
     let state = if enabled { "enabled" } else { "disabled" };
     println!("{}/{} {state}", args.tenant, args.name);
     Ok(ExitCode::SUCCESS)
@@ -216,6 +222,7 @@ pub async fn delete(settings: &Settings, args: NameArgs) -> anyhow::Result<ExitC
     if !store.delete_script(&args.tenant, &args.name).await? {
         anyhow::bail!("no script {}/{}", args.tenant, args.name);
     }
+    super::audit(&store, &args.tenant, "scripts.delete", &args.name).await?;
     println!("{}/{} deleted", args.tenant, args.name);
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,5 @@
 //! `scriptd tokens ...`: bearer tokens of the HTTP API — made (shown once), listed (never
-//! their secret), revoked.
+//! their secret), revoked; and `scriptd audit list`, the trail of who changed what.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,6 +35,19 @@ pub struct ListArgs {
     /// Only this tenant's tokens.
     #[arg(long)]
     pub tenant: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only what was done to this tenant (without it, everything).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// At most this many entries, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -138,4 +151,31 @@ pub async fn revoke(settings: &Settings, args: RevokeArgs) -> anyhow::Result<Exi
             args.prefix
         )
     }
+}
+
+pub async fn audit_list(settings: &Settings, args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&settings.database).await?;
+    let rows = store
+        .audit_trail(args.tenant.as_deref().unwrap_or(ALL_TENANTS), args.limit)
+        .await?;
+    if args.json {
+        super::print_json(&rows)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("nothing recorded");
+    }
+    for row in rows {
+        let e = &row.entry;
+        println!(
+            "{}  {:<16} {:<22} {:<26} {:<24} {}",
+            row.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            e.tenant,
+            format!("{} ({})", e.actor, e.role),
+            e.action,
+            e.target,
+            e.status
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
