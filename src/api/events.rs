@@ -78,6 +78,22 @@ async fn letters_stream(state: &ApiState) -> ApiResult<async_nats::jetstream::st
         .map_err(|e| ApiError::Unavailable(format!("the dead-letter stream: {e}")))
 }
 
+/// The dead letter at `sequence`, if it is `tenant`'s: another tenant's is answered as if
+/// it did not exist (404). With the stream it is in.
+async fn tenant_letter(
+    state: &ApiState,
+    tenant: &str,
+    sequence: u64,
+) -> ApiResult<(async_nats::jetstream::stream::Stream, dlq::StoredLetter)> {
+    let stream = letters_stream(state).await?;
+    let missing = || ApiError::NotFound(format!("no dead letter {sequence} of tenant {tenant}"));
+    let stored = dlq::get(&stream, sequence).await.map_err(|_| missing())?;
+    if stored.letter.tenant != tenant {
+        return Err(missing());
+    }
+    Ok((stream, stored))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LettersQuery {
@@ -117,12 +133,7 @@ pub async fn dead_letter(
     Route((tenant, sequence)): Route<(String, u64)>,
 ) -> ApiResult<Json<serde_json::Value>> {
     caller.acting_for(&tenant)?;
-    let stream = letters_stream(&state).await?;
-    let missing = || ApiError::NotFound(format!("no dead letter {sequence} of tenant {tenant}"));
-    let stored = dlq::get(&stream, sequence).await.map_err(|_| missing())?;
-    if stored.letter.tenant != tenant {
-        return Err(missing());
-    }
+    let (_, stored) = tenant_letter(&state, &tenant, sequence).await?;
     let runs = state
         .store
         .list_runs(&RunFilter {
@@ -168,14 +179,7 @@ pub async fn replay(
             .unwrap_or("latest")
             .parse()
             .map_err(ApiError::BadRequest)?;
-        let stream = letters_stream(&state).await?;
-        let missing =
-            || ApiError::NotFound(format!("no dead letter {sequence} of tenant {tenant}"));
-        let stored = dlq::get(&stream, sequence).await.map_err(|_| missing())?;
-        // Another tenant's letter is answered as if it did not exist.
-        if stored.letter.tenant != tenant {
-            return Err(missing());
-        }
+        let (stream, stored) = tenant_letter(&state, &tenant, sequence).await?;
         let (job, headers) =
             replay::replay_job(&stored, choice).map_err(|e| ApiError::Refused(e.to_string()))?;
         if body.dry_run {

@@ -11,7 +11,7 @@ use crate::domain::{CatchUp, Overlap, Version};
 use crate::engine::LimitOverrides;
 use crate::retry::RetryOverrides;
 use crate::scripts::manifest::{draft_run, validate_spec};
-use crate::scripts::typescript::{compile, Lang};
+use crate::scripts::typescript::{compile, Compiled, Lang};
 use crate::store::{ScriptRow, ScriptSpec};
 
 /// A script as the API shows it.
@@ -97,12 +97,7 @@ pub async fn deploy(
     Body(body): Body<DeployBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let work = async {
-        let compiled = compile(body.source, body.lang).map_err(|e| {
-            ApiError::Refused(format!(
-                "syntax error at {}:{}: {}",
-                e.line, e.column, e.message
-            ))
-        })?;
+        let compiled = compile_or_refuse(body.source, body.lang)?;
         let spec = ScriptSpec {
             tenant: tenant.clone(),
             name: name.clone(),
@@ -162,6 +157,16 @@ async fn live_within(state: &ApiState, tenant: &str, name: &str, version: Versio
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// `source` compiled, or a 422 naming the syntax error's line and column.
+fn compile_or_refuse(source: String, lang: Lang) -> ApiResult<Compiled> {
+    compile(source, lang).map_err(|e| {
+        ApiError::Refused(format!(
+            "syntax error at {}:{}: {}",
+            e.line, e.column, e.message
+        ))
+    })
 }
 
 /// Enables or disables a script.
@@ -347,12 +352,7 @@ pub async fn test(
         .map_err(|e| ApiError::Refused(e.to_string()))?;
     let (source, limits) = match body.source {
         Some(source) => {
-            let compiled = compile(source, body.lang).map_err(|e| {
-                ApiError::Refused(format!(
-                    "syntax error at {}:{}: {}",
-                    e.line, e.column, e.message
-                ))
-            })?;
+            let compiled = compile_or_refuse(source, body.lang)?;
             (compiled.javascript, state.settings.engine.limits)
         }
         None => {
