@@ -67,6 +67,8 @@ named_enum! {
         DeadLettered = "dead_lettered",
         /// Not run (see `SkipReason`).
         Skipped = "skipped",
+        /// Failed, and not retried: a synchronous run (an HTTP request) is answered at once.
+        Failed = "failed",
     }
 }
 
@@ -94,11 +96,13 @@ impl SkipReason {
 }
 
 named_enum! {
-    /// What made a job: an event, a schedule occurrence, or a dead letter's replay.
+    /// What made a job: an event, a schedule occurrence, a dead letter's replay, or an HTTP
+    /// request to the script's route (run at once, not queued).
     pub enum Trigger ("trigger") {
         Event = "event",
         Schedule = "schedule",
         Replay = "replay",
+        Http = "http",
     }
 }
 
@@ -272,7 +276,7 @@ mod tests {
         }
         assert_eq!(
             "sometimes".parse::<Trigger>(),
-            Err("unknown trigger \"sometimes\" (one of event, schedule, replay)".into())
+            Err("unknown trigger \"sometimes\" (one of event, schedule, replay, http)".into())
         );
         assert_eq!(format!("[{:<8}]", RunStatus::Ok), "[ok      ]");
     }

@@ -9,91 +9,8 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::{RunningDaemon, TestEnv};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A daemon with the API on a free port and `settings` changed by `change`.
-async fn start_with(
-    env: &TestEnv,
-    change: impl FnOnce(&mut scriptd::config::Settings),
-) -> (RunningDaemon, Api) {
-    let mut settings = env.settings.clone();
-    change(&mut settings);
-    Api::start_settings(settings).await
-}
-
-struct Api {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    async fn start(env: &TestEnv) -> (RunningDaemon, Api) {
-        start_with(env, |_| {}).await
-    }
-
-    async fn start_settings(mut settings: scriptd::config::Settings) -> (RunningDaemon, Api) {
-        settings.api.listen = "127.0.0.1:0".into();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let stats = scriptd::daemon::DaemonStats::default();
-        let task = tokio::spawn(scriptd::daemon::run_with_stats(
-            settings,
-            stop.clone(),
-            stats.clone(),
-        ));
-        let daemon = RunningDaemon { stop, task, stats };
-        let deadline = std::time::Instant::now() + WAIT;
-        let address = loop {
-            if let Some(address) = daemon.stats.api_listening.get() {
-                break *address;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the API never listened"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let api = Api {
-            base: format!("http://{address}"),
-            http: reqwest::Client::new(),
-        };
-        (daemon, api)
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let response = request.send().await.expect("the API answers");
-        let status = response.status();
-        let text = response.text().await.unwrap();
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, value)
-    }
-}
-
-/// A token made with `scriptd tokens create --json`.
-fn token(env: &TestEnv, args: &[&str]) -> (String, String) {
-    let out = env.cli_ok(&[&["tokens", "create", "--json"], args].concat());
-    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
-    (
-        shown["token"].as_str().unwrap().to_owned(),
-        shown["prefix"].as_str().unwrap().to_owned(),
-    )
-}
+use support::api::{start_with, token, Api, WAIT};
+use support::TestEnv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_decide_who_may_do_what() {
@@ -124,7 +41,7 @@ async fn tokens_decide_who_may_do_what() {
     ] {
         let (status, body) = api.call(Method::GET, scripts, presented, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}: {body}");
-        assert_eq!(body["error"]["code"], "unauthenticated", "{why}");
+        assert_eq!(body["code"], "unauthenticated", "{why}");
     }
     assert_eq!(
         api.call(Method::GET, scripts, Some(&acme), None).await.0,
@@ -241,7 +158,30 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}");
-    assert_eq!(wrong["error"]["code"], "bad_request");
+    assert_eq!(wrong["code"], "bad_request");
+    // A problem document (RFC 9457) naming the member that is wrong.
+    assert_eq!(wrong["status"], 400);
+    assert_eq!(wrong["errors"][0]["pointer"], "/sauce", "{wrong}");
+    let (status, wrong) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/double",
+            acme,
+            Some(json!({ "source": "export default () => 1", "on": ["ok", "bad..pattern"] })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{wrong}");
+    assert_eq!(wrong["errors"][0]["pointer"], "/on/1", "{wrong}");
+    let (status, wrong) = api
+        .call(
+            Method::PUT,
+            "/v1/tenants/acme/scripts/double",
+            acme,
+            Some(json!({ "source": "export default () => 1", "limits": { "timeout": 5 } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}");
+    assert_eq!(wrong["errors"][0]["pointer"], "/limits/timeout", "{wrong}");
     let huge = json!({ "source": "x".repeat(2 << 20) });
     let (status, wrong) = api
         .call(
@@ -252,12 +192,13 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         )
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{wrong}");
-    assert_eq!(wrong["error"]["code"], "too_large");
+    assert_eq!(wrong["code"], "too_large");
     let (status, wrong) = api
         .call(Method::GET, "/v1/tenants/acme/runs/latest", acme, None)
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}");
-    assert_eq!(wrong["error"]["code"], "bad_request");
+    assert_eq!(wrong["code"], "bad_request");
+    assert_eq!(wrong["errors"][0]["parameter"], "id", "{wrong}");
     let (status, refused) = api
         .call(
             Method::PUT,
@@ -267,7 +208,8 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
-    assert!(refused["error"]["message"].as_str().unwrap().contains("1:"));
+    assert!(refused["detail"].as_str().unwrap().contains("1:"));
+    assert_eq!(refused["errors"][0]["pointer"], "/source", "{refused}");
     let (_, shown) = api
         .call(
             Method::GET,
@@ -487,6 +429,9 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
         .collect();
     let expected: Vec<(String, i64)> = [
         ("scripts.deploy", 200),
+        // The pattern refused (422) and the syntax error; bodies that are not a deploy
+        // (400) are turned away before anything is asked.
+        ("scripts.deploy", 422),
         ("scripts.deploy", 422),
         ("events.publish", 200),
         ("events.publish", 200),
@@ -518,8 +463,11 @@ fn assert_matches(
     body: &Value,
     what: &str,
 ) {
-    let Some(schema) =
-        operation["responses"][status.as_str()]["content"]["application/json"].get("schema")
+    // Answers are JSON, errors problem documents: whichever the status's content names.
+    let content = &operation["responses"][status.as_str()]["content"];
+    let Some(schema) = ["application/json", "application/problem+json"]
+        .iter()
+        .find_map(|media| content[media].get("schema"))
     else {
         return;
     };
@@ -562,6 +510,7 @@ async fn every_documented_operation_is_served_as_documented() {
                 "on": ["t"],
                 "cron": "0 0 * * * *",
                 "retry": { "max_attempts": 1 },
+                "http": { "method": "GET", "path": "/probe" },
             })),
         )
         .await;
@@ -603,7 +552,8 @@ async fn every_documented_operation_is_served_as_documented() {
             .replace("{tenant}", "acme")
             .replace("{name}", "probe")
             .replace("{id}", &run)
-            .replace("{sequence}", &letter);
+            .replace("{sequence}", &letter)
+            .replace("{path}", "probe");
         for (method, operation) in item.as_object().unwrap() {
             operations += 1;
             let method: Method = method.to_uppercase().parse().unwrap();
@@ -626,7 +576,16 @@ async fn every_documented_operation_is_served_as_documented() {
                 assert_eq!(status, StatusCode::OK, "{what}");
                 continue;
             }
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {answer}");
+            // A hook's token is per route: without one, what the route says (here a 401 for
+            // the probe's token route, 405 for the methods it does not take).
+            let per_route = operation["security"]
+                .as_array()
+                .is_some_and(|s| s.contains(&json!({})));
+            let expected = match (per_route, method.clone()) {
+                (true, m) if m != Method::GET => StatusCode::METHOD_NOT_ALLOWED,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            assert_eq!(status, expected, "{what}: {answer}");
             assert_matches(&document, operation, status, &answer, &what);
             let (status, answer) = api
                 .call(method.clone(), &concrete, Some(&operator), body)
@@ -639,7 +598,7 @@ async fn every_documented_operation_is_served_as_documented() {
             assert_matches(&document, operation, status, &answer, &what);
         }
     }
-    assert!(operations >= 24, "{operations} operations");
+    assert!(operations >= 29, "{operations} operations");
     daemon.shutdown().await;
     env.cleanup().await;
 }

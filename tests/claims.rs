@@ -50,6 +50,7 @@ fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
         scheduled_at: None,
         input_ref: None,
         result: None,
+        input: None,
     }
 }
 

@@ -37,15 +37,18 @@ pub async fn publish(
     let target = body.event_type.clone();
     let work = async {
         subject::validate_event_type(&body.event_type)
-            .map_err(|e| ApiError::Refused(e.to_string()))?;
+            .map_err(|e| ApiError::refused_field("/type", e.to_string()))?;
         let nats = &state.settings.nats;
         let payload = serde_json::to_vec(&body.data).unwrap_or_default();
         if payload.len() as u64 > nats.max_event_size.0 {
-            return Err(ApiError::Refused(format!(
-                "the event is {} bytes, over nats.max_event_size ({})",
-                payload.len(),
-                nats.max_event_size
-            )));
+            return Err(ApiError::refused_field(
+                "/data",
+                format!(
+                    "the event is {} bytes, over nats.max_event_size ({})",
+                    payload.len(),
+                    nats.max_event_size
+                ),
+            ));
         }
         let mut headers = HeaderMap::new();
         if let Some(id) = &body.id {
@@ -178,7 +181,11 @@ pub async fn replay(
             .as_deref()
             .unwrap_or("latest")
             .parse()
-            .map_err(ApiError::BadRequest)?;
+            .map_err(|e: String| ApiError::Invalid {
+                field: super::Field::Pointer("/version".into()),
+                message: e,
+                refused: false,
+            })?;
         let (stream, stored) = tenant_letter(&state, &tenant, sequence).await?;
         let (job, headers) =
             replay::replay_job(&stored, choice).map_err(|e| ApiError::Refused(e.to_string()))?;

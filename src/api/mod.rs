@@ -4,6 +4,8 @@
 //! request that changes something lands in the audit trail.
 
 mod events;
+pub mod hooks;
+mod problem;
 mod runs;
 mod scripts;
 mod tenants;
@@ -14,17 +16,20 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_nats::jetstream;
 use axum::extract::FromRequestParts;
+use axum::handler::Handler;
 use axum::http::request::Parts;
+use axum::http::Method;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{on, MethodFilter};
+use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::engine::Engine;
 use crate::pipeline::dry_run::DryRun;
 use crate::store::{AuditEntry, Principal, Rejected, Store};
+pub use problem::{ApiError, Field};
 
 /// The largest request body taken (a deploy's source with its settings).
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -41,6 +46,8 @@ pub struct ApiState {
     pub settings: Arc<Settings>,
     /// This daemon's script index: a deploy answers once it runs the new version.
     pub index: Arc<crate::scripts::index::ScriptIndex>,
+    /// The attempt path: runs of HTTP-triggered scripts go through it, as events' do.
+    pub executor: Arc<crate::pipeline::executor::Executor>,
     /// The engine of test runs, with a dry run's script API; started at the first.
     pub trial: Arc<tokio::sync::OnceCell<Trial>>,
 }
@@ -76,68 +83,130 @@ impl ApiState {
     }
 }
 
-/// Every route, as the OpenAPI document lists it (tests compare the two).
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/openapi.json", get(openapi))
-        .route("/v1/tenants/{tenant}/scripts", get(scripts::list))
-        .route(
-            "/v1/tenants/{tenant}/scripts/{name}",
-            get(scripts::show)
-                .put(scripts::deploy)
-                .delete(scripts::delete),
-        )
-        .route(
+/// The routes, each with the method and path it is served at: the router is made from this
+/// list, and a test compares the list with the OpenAPI document.
+struct Table {
+    router: Router<ApiState>,
+    served: Vec<(Method, &'static str)>,
+}
+
+impl Table {
+    fn on<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Table
+    where
+        H: Handler<T, ApiState>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("a method routes");
+        self.router = self.router.route(path, on(filter, handler));
+        self.served.push((method, path));
+        self
+    }
+}
+
+fn table() -> Table {
+    let t = Table {
+        router: Router::new(),
+        served: Vec::new(),
+    };
+    let (get, post, put, delete) = (Method::GET, Method::POST, Method::PUT, Method::DELETE);
+    let scripts = "/v1/tenants/{tenant}/scripts/{name}";
+    let mut t = t
+        .on(get.clone(), "/openapi.json", openapi)
+        .on(get.clone(), "/v1/tenants/{tenant}/scripts", scripts::list)
+        .on(get.clone(), scripts, scripts::show)
+        .on(put.clone(), scripts, scripts::deploy)
+        .on(delete.clone(), scripts, scripts::delete)
+        .on(
+            post.clone(),
             "/v1/tenants/{tenant}/scripts/{name}/enable",
-            post(scripts::enable),
+            scripts::enable,
         )
-        .route(
+        .on(
+            post.clone(),
             "/v1/tenants/{tenant}/scripts/{name}/disable",
-            post(scripts::disable),
+            scripts::disable,
         )
-        .route(
+        .on(
+            get.clone(),
             "/v1/tenants/{tenant}/scripts/{name}/versions",
-            get(scripts::versions),
+            scripts::versions,
         )
-        .route(
+        .on(
+            post.clone(),
             "/v1/tenants/{tenant}/scripts/{name}/rollback",
-            post(scripts::rollback),
+            scripts::rollback,
         )
-        .route(
+        .on(
+            post.clone(),
             "/v1/tenants/{tenant}/scripts/{name}/test",
-            post(scripts::test),
+            scripts::test,
         )
-        .route("/v1/tenants/{tenant}/validate", post(scripts::validate))
-        .route("/v1/tenants/{tenant}/settings", get(tenants::show))
-        .route(
+        .on(
+            post.clone(),
+            "/v1/tenants/{tenant}/validate",
+            scripts::validate,
+        )
+        .on(get.clone(), "/v1/tenants/{tenant}/settings", tenants::show)
+        .on(
+            put.clone(),
             "/v1/tenants/{tenant}/secrets/{name}",
-            axum::routing::put(tenants::put_secret).delete(tenants::delete_secret),
+            tenants::put_secret,
         )
-        .route(
+        .on(
+            delete,
+            "/v1/tenants/{tenant}/secrets/{name}",
+            tenants::delete_secret,
+        )
+        .on(
+            put,
             "/v1/tenants/{tenant}/fetch-allow",
-            axum::routing::put(tenants::put_fetch_allow),
+            tenants::put_fetch_allow,
         )
-        .route("/v1/tenants/{tenant}/schedules", get(tenants::schedules))
-        .route("/v1/tenants/{tenant}/runs", get(runs::list))
-        .route("/v1/tenants/{tenant}/runs/{id}", get(runs::show))
-        .route("/v1/tenants/{tenant}/events", post(events::publish))
-        .route(
+        .on(
+            get.clone(),
+            "/v1/tenants/{tenant}/schedules",
+            tenants::schedules,
+        )
+        .on(get.clone(), "/v1/tenants/{tenant}/runs", runs::list)
+        .on(get.clone(), "/v1/tenants/{tenant}/runs/{id}", runs::show)
+        .on(post.clone(), "/v1/tenants/{tenant}/events", events::publish)
+        .on(
+            get.clone(),
             "/v1/tenants/{tenant}/dead-letters",
-            get(events::dead_letters),
+            events::dead_letters,
         )
-        .route(
+        .on(
+            get.clone(),
             "/v1/tenants/{tenant}/dead-letters/{sequence}",
-            get(events::dead_letter),
+            events::dead_letter,
         )
-        .route(
+        .on(
+            post.clone(),
             "/v1/tenants/{tenant}/dead-letters/{sequence}/replay",
-            post(events::replay),
+            events::replay,
         )
-        .route(
+        .on(
+            post,
             "/v1/tenants/{tenant}/dead-letters/purge",
-            post(events::purge),
+            events::purge,
         )
-        .route("/v1/tenants/{tenant}/audit", get(runs::audit))
+        .on(get, "/v1/tenants/{tenant}/audit", runs::audit);
+    for method in crate::scripts::route::METHODS {
+        let method = Method::from_bytes(method.as_bytes()).expect("a method");
+        t = t.on(method, "/hooks/{tenant}/{*path}", hooks::hook);
+    }
+    t
+}
+
+/// Every route the API serves: its method and path.
+pub fn served_routes() -> Vec<(Method, &'static str)> {
+    table().served
+}
+
+/// The API's router.
+pub fn router(state: ApiState) -> Router {
+    table()
+        .router
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         // A request body over 1 MiB is refused (413) before it is read further.
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
@@ -170,91 +239,10 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// An answer other than success, as JSON `{"error": {"code", "message"}}`.
-#[derive(Debug)]
-pub enum ApiError {
-    /// 401: no token, or one that is malformed, unknown, revoked or expired.
-    Unauthenticated,
-    /// 403: a tenant token used for another tenant.
-    Forbidden(String),
-    /// 404.
-    NotFound(String),
-    /// 400: the request itself is wrong.
-    BadRequest(String),
-    /// 413: a body over [`BODY_LIMIT`].
-    TooLarge,
-    /// 422: well-formed but refused (a script that does not compile, a bad setting).
-    Refused(String),
-    /// 503: PostgreSQL or NATS did not answer.
-    Unavailable(String),
-}
-
-impl ApiError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    fn code(&self) -> &'static str {
-        match self {
-            ApiError::Unauthenticated => "unauthenticated",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::TooLarge => "too_large",
-            ApiError::Refused(_) => "refused",
-            ApiError::Unavailable(_) => "unavailable",
-        }
-    }
-
-    fn message(&self) -> &str {
-        match self {
-            ApiError::Unauthenticated => {
-                "a valid bearer token is needed (Authorization: Bearer sd_...)"
-            }
-            ApiError::TooLarge => "the request body is over 1 MiB",
-            ApiError::Forbidden(m)
-            | ApiError::NotFound(m)
-            | ApiError::BadRequest(m)
-            | ApiError::Refused(m)
-            | ApiError::Unavailable(m) => m,
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body =
-            serde_json::json!({ "error": { "code": self.code(), "message": self.message() } });
-        let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, ApiError::Unauthenticated) {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("a header"),
-            );
-        }
-        response
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> ApiError {
-        tracing::warn!(error = %e, "An API request's database work failed.");
-        ApiError::Unavailable("the database did not answer; try again".into())
-    }
-}
-
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// A JSON body; a body that is not JSON, or not what the route takes, is a 400 with what
-/// was wrong, as the API's own JSON error.
+/// A JSON body. One that is not JSON, or not what the route takes, is a 400 problem naming
+/// the member (`errors[].pointer`); one over [`BODY_LIMIT`] a 413.
 pub struct Body<T>(pub T);
 
 impl<T, S> axum::extract::FromRequest<S> for Body<T>
@@ -265,17 +253,28 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> ApiResult<Self> {
-        Json::<T>::from_request(request, state)
+        let bytes = axum::body::Bytes::from_request(request, state)
             .await
-            .map(|Json(value)| Body(value))
             .map_err(|e| match e.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
                 _ => ApiError::BadRequest(e.body_text()),
-            })
+            })?;
+        let mut json = serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize(&mut json) {
+            Ok(value) => Ok(Body(value)),
+            Err(e) if e.inner().is_data() => Err(problem::body_error(
+                &e.path().to_string(),
+                &e.inner().to_string(),
+            )),
+            Err(e) => Err(ApiError::BadRequest(format!(
+                "the body is not JSON: {}",
+                e.inner()
+            ))),
+        }
     }
 }
 
-/// Query parameters, answered as [`Body`] is when they are wrong.
+/// Query parameters; a wrong one is a 400 problem naming it (`errors[].parameter`).
 pub struct Params<T>(pub T);
 
 impl<T, S> FromRequestParts<S> for Params<T>
@@ -285,16 +284,31 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Query(value)| Params(value))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> ApiResult<Self> {
+        let query = parts.uri.query().unwrap_or_default();
+        let pairs = form_urlencoded::parse(query.as_bytes());
+        serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs))
+            .map(Params)
+            .map_err(|e| {
+                let inner = e.inner().to_string();
+                let path = e.path().to_string();
+                let named = match problem::body_error(&path, &inner) {
+                    ApiError::Invalid {
+                        field: Field::Pointer(p),
+                        ..
+                    } => p.trim_start_matches('/').to_owned(),
+                    _ => path,
+                };
+                ApiError::Invalid {
+                    field: Field::Parameter(named),
+                    message: inner,
+                    refused: false,
+                }
+            })
     }
 }
 
-/// Path parameters, answered as [`Body`] is when they are wrong (a run id that is not a
-/// number).
+/// Path parameters; a wrong one (a run id that is not a number) is a 400 problem naming it.
 pub struct Route<T>(pub T);
 
 impl<T, S> FromRequestParts<S> for Route<T>
@@ -305,10 +319,34 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        let named = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map(|raw| raw.iter().map(|(k, _)| k.to_owned()).collect::<Vec<_>>())
+            .unwrap_or_default();
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(value)| Route(value))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
+            .map_err(|e| {
+                let key = match &e {
+                    PathRejection::FailedToDeserializePathParams(failed) => match failed.kind() {
+                        ErrorKind::ParseErrorAtKey { key, .. }
+                        | ErrorKind::InvalidUtf8InPathParam { key } => Some(key.clone()),
+                        ErrorKind::ParseErrorAtIndex { index, .. } => named.get(*index).cloned(),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match key {
+                    Some(key) => ApiError::Invalid {
+                        field: Field::Parameter(key),
+                        message: e.body_text(),
+                        refused: false,
+                    },
+                    None => ApiError::BadRequest(e.body_text()),
+                }
+            })
     }
 }
 
@@ -399,4 +437,29 @@ where
         ));
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The router and the document list the same operations: nothing served is left out of
+    /// the document, nothing documented is missing from the router.
+    #[test]
+    fn every_served_route_is_documented_and_every_documented_one_served() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).expect("JSON");
+        let mut documented: Vec<String> = Vec::new();
+        for (path, item) in document["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("an item").keys() {
+                documented.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        let mut served: Vec<String> = served_routes()
+            .into_iter()
+            .map(|(method, path)| format!("{method} {}", path.replace("{*", "{")))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(served, documented);
+    }
 }

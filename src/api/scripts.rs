@@ -6,11 +6,12 @@ use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 
-use super::{audited, ApiError, ApiResult, ApiState, Body, Caller, Params, Route};
+use super::{audited, ApiError, ApiResult, ApiState, Body, Caller, Field, Params, Route};
 use crate::domain::{CatchUp, Overlap, Version};
 use crate::engine::LimitOverrides;
 use crate::retry::RetryOverrides;
-use crate::scripts::manifest::{draft_run, validate_spec};
+use crate::scripts::manifest::{draft_run, validate_spec, SpecError};
+use crate::scripts::route::HttpRoute;
 use crate::scripts::typescript::{compile, Compiled, Lang};
 use crate::store::{ScriptRow, ScriptSpec};
 
@@ -88,6 +89,8 @@ pub struct DeployBody {
     limits: LimitOverrides,
     #[serde(default)]
     retry: RetryOverrides,
+    #[serde(default)]
+    http: Option<HttpRoute>,
 }
 
 pub async fn deploy(
@@ -110,8 +113,9 @@ pub async fn deploy(
             catch_up: body.catch_up,
             limits: body.limits,
             retry: body.retry,
+            http: body.http,
         };
-        validate_spec(&spec).map_err(|e| ApiError::Refused(format!("{e:#}")))?;
+        validate_spec(&spec).map_err(refused_setting)?;
         let run = draft_run(&spec, &state.settings.engine.limits);
         if let Err(failure) = state.engine.validate(run).await {
             return Err(ApiError::Refused(format!(
@@ -162,11 +166,24 @@ async fn live_within(state: &ApiState, tenant: &str, name: &str, version: Versio
 /// `source` compiled, or a 422 naming the syntax error's line and column.
 fn compile_or_refuse(source: String, lang: Lang) -> ApiResult<Compiled> {
     compile(source, lang).map_err(|e| {
-        ApiError::Refused(format!(
-            "syntax error at {}:{}: {}",
-            e.line, e.column, e.message
-        ))
+        ApiError::refused_field(
+            "/source",
+            format!("syntax error at {}:{}: {}", e.line, e.column, e.message),
+        )
     })
+}
+
+/// A deploy's setting refused (422), named: a body member, or the tenant or name of the path.
+fn refused_setting(e: SpecError) -> ApiError {
+    let field = match e.field.as_str() {
+        "tenant" | "name" => Field::Parameter(e.field),
+        member => Field::body(member),
+    };
+    ApiError::Invalid {
+        field,
+        message: e.message,
+        refused: true,
+    }
 }
 
 /// Enables or disables a script.
@@ -349,7 +366,7 @@ pub async fn test(
 ) -> ApiResult<Json<serde_json::Value>> {
     caller.acting_for(&tenant)?;
     crate::subject::validate_event_type(&body.event_type)
-        .map_err(|e| ApiError::Refused(e.to_string()))?;
+        .map_err(|e| ApiError::refused_field("/type", e.to_string()))?;
     let (source, limits) = match body.source {
         Some(source) => {
             let compiled = compile_or_refuse(source, body.lang)?;

@@ -48,9 +48,16 @@ pub async fn put_secret(
     Body(body): Body<SecretBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let work = async {
-        subject::validate_name("secret", &name).map_err(|e| ApiError::Refused(e.to_string()))?;
+        subject::validate_name("secret", &name).map_err(|e| ApiError::Invalid {
+            field: super::Field::Parameter("name".into()),
+            message: e.to_string(),
+            refused: true,
+        })?;
         if body.value.is_empty() {
-            return Err(ApiError::Refused("the secret's value is empty".into()));
+            return Err(ApiError::refused_field(
+                "/value",
+                "the secret's value is empty",
+            ));
         }
         let secret_box = SecretBox::from_config(&state.settings.capabilities.secrets)
             .ok()
@@ -109,8 +116,9 @@ pub async fn put_fetch_allow(
                 "only an operator token changes a tenant's fetch allow list".into(),
             ));
         }
-        for host in &body.hosts {
-            HostRule::parse(host).map_err(ApiError::Refused)?;
+        for (i, host) in body.hosts.iter().enumerate() {
+            HostRule::parse(host)
+                .map_err(|e| ApiError::refused_field(&format!("/hosts/{i}"), e))?;
         }
         state
             .store

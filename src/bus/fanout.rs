@@ -267,7 +267,9 @@ impl Fanout {
                 let due = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
                 self.queue(&job, headers, Some(due)).await
             }
-            Ok(Outcome::Ok | Outcome::DeadLettered(_) | Outcome::Skipped(_)) => Ok(()),
+            Ok(
+                Outcome::Ok | Outcome::DeadLettered(_) | Outcome::Skipped(_) | Outcome::Failed(_),
+            ) => Ok(()),
             Err(_) => Err(BusError::Unsettled(format!(
                 "the attempt of job {} was not recorded",
                 job.id

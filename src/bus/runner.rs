@@ -41,7 +41,9 @@ impl From<Result<Outcome, HandBack>> for Settle {
     fn from(ended: Result<Outcome, HandBack>) -> Settle {
         match ended {
             Ok(Outcome::Retry { after }) => Settle::Nak(Some(after)),
-            Ok(Outcome::Ok | Outcome::DeadLettered(_) | Outcome::Skipped(_)) => Settle::Ack,
+            Ok(
+                Outcome::Ok | Outcome::DeadLettered(_) | Outcome::Skipped(_) | Outcome::Failed(_),
+            ) => Settle::Ack,
             Err(hand_back) => Settle::Nak(hand_back.after),
         }
     }

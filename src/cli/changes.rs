@@ -34,6 +34,11 @@ pub fn describe(settings: &Settings, before: &ScriptSpec, after: &ScriptSpec) ->
         before.catch_up.as_str().into(),
         after.catch_up.as_str().into(),
     );
+    let http = |r: &Option<crate::scripts::route::HttpRoute>| match r {
+        Some(r) => format!("{r} ({})", r.auth.as_str()),
+        None => "none".into(),
+    };
+    note("http", http(&before.http), http(&after.http));
     let table = |name: &str, old, new, defaults| overrides(name, old, new, defaults);
     for (what, old, new) in table(
         "limits",

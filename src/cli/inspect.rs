@@ -340,6 +340,9 @@ pub async fn runs_show(settings: &Settings, args: RunsShowArgs) -> anyhow::Resul
     if let Some(event) = &run.event_id {
         println!("  event:    {event}");
     }
+    if let Some(input) = &run.input {
+        println!("  input:    {input}");
+    }
     if let Some(input) = &run.input_ref {
         println!("  input:    {input} (stream:sequence; `nats stream get` shows it while the stream keeps it)");
     }

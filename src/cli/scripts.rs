@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::engine::{Engine, ScriptRun, ENGINE_NAME};
 use crate::retry::RetryOverrides;
 use crate::scripts::manifest::{self, draft_run, validate_spec, Manifest};
+use crate::scripts::route::HttpRoute;
 use crate::scripts::typescript::{self, Lang};
 use crate::store::{ScriptSpec, Store, ALL_TENANTS};
 use crate::subject;
@@ -46,6 +47,13 @@ pub struct DeployArgs {
     /// Missed occurrences after downtime: none (the latest once) or all (bounded).
     #[arg(long, default_value = "none")]
     pub catch_up: crate::domain::CatchUp,
+    /// An HTTP route, `METHOD /path` (`POST /orders/{id}`): requests to
+    /// `/hooks/<tenant>/orders/42` run the script and get its answer.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Who may call the HTTP route: token (a bearer token acting for the tenant) or public.
+    #[arg(long, default_value = "token", requires = "http")]
+    pub http_auth: crate::scripts::route::Auth,
     /// The script's own limits, over the configured defaults.
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -96,6 +104,12 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
             );
         };
         let compiled = typescript::load(&args.file, args.lang)?;
+        let http = args
+            .http
+            .as_deref()
+            .map(|text| HttpRoute::parse(text, args.http_auth))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--http: {e}"))?;
         let spec = ScriptSpec {
             tenant: tenant.clone(),
             name: name.clone(),
@@ -112,6 +126,7 @@ pub async fn deploy(settings: &Settings, args: DeployArgs) -> anyhow::Result<Exi
                 initial: args.retry_initial,
                 ..Default::default()
             },
+            http,
         };
         validate_spec(&spec)?;
         spec

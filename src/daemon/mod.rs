@@ -181,6 +181,7 @@ impl Daemon {
             shutdown: daemon.shutdown.clone(),
             hard_stop: daemon.hard_stop.clone(),
         };
+        let executor = daemon.executor(&settings, &wiring, &store).await?;
         if !settings.api.listen.is_empty() {
             let state = crate::api::ApiState {
                 store: store.clone(),
@@ -188,6 +189,7 @@ impl Daemon {
                 engine: daemon.engine.clone(),
                 settings: Arc::new(settings.clone()),
                 index: wiring.index.clone(),
+                executor: executor.clone(),
                 trial: Default::default(),
             };
             let bound =
@@ -195,7 +197,6 @@ impl Daemon {
             tracing::info!(address = %bound, "Serving the HTTP API (/v1, /openapi.json).");
             let _ = daemon.stats.api_listening.set(bound);
         }
-        let executor = daemon.executor(&settings, &wiring, &store).await?;
         daemon.spawn_background(&settings, &wiring, store);
         daemon.spawn_consumers(&settings, &wiring, executor).await?;
         daemon.stats.readiness.consuming();

@@ -43,6 +43,8 @@ pub enum Outcome {
     DeadLettered(Failure),
     /// The attempt was recorded without running.
     Skipped(SkipReason),
+    /// The run failed and is not retried: a synchronous run, answered at once.
+    Failed(Failure),
 }
 
 impl Outcome {
@@ -53,6 +55,7 @@ impl Outcome {
             Outcome::Retry { .. } => RunStatus::Retrying,
             Outcome::DeadLettered(_) => RunStatus::DeadLettered,
             Outcome::Skipped(_) => RunStatus::Skipped,
+            Outcome::Failed(_) => RunStatus::Failed,
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::domain::Overlap;
 use crate::domain::{SkipReason, Trigger, Version};
 use crate::engine::{Engine, RunResult};
 use crate::observe::metrics::Metrics;
-use crate::scripts::index::ScriptIndex;
+use crate::scripts::index::{IndexedScript, ScriptIndex};
 use crate::store::{Claim, ClaimRequest, ClaimScope, LockOutcome, RunRecord, Store};
 
 /// How often a schedule job waiting for the overlap lock (queue-one, or a caught-up
@@ -229,7 +229,7 @@ impl Executor {
                 tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Could not release the schedule lock; it expires by itself.");
             }
         }
-        committed.map(|()| outcome)
+        committed.map(|_| outcome)
     }
 
     async fn dead_letter(
@@ -290,6 +290,63 @@ impl Executor {
         }
     }
 
+    /// Runs `job` at once in the `slot` it holds, for an HTTP request: the current version
+    /// of `script`, under its limits, in the job's span. It is not claimed (nothing
+    /// redelivers a request), not retried and not dead-lettered: a failure is answered. Its
+    /// record, with the request as its input, is committed before this returns the run's id.
+    /// `Err` is a script disabled meanwhile (`None`) or a record not written.
+    pub async fn run_now(
+        &self,
+        job: &Job,
+        script: &Arc<IndexedScript>,
+        headers: Option<&async_nats::HeaderMap>,
+        slot: Slot,
+    ) -> Result<(i64, RunResult), Option<HandBack>> {
+        let started_at = Utc::now();
+        let attempt = Attempt {
+            job,
+            number: 1,
+            first_at: started_at,
+            headers,
+        };
+        let span = tracing::Span::current();
+        span.record("attempt", 1);
+        let plan =
+            match attempt::plan(job, Some(script), &self.parts.store, &self.parts.defaults).await {
+                Ok(Ok(plan)) => plan,
+                _ => return Err(None),
+            };
+        span.record("version", plan.version.get());
+        self.parts.metrics.run_started();
+        let traceparent = crate::observe::telemetry::traceparent_of(&span)
+            .or_else(|| header(headers, "traceparent").map(str::to_owned));
+        let result = self.parts.engine.run(plan.run(&attempt, traceparent)).await;
+        drop(slot);
+        let outcome = match &result.outcome {
+            Ok(_) => Outcome::Ok,
+            Err(failure) => Outcome::Failed(failure.clone()),
+        };
+        AttemptEnded {
+            job,
+            attempt: 1,
+            version: Some(plan.version),
+            outcome: &outcome,
+            kind: result.outcome.as_ref().err().map(|f| f.kind.as_str()),
+            took: Some(result.duration),
+        }
+        .emit(&self.parts.stats, &self.parts.metrics);
+        let mut record = run_record(
+            &attempt,
+            Some(plan.version),
+            &outcome,
+            Some(&result),
+            started_at,
+        );
+        record.input = serde_json::from_str(job.event.get()).ok().map(|v| kept(&v));
+        let id = self.commit(record).await.map_err(Some)?;
+        Ok((id, result))
+    }
+
     /// Records `attempt` as skipped for `reason`, and tells of it.
     async fn skip(
         &self,
@@ -308,11 +365,11 @@ impl Executor {
         }
         .emit(&self.parts.stats, &self.parts.metrics);
         let record = run_record(attempt, version, &outcome, None, Utc::now());
-        self.commit(record).await.map(|()| outcome)
+        self.commit(record).await.map(|_| outcome)
     }
 
-    /// Writes the record; only a committed record ends the attempt.
-    async fn commit(&self, record: RunRecord) -> Result<(), HandBack> {
+    /// Writes the record; only a committed record ends the attempt. The run's id.
+    async fn commit(&self, record: RunRecord) -> Result<i64, HandBack> {
         self.parts.records.write(record).await.map_err(|e| {
             self.parts
                 .stats
@@ -379,6 +436,7 @@ fn run_record(
         scheduled_at: job.scheduled_at,
         input_ref: job.input_ref.clone(),
         result: result.and_then(|r| r.outcome.as_ref().ok()).map(kept),
+        input: None,
     }
 }
 

@@ -38,7 +38,7 @@ const TRIES: u32 = 3;
 /// Writes run records in batches (see the module's doc).
 #[derive(Clone)]
 pub struct RecordWriter {
-    batcher: Batcher<RunRecord, Result<(), BatchError>>,
+    batcher: Batcher<RunRecord, Result<i64, BatchError>>,
 }
 
 impl RecordWriter {
@@ -52,15 +52,17 @@ impl RecordWriter {
         let (batcher, task) = Batcher::start(shape, move |records: Vec<RunRecord>| {
             let store = store.clone();
             async move {
-                let outcome = insert_with_retries(&store, &records).await;
-                vec![outcome; records.len()]
+                match insert_with_retries(&store, &records).await {
+                    Ok(ids) => ids.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e); records.len()],
+                }
             }
         });
         (RecordWriter { batcher }, task)
     }
 
-    /// Queues a record and waits until it is committed.
-    pub async fn write(&self, record: RunRecord) -> Result<(), BatchError> {
+    /// Queues a record and waits until it is committed; the run's id.
+    pub async fn write(&self, record: RunRecord) -> Result<i64, BatchError> {
         self.batcher
             .call(record)
             .await
@@ -68,18 +70,18 @@ impl RecordWriter {
     }
 }
 
-async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<(), BatchError> {
+async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<Vec<i64>, BatchError> {
     let mut last = BatchError::Stopped("run-record writer");
     for attempt in 1..=TRIES {
         // A try whose answer was lost with its connection may have been committed: sent
         // again, it would record those runs twice.
-        if let (true, Some(first)) = (attempt > 1, records.first()) {
-            if store.run_recorded(first).await.unwrap_or(false) {
-                return Ok(());
+        if attempt > 1 {
+            if let Ok(Some(ids)) = store.recorded_ids(records).await {
+                return Ok(ids);
             }
         }
         match store.insert_runs(records).await {
-            Ok(()) => return Ok(()),
+            Ok(ids) => return Ok(ids),
             Err(e) => {
                 tracing::warn!(records = records.len(), attempt, error = %e, "Writing run records failed.");
                 last = e.into();

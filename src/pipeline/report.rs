@@ -24,6 +24,8 @@ pub struct AttemptStats {
     pub dead_lettered: AtomicU64,
     /// Attempts recorded as skipped (see `SkipReason`).
     pub skipped: AtomicU64,
+    /// Synchronous runs (HTTP requests) that failed; they are not retried.
+    pub failed: AtomicU64,
     /// Jobs handed back unfinished (shutdown, or their record could not be written).
     pub returned: AtomicU64,
     /// Deliveries of a job whose attempt another replica held: handed back to wait.
@@ -63,6 +65,7 @@ impl AttemptEnded<'_> {
             RunStatus::Retrying => &stats.retried,
             RunStatus::DeadLettered => &stats.dead_lettered,
             RunStatus::Skipped => &stats.skipped,
+            RunStatus::Failed => &stats.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         metrics.run_finished(&job.tenant, status.as_str(), kind, took);
@@ -76,6 +79,9 @@ impl AttemptEnded<'_> {
         match outcome {
             Outcome::DeadLettered(_) => {
                 tracing::warn!(%tenant, %script, job = %id, version, attempt, kind, duration_ms, "Job dead-lettered.")
+            }
+            Outcome::Failed(_) => {
+                tracing::info!(%tenant, %script, job = %id, version, kind, duration_ms, "Synchronous run failed.")
             }
             Outcome::Skipped(_) => {
                 tracing::info!(%tenant, %script, job = %id, version, attempt, reason = kind, "Job skipped.")

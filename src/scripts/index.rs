@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::Version;
 use crate::engine::{LimitOverrides, Limits};
 use crate::retry::{RetryOverrides, RetryPolicy};
+use crate::scripts::route::HttpRoute;
 use crate::store::{ScriptRow, Store, ALL_TENANTS};
 use crate::subject;
 
@@ -45,6 +46,21 @@ pub struct IndexedScript {
     pub limits: LimitOverrides,
     /// The script's own retry settings, over the global policy.
     pub retry: RetryOverrides,
+    /// The HTTP route that runs the script, if any.
+    pub http: Option<HttpRoute>,
+}
+
+/// What a request path finds among a tenant's routes.
+pub enum Routed {
+    /// The script whose route matches, with the path's parameters.
+    Found(
+        Arc<IndexedScript>,
+        serde_json::Map<String, serde_json::Value>,
+    ),
+    /// Routes match the path, with other methods (these).
+    OtherMethods(Vec<String>),
+    /// No route matches.
+    None,
 }
 
 impl IndexedScript {
@@ -94,6 +110,7 @@ impl Snapshot {
                     catch_up: spec.catch_up,
                     limits: spec.limits,
                     retry: spec.retry,
+                    http: spec.http,
                 }));
         }
         Snapshot { by_tenant }
@@ -118,6 +135,39 @@ impl Snapshot {
             .values()
             .flatten()
             .filter(|s| s.enabled && s.cron.is_some())
+    }
+
+    /// The enabled script of `tenant` whose route takes `method` and `path` (the most
+    /// specific, when several match).
+    pub fn route(&self, tenant: &str, method: &str, path: &str) -> Routed {
+        let mut best: Option<(usize, &Arc<IndexedScript>, serde_json::Map<_, _>)> = None;
+        let mut others = Vec::new();
+        let routes = self
+            .by_tenant
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .filter(|s| s.enabled)
+            .filter_map(|s| Some((s, s.http.as_ref()?)));
+        for (script, route) in routes {
+            let Some((params, score)) = route.matches(path) else {
+                continue;
+            };
+            if route.method != method {
+                others.push(route.method.clone());
+            } else if best.as_ref().is_none_or(|(s, ..)| score > *s) {
+                best = Some((score, script, params));
+            }
+        }
+        match best {
+            Some((_, script, params)) => Routed::Found(script.clone(), params),
+            None if !others.is_empty() => {
+                others.sort();
+                others.dedup();
+                Routed::OtherMethods(others)
+            }
+            None => Routed::None,
+        }
     }
 
     pub fn get(&self, tenant: &str, name: &str) -> Option<&Arc<IndexedScript>> {

@@ -41,6 +41,9 @@ pub struct Manifest {
     /// The script's own retry settings (`[retry]`), over the global policy.
     #[serde(default)]
     pub retry: RetryOverrides,
+    /// An HTTP route (`[http]` with `method`, `path` and `auth`: `token`, the default, or
+    /// `public`): requests to `/hooks/<tenant><path>` run the script.
+    pub http: Option<crate::scripts::route::HttpRoute>,
     /// An event `scriptd dev` publishes after deploying, to show the script at work.
     pub example: Option<ExampleEvent>,
 }
@@ -82,8 +85,9 @@ impl Manifest {
             catch_up: manifest.catch_up,
             limits: manifest.limits,
             retry: manifest.retry,
+            http: manifest.http.clone(),
         };
-        validate_spec(&spec)?;
+        validate_spec(&spec).with_context(|| format!("checking {}", path.display()))?;
         Ok((manifest, spec))
     }
 }
@@ -121,56 +125,111 @@ pub fn test_event(
     })
 }
 
-/// Checks names and patterns of a deploy before anything is compiled or stored.
-pub fn validate_spec(spec: &ScriptSpec) -> anyhow::Result<()> {
-    subject::validate_name("tenant", &spec.tenant)?;
-    subject::validate_name("script", &spec.name)?;
-    for pattern in &spec.subjects {
-        subject::validate_pattern(pattern)?;
+/// A deploy refused before anything is compiled or stored, and the setting it is about
+/// (`on[0]`, `cron`, `limits.timeout`, `http.path`; `tenant` and `name` for the names).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    /// The setting, as the API's deploy body names it.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn refuse(field: impl Into<String>, message: impl std::fmt::Display) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.to_string(),
+    }
+}
+
+/// Checks names, patterns, the schedule, the route and the limits of a deploy before
+/// anything is compiled or stored.
+pub fn validate_spec(spec: &ScriptSpec) -> Result<(), SpecError> {
+    subject::validate_name("tenant", &spec.tenant).map_err(|e| refuse("tenant", e))?;
+    subject::validate_name("script", &spec.name).map_err(|e| refuse("name", e))?;
+    for (i, pattern) in spec.subjects.iter().enumerate() {
+        let field = format!("on[{i}]");
+        subject::validate_pattern(pattern).map_err(|e| refuse(&field, e))?;
         // `events.acme.order.created` for tenant acme: a whole subject where the type
         // relative to the tenant belongs; it would only match `<prefix>.acme.events.acme...`.
         let tokens: Vec<&str> = pattern.split('.').collect();
         if tokens.len() > 2 && tokens[1] == spec.tenant {
-            anyhow::bail!(
-                "{pattern:?} looks like a whole subject: give the event type relative to the \
-                 tenant, as in {:?}",
-                tokens[2..].join(".")
-            );
+            return Err(refuse(
+                field,
+                format!(
+                    "{pattern:?} looks like a whole subject: give the event type relative to \
+                     the tenant, as in {:?}",
+                    tokens[2..].join(".")
+                ),
+            ));
         }
     }
     match &spec.cron {
         Some(cron) => {
-            crate::schedule::Schedule::parse(cron, &spec.timezone).map_err(anyhow::Error::msg)?;
+            crate::schedule::Schedule::parse(cron, &spec.timezone).map_err(|e| {
+                let field = if e.contains("time zone") {
+                    "timezone"
+                } else {
+                    "cron"
+                };
+                refuse(field, e)
+            })?;
         }
-        None if spec.timezone != "UTC" => anyhow::bail!(
-            "a time zone ({}) is for a schedule, and {}/{} has none (--cron)",
-            spec.timezone,
-            spec.tenant,
-            spec.name
-        ),
+        None if spec.timezone != "UTC" => {
+            return Err(refuse(
+                "timezone",
+                format!(
+                    "a time zone ({}) is for a schedule, and {}/{} has none (--cron)",
+                    spec.timezone, spec.tenant, spec.name
+                ),
+            ))
+        }
         None => {}
+    }
+    if let Some(route) = &spec.http {
+        route.validate().map_err(|e| {
+            let field = if e.starts_with("http method") {
+                "http.method"
+            } else {
+                "http.path"
+            };
+            refuse(field, e)
+        })?;
     }
     let limits = &spec.limits;
     for (what, zero) in [
-        ("timeout", limits.timeout.is_some_and(|t| t.is_zero())),
-        ("cpu_time", limits.cpu_time.is_some_and(|t| t.is_zero())),
-        ("heap", limits.heap.is_some_and(|h| h.0 == 0)),
-        ("max_attempts", spec.retry.max_attempts == Some(0)),
+        (
+            "limits.timeout",
+            limits.timeout.is_some_and(|t| t.is_zero()),
+        ),
+        (
+            "limits.cpu_time",
+            limits.cpu_time.is_some_and(|t| t.is_zero()),
+        ),
+        ("limits.heap", limits.heap.is_some_and(|h| h.0 == 0)),
+        ("retry.max_attempts", spec.retry.max_attempts == Some(0)),
     ] {
         if zero {
-            anyhow::bail!(
-                "{what} of {}/{} is 0: no run could succeed",
-                spec.tenant,
-                spec.name
-            );
+            let name = what.split_once('.').map_or(what, |(_, n)| n);
+            return Err(refuse(
+                what,
+                format!(
+                    "{name} of {}/{} is 0: no run could succeed",
+                    spec.tenant, spec.name
+                ),
+            ));
         }
     }
-    if spec.subjects.is_empty() && spec.cron.is_none() {
-        anyhow::bail!(
-            "{}/{} has no trigger: give a subject pattern (--on 'order.*') or a schedule (--cron)",
-            spec.tenant,
-            spec.name
-        );
+    if spec.subjects.is_empty() && spec.cron.is_none() && spec.http.is_none() {
+        return Err(refuse(
+            "on",
+            format!(
+                "{}/{} has no trigger: give a subject pattern (--on 'order.*'), a schedule \
+                 (--cron) or an HTTP route (--http 'POST /orders')",
+                spec.tenant, spec.name
+            ),
+        ));
     }
     Ok(())
 }

@@ -36,6 +36,9 @@ pub enum StoreError {
     /// The `[database]` settings cannot work (an unparsable URL).
     #[error("{0}")]
     Config(String),
+    /// What was asked collides with what is stored (a route another script has).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// The store's results.

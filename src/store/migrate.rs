@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0006_typescript.sql"),
     ),
     (7, "api", include_str!("../../migrations/0007_api.sql")),
+    (
+        8,
+        "http_routes",
+        include_str!("../../migrations/0008_http_routes.sql"),
+    ),
 ];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.

@@ -52,6 +52,9 @@ pub struct RunRecord {
     pub input_ref: Option<String>,
     /// The handler's return value (JSON up to `RESULT_KEPT`; past that a note of its size).
     pub result: Option<serde_json::Value>,
+    /// The input itself, for runs whose input is kept nowhere else (HTTP requests), JSON up
+    /// to `RESULT_KEPT` like the result.
+    pub input: Option<serde_json::Value>,
 }
 
 /// How much of a return value a run record keeps, as JSON.
@@ -84,24 +87,32 @@ impl Store {
         self.all_tenants_query(sql, params).await.map(drop)
     }
 
-    /// Whether the attempt of `record` (same job, attempt and start) is in `runs`. A batch
-    /// is inserted by one statement, all or nothing, so one of its records tells whether a
-    /// batch whose answer was lost with its connection was committed.
-    pub async fn run_recorded(&self, record: &RunRecord) -> Result<bool> {
+    /// The ids of `records` if they are in `runs` (same job, attempt and start), in their
+    /// order; none if they are not. A batch is inserted by one statement, all or nothing,
+    /// so this tells whether a batch whose answer was lost with its connection was committed.
+    pub async fn recorded_ids(&self, records: &[RunRecord]) -> Result<Option<Vec<i64>>> {
+        let jobs: Vec<&str> = records.iter().map(|r| r.job_id.as_str()).collect();
+        let attempts: Vec<i32> = records.iter().map(|r| r.attempt).collect();
+        let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
         let rows = self
             .all_tenants_query(
-                "SELECT 1 FROM runs WHERE job_id = $1 AND attempt = $2 AND started_at = $3",
-                &[&record.job_id, &record.attempt, &record.started_at],
+                "SELECT r.id, r.job_id, r.attempt FROM runs r
+                 JOIN unnest($1::text[], $2::int[], $3::timestamptz[]) AS k(job_id, attempt, at)
+                   ON r.job_id = k.job_id AND r.attempt = k.attempt AND r.started_at = k.at",
+                &[&jobs, &attempts, &started],
             )
             .await?;
-        Ok(!rows.is_empty())
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(in_order(records, &rows)))
     }
 
     /// Inserts a batch of run records in one statement (so all or none of them are
-    /// committed; see `run_recorded`), releasing their attempts' claims.
-    pub async fn insert_runs(&self, records: &[RunRecord]) -> Result<()> {
+    /// committed; see `recorded_ids`), releasing their attempts' claims; their ids, in order.
+    pub async fn insert_runs(&self, records: &[RunRecord]) -> Result<Vec<i64>> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         macro_rules! column {
             ($field:ident) => {
@@ -115,65 +126,91 @@ impl Store {
             .iter()
             .map(|r| r.result.as_ref().map(|v| v.to_string()))
             .collect();
-        self.all_tenants_statement(
-            "WITH t AS (
+        let inputs: Vec<Option<String>> = records
+            .iter()
+            .map(|r| r.input.as_ref().map(|v| v.to_string()))
+            .collect();
+        let rows = self
+            .all_tenants_query(
+                "WITH t AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[],
                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
                     $12::text[], $13::text[], $14::bool[], $15::bool[], $16::timestamptz[],
-                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[])
+                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[], $21::text[])
                 AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                     status, failure_kind, failure_message, failure_stack, logs,
                     logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                    input_ref, result)
+                    input_ref, result, input)
              ), inserted AS (
                 INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
                     event_id, status, failure_kind, failure_message, failure_stack, logs,
                     logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                    input_ref, result)
+                    input_ref, result, input)
                 SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger,
                     t.subject, t.event_id, t.status, t.failure_kind, t.failure_message,
                     t.failure_stack, t.logs::jsonb, t.logs_truncated, t.cold_start,
                     t.started_at, t.duration_ms, t.scheduled_at, t.input_ref,
-                    t.result::jsonb
+                    t.result::jsonb, t.input::jsonb
                 FROM t
+                RETURNING id, job_id, attempt
+             ), released AS (
+                -- The record releases the attempt's claim in the same statement: a retried
+                -- attempt opens the next one, any other status ends the job.
+                INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
+                    claimed_at, lease_until, first_claimed_at)
+                SELECT DISTINCT ON (job_id) job_id, tenant, attempt,
+                    CASE WHEN status = 'retrying' THEN 'open' ELSE 'ended' END, '', started_at,
+                    now(), started_at
+                -- A synchronous run (HTTP) was never claimed: nothing redelivers it.
+                FROM t WHERE trigger <> 'http' ORDER BY job_id, attempt DESC
+                ON CONFLICT (job_id) DO UPDATE SET
+                    state = EXCLUDED.state, attempt = EXCLUDED.attempt, lease_until = now()
+                WHERE c.state <> 'ended' AND c.attempt <= EXCLUDED.attempt
              )
-             -- The record releases the attempt's claim in the same statement: a retried
-             -- attempt opens the next one, any other status ends the job.
-             INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
-                claimed_at, lease_until, first_claimed_at)
-             SELECT DISTINCT ON (job_id) job_id, tenant, attempt,
-                CASE WHEN status = 'retrying' THEN 'open' ELSE 'ended' END, '', started_at,
-                now(), started_at
-             FROM t ORDER BY job_id, attempt DESC
-             ON CONFLICT (job_id) DO UPDATE SET
-                state = EXCLUDED.state, attempt = EXCLUDED.attempt, lease_until = now()
-             WHERE c.state <> 'ended' AND c.attempt <= EXCLUDED.attempt",
-            &[
-                &column!(tenant),
-                &column!(script),
-                &column!(version),
-                &column!(job_id),
-                &column!(attempt),
-                &trigger,
-                &column!(subject),
-                &column!(event_id),
-                &status,
-                &column!(failure_kind),
-                &column!(failure_message),
-                &column!(failure_stack),
-                &logs,
-                &column!(logs_truncated),
-                &column!(cold_start),
-                &column!(started_at),
-                &column!(duration_ms),
-                &column!(scheduled_at),
-                &column!(input_ref),
-                &results,
-            ],
-        )
-        .await?;
-        Ok(())
+             SELECT id, job_id, attempt FROM inserted",
+                &[
+                    &column!(tenant),
+                    &column!(script),
+                    &column!(version),
+                    &column!(job_id),
+                    &column!(attempt),
+                    &trigger,
+                    &column!(subject),
+                    &column!(event_id),
+                    &status,
+                    &column!(failure_kind),
+                    &column!(failure_message),
+                    &column!(failure_stack),
+                    &logs,
+                    &column!(logs_truncated),
+                    &column!(cold_start),
+                    &column!(started_at),
+                    &column!(duration_ms),
+                    &column!(scheduled_at),
+                    &column!(input_ref),
+                    &results,
+                    &inputs,
+                ],
+            )
+            .await?;
+        Ok(in_order(records, &rows))
     }
+}
+
+/// The ids of `rows` (id, job id, attempt) in the order of `records`; 0 for one not found.
+fn in_order(records: &[RunRecord], rows: &[tokio_postgres::Row]) -> Vec<i64> {
+    let ids: std::collections::HashMap<(String, i32), i64> = rows
+        .iter()
+        .map(|r| ((r.get(1), r.get(2)), r.get(0)))
+        .collect();
+    records
+        .iter()
+        .map(|r| {
+            ids.get(&(r.job_id.clone(), r.attempt))
+                .copied()
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// What the overlap lock said.
@@ -304,7 +341,8 @@ impl std::ops::Deref for StoredRun {
 
 const STORED_RUN_COLUMNS: &str = "id, tenant, script, version, job_id, attempt, trigger,
     subject, event_id, status, failure_kind, failure_message, failure_stack, logs,
-    logs_truncated, cold_start, started_at, duration_ms, scheduled_at, input_ref, result";
+    logs_truncated, cold_start, started_at, duration_ms, scheduled_at, input_ref, result,
+    input";
 
 impl Store {
     /// Runs matching `filter`, newest first.
@@ -422,6 +460,7 @@ fn stored_run(r: &tokio_postgres::Row) -> Result<StoredRun> {
             scheduled_at: r.get(18),
             input_ref: r.get(19),
             result: r.get(20),
+            input: r.get(21),
         },
     })
 }

@@ -4,12 +4,13 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::error::{bad_data, Doing, Result};
+use super::error::{bad_data, Doing, Result, StoreError};
 use super::{scoped, Store, ALL_TENANTS};
 use crate::domain::Version;
 use crate::domain::{CatchUp, Overlap};
 use crate::engine::LimitOverrides;
 use crate::retry::RetryOverrides;
+use crate::scripts::route::HttpRoute;
 
 /// What a deploy asks for.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -39,6 +40,8 @@ pub struct ScriptSpec {
     pub limits: LimitOverrides,
     /// The script's own retry settings, over the global policy.
     pub retry: RetryOverrides,
+    /// The HTTP route that runs the script, if any.
+    pub http: Option<HttpRoute>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -85,8 +88,27 @@ impl ScriptSpec {
         if let Some(cron) = &self.cron {
             parts.push(format!("cron {cron} ({})", self.timezone));
         }
+        if let Some(route) = &self.http {
+            parts.push(format!("http {route} ({})", route.auth.as_str()));
+        }
         parts.join(", ")
     }
+}
+
+/// A stored route, read back.
+fn stored_route(
+    method: Option<String>,
+    path: Option<String>,
+    auth: String,
+) -> Result<Option<HttpRoute>> {
+    let (Some(method), Some(path)) = (method, path) else {
+        return Ok(None);
+    };
+    Ok(Some(HttpRoute {
+        method,
+        path,
+        auth: auth.parse().map_err(|e| bad_data("http route", e))?,
+    }))
 }
 
 pub fn sha256_hex(source: &str) -> String {
@@ -99,7 +121,7 @@ pub const NOTIFY_CHANNEL: &str = "scriptd_scripts";
 const SELECT_CURRENT: &str =
     "SELECT s.id, s.tenant, s.name, s.enabled, s.current_version, s.subjects,
         s.cron, s.timezone, s.limits, s.retry, v.sha256, v.source, s.overlap, s.catch_up,
-        v.typescript
+        v.typescript, s.http_method, s.http_path, s.http_auth
     FROM scripts s
     JOIN script_versions v ON v.script_id = s.id AND v.version = s.current_version";
 
@@ -114,6 +136,25 @@ impl Store {
         let sha = sha256_hex(spec.typescript.as_deref().unwrap_or(&spec.source));
         let limits = serde_json::to_value(spec.limits).map_err(|e| bad_data("limits", e))?;
         let retry = serde_json::to_value(spec.retry).map_err(|e| bad_data("retry policy", e))?;
+        let route = spec.http.as_ref();
+        let (method, path) = (route.map(|r| &r.method), route.map(|r| &r.path));
+        let auth = route.map_or("token", |r| r.auth.as_str());
+        let key = route.map(HttpRoute::key);
+        if let Some(key) = &key {
+            let taken = tx
+                .query_opt(
+                    "SELECT name FROM scripts WHERE tenant = $1 AND http_key = $2 AND name <> $3",
+                    &[&spec.tenant, key, &spec.name],
+                )
+                .await?;
+            if let Some(row) = taken {
+                let other: String = row.get(0);
+                return Err(StoreError::Conflict(format!(
+                    "the route {key} of tenant {} is taken by script {other}",
+                    spec.tenant
+                )));
+            }
+        }
         let existing = tx
             .query_opt(
                 "SELECT s.id, s.current_version, v.sha256 FROM scripts s
@@ -131,7 +172,9 @@ impl Store {
                 let version = if unchanged { current } else { current.next() };
                 tx.execute(
                     "UPDATE scripts SET current_version = $2, subjects = $3, cron = $4,
-                        timezone = $5, limits = $6, retry = $7, updated_at = now()
+                        timezone = $5, limits = $6, retry = $7, overlap = $8, catch_up = $9,
+                        http_method = $10, http_path = $11, http_auth = $12, http_key = $13,
+                        updated_at = now()
                      WHERE id = $1",
                     &[
                         &id,
@@ -141,6 +184,12 @@ impl Store {
                         &spec.timezone,
                         &limits,
                         &retry,
+                        &spec.overlap.as_str(),
+                        &spec.catch_up.as_str(),
+                        &method,
+                        &path,
+                        &auth,
+                        &key,
                     ],
                 )
                 .await?;
@@ -150,8 +199,10 @@ impl Store {
                 let row = tx
                     .query_one(
                         "INSERT INTO scripts (tenant, name, current_version, subjects, cron,
-                            timezone, limits, retry, overlap, catch_up)
-                         VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                            timezone, limits, retry, overlap, catch_up, http_method, http_path,
+                            http_auth, http_key)
+                         VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                         RETURNING id",
                         &[
                             &spec.tenant,
                             &spec.name,
@@ -162,6 +213,10 @@ impl Store {
                             &retry,
                             &spec.overlap.as_str(),
                             &spec.catch_up.as_str(),
+                            &method,
+                            &path,
+                            &auth,
+                            &key,
                         ],
                     )
                     .await?;
@@ -270,6 +325,7 @@ impl Store {
                             .map_err(|e| bad_data("limits", e))?,
                         retry: serde_json::from_value(r.get(9))
                             .map_err(|e| bad_data("retry policy", e))?,
+                        http: stored_route(r.get(15), r.get(16), r.get(17))?,
                     },
                 })
             })

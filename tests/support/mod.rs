@@ -3,6 +3,7 @@
 //! clean-up of all of it.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod http;
 pub mod otlp;
 
