@@ -1,6 +1,7 @@
 //! `scriptd dev` on the bundled examples, as the README runs it: every example deploys, and
 //! the order example's chain (key-value, publish, secret, fetch of the local billing API)
-//! ends in an invoice.
+//! ends in an invoice; the HTTP API is on with an operator token, and the HTTP example
+//! takes an order as printed.
 
 mod support;
 
@@ -79,6 +80,39 @@ async fn the_examples_run_their_whole_chain() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The API is on, with an operator token, and the HTTP example takes an order that the
+    // order and invoice scripts then handle, all as printed.
+    let lines = printed.lock().unwrap().clone();
+    let after = |start: &str, end: &str| -> String {
+        let line = lines.iter().find(|l| l.contains(start)).expect(start);
+        let rest = &line[line.find(start).unwrap() + start.len()..];
+        rest.split(end).next().unwrap().to_owned()
+    };
+    let hook = after("curl -X POST ", " ");
+    let token = after("export API_TOKEN=", " ");
+    let runs_url = after("$API_TOKEN\" ", " ");
+    let http = reqwest::Client::new();
+    let taken = http
+        .post(&hook)
+        .header("content-type", "application/json")
+        .body(r#"{"id":"o-3","items":[{"price":4,"qty":1}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status(), reqwest::StatusCode::ACCEPTED);
+    let listed = http
+        .get(&runs_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), reqwest::StatusCode::OK);
+    env.wait_for_runs(Duration::from_secs(30), |runs| {
+        runs.iter().any(|r| {
+            r.script == "order-created" && r.status == "ok" && r.logs.to_string().contains("o-3")
+        })
+    })
+    .await;
     drop(child);
     let _ = std::fs::remove_dir_all(&data);
     env.cleanup().await;

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use clap::Args;
@@ -52,39 +51,9 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
     );
     println!("  CPU per message: {}", cpu_raw.per_item(args.events));
 
-    let mut s = settings.clone();
-    let db_name = format!("scriptd_{id}");
-    let base: tokio_postgres::Config = s.database.url.parse().context("database.url")?;
-    let mut admin = base.clone();
-    admin.dbname("postgres");
-    let (admin, connection) = admin
-        .connect(tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL")?;
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name}"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db_name}"))
-        .await?;
-    s.database.url = replace_dbname(&s.database.url, &db_name);
-    s.nats.events_prefix = format!("{id}.events");
-    s.nats.jobs_prefix = format!("{id}.jobs");
-    s.nats.dlq_prefix = format!("{id}.dlq");
-    s.nats.stream_prefix = id.to_uppercase();
-    let result = end_to_end(&s, &js, &args).await;
-
-    for name in [
-        s.nats.events_stream(),
-        s.nats.jobs_stream(),
-        s.nats.dlq_stream(),
-    ] {
-        let _ = js.delete_stream(name).await;
-    }
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .await?;
+    let scratch = super::Scratch::new(settings, &id).await?;
+    let result = end_to_end(&scratch.settings, &js, &args).await;
+    scratch.remove(&js).await?;
     result?.print(raw, &args);
     Ok(ExitCode::SUCCESS)
 }
@@ -137,19 +106,6 @@ impl EndToEnd {
             list(&self.rss.1),
             list(&self.rss.2)
         );
-    }
-}
-
-fn replace_dbname(url: &str, name: &str) -> String {
-    match url.rsplit_once('/') {
-        Some((head, tail)) if !tail.contains('@') => {
-            let query = tail
-                .split_once('?')
-                .map(|(_, q)| format!("?{q}"))
-                .unwrap_or_default();
-            format!("{head}/{name}{query}")
-        }
-        _ => format!("{url} dbname={name}"),
     }
 }
 
@@ -250,7 +206,6 @@ async fn end_to_end(
     js: &jetstream::Context,
     args: &PipelineBenchArgs,
 ) -> anyhow::Result<EndToEnd> {
-    Store::migrate(&s.database).await?;
     let store = Store::connect(&s.database).await?;
     store
         .deploy(&ScriptSpec {

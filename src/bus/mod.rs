@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod lanes;
 pub mod replay;
 pub mod runner;
+pub mod streams;
 pub mod ticker;
 
 use std::sync::Arc;
@@ -27,7 +28,8 @@ use error::{BusError, Doing, Result};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// The NATS server to connect to; JetStream must be enabled on it.
+    /// The NATS server to connect to, JetStream enabled; several (a cluster's nodes)
+    /// separated by commas.
     pub url: String,
     /// Events arrive on `<events_prefix>.<tenant>.<type...>`.
     pub events_prefix: String,
@@ -60,6 +62,8 @@ pub struct NatsConfig {
     /// is queued in its tenant's lane as a job instead.
     #[serde(with = "duration_str")]
     pub direct_wait: Duration,
+    /// Each stream's replicas, storage and limits (`[nats.streams.events]`, ...).
+    pub streams: streams::Streams,
 }
 
 impl Default for NatsConfig {
@@ -77,11 +81,22 @@ impl Default for NatsConfig {
             ack_wait: Duration::from_secs(30),
             direct_runs: true,
             direct_wait: Duration::from_millis(50),
+            streams: Default::default(),
         }
     }
 }
 
 impl NatsConfig {
+    /// The servers of `url`: one, or several separated by commas (the nodes of a cluster;
+    /// the client also learns the others from the one it reaches).
+    pub fn servers(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.stream_prefix)
     }
@@ -282,7 +297,7 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client> {
                 other => tracing::debug!(event = %other, "NATS event."),
             }
         })
-        .connect(&config.url)
+        .connect(config.servers())
         .await
         .map_err(|source| BusError::Unavailable {
             url: config.url.clone(),
@@ -317,21 +332,23 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
         } else {
             stream::RetentionPolicy::Limits
         };
-        let wanted = stream::Config {
+        let mut wanted = stream::Config {
             name: name.clone(),
             subjects: vec![subject],
             description: Some(description.into()),
             retention,
-            storage: stream::StorageType::File,
             duplicate_window: config.duplicate_window,
-            max_age: if name == config.dlq_stream() {
-                Duration::ZERO
-            } else {
-                config.max_age
-            },
             allow_direct: true,
             ..Default::default()
         };
+        let (settings, default_age) = if name == config.events_stream() {
+            (&config.streams.events, config.max_age)
+        } else if name == config.jobs_stream() {
+            (&config.streams.jobs, config.max_age)
+        } else {
+            (&config.streams.dlq, Duration::ZERO)
+        };
+        settings.apply(&mut wanted, default_age);
         match js.get_stream(&name).await {
             Ok(mut existing) => {
                 let found = existing
@@ -339,12 +356,21 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
                     .await
                     .doing(|| format!("reading stream {name}"))?
                     .config
-                    .retention;
-                if found != retention {
+                    .clone();
+                if found.retention != retention {
                     return Err(BusError::Stream(format!(
-                        "stream {name} has {found:?} retention, this scriptd needs {retention:?}: \
+                        "stream {name} has {:?} retention, this scriptd needs {retention:?}: \
                          it was made by an earlier scriptd. Stop every replica, let them finish \
-                         their jobs, delete the stream (nats stream rm {name}) and start again"
+                         their jobs, delete the stream (nats stream rm {name}) and start again",
+                        found.retention
+                    )));
+                }
+                if found.storage != wanted.storage {
+                    return Err(BusError::Stream(format!(
+                        "stream {name} keeps its messages in {:?} storage and the settings ask \
+                         for {:?}: JetStream cannot change that in place. Keep the setting, or \
+                         drain the stream, delete it (nats stream rm {name}) and start again",
+                        found.storage, wanted.storage
                     )));
                 }
                 js.update_stream(&wanted)

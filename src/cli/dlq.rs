@@ -117,7 +117,7 @@ async fn open(
     async_nats::jetstream::Context,
     async_nats::jetstream::stream::Stream,
 )> {
-    let client = async_nats::connect(&settings.nats.url)
+    let client = async_nats::connect(settings.nats.servers())
         .await
         .with_context(|| {
             format!(

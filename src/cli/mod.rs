@@ -227,6 +227,9 @@ pub enum BenchCommand {
     Pipeline(crate::bench::pipeline::PipelineBenchArgs),
     /// The one-time TypeScript compile at deploy, for a 1 KiB and a 100 KiB handler.
     Typescript(crate::bench::typescript::TypeScriptBenchArgs),
+    /// Requests/s and latency of a trivial HTTP-triggered script under wrk (uses the
+    /// configured NATS and PostgreSQL, with throw-away streams and database).
+    Hooks(crate::bench::hooks::HooksBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -410,6 +413,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Engine(args)) => {
             block_on(crate::bench::engine::engine(&settings.engine, args))
+        }
+        Command::Bench(BenchCommand::Hooks(args)) => {
+            block_on(crate::bench::hooks::hooks(&settings, args))
         }
         Command::Bench(BenchCommand::Typescript(args)) => {
             crate::bench::typescript::typescript(args)

@@ -97,7 +97,7 @@ pub async fn publish(settings: &Settings, args: PublishArgs) -> anyhow::Result<E
             );
         }
     }
-    let client = async_nats::connect(&settings.nats.url)
+    let client = async_nats::connect(settings.nats.servers())
         .await
         .with_context(|| format!("connecting to NATS at {}", settings.nats.url))?;
     let js = async_nats::jetstream::new(client);

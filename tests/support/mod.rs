@@ -138,7 +138,7 @@ impl TestEnv {
         let store = Store::connect(&settings.database).await.expect("store");
         let nats = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
-            .connect(nats_url)
+            .connect(settings.nats.servers())
             .await
             .expect("NATS");
         let js = async_nats::jetstream::new(nats.clone());

@@ -23,14 +23,19 @@ pub fn this_binary() -> String {
 }
 
 /// The banner's last lines: what to try, and where to look.
-pub fn hints(tenant: &str) -> String {
+pub fn hints(tenant: &str, api: &super::DevApi) -> String {
     let bin = this_binary();
+    let (url, token) = (&api.url, &api.token);
     format!(
         "dev: the daemon is running (Ctrl-C stops it); each run is printed below as it is recorded.\n\
          dev: try   {bin} events publish {tenant} order.created '{{\"id\":\"o-2\",\"items\":[{{\"price\":3,\"qty\":2}}]}}'\n\
+         dev:       curl -X POST {url}/hooks/{tenant}/orders -H 'content-type: application/json' -d '{{\"id\":\"o-3\",\"items\":[{{\"price\":4,\"qty\":1}}]}}'\n\
          dev: look  {bin} runs list --tenant {tenant}\n\
          dev:       {bin} runs show <ID>        (input, logs, failure and stack of one run)\n\
-         dev:       {bin} dlq list              (jobs that exhausted their retries)"
+         dev:       {bin} dlq list              (jobs that exhausted their retries)\n\
+         dev: API   {url}/openapi.json; an operator token for this session (shown once, valid a day):\n\
+         dev:       export API_TOKEN={token}\n\
+         dev:       curl -H \"Authorization: Bearer $API_TOKEN\" {url}/v1/tenants/{tenant}/runs"
     )
 }
 

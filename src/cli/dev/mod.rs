@@ -1,8 +1,9 @@
 //! `scriptd dev`: everything on one machine. Uses NATS and PostgreSQL at the configured URLs
 //! when they answer, otherwise starts them from binaries on PATH (throw-away data under
 //! `target/dev/`); migrates, sets up what the examples use (a secrets key, a secret, a
-//! local billing API on the tenant's fetch allow list, a key-value setting), deploys
-//! `scripts-examples/`, publishes each example's event and runs the daemon until Ctrl-C.
+//! local billing API on the tenant's fetch allow list, a key-value setting), serves the
+//! HTTP API with an operator token made for the session, deploys `scripts-examples/`,
+//! publishes each example's event and runs the daemon until Ctrl-C.
 
 mod billing;
 mod follow;
@@ -116,7 +117,7 @@ async fn prepare_and_run(
             spec.tenant,
             spec.name,
             deployed.version,
-            spec.subjects.join(", ")
+            spec.triggers()
         );
         if let Some(example) = manifest.example {
             let subject = format!(
@@ -130,12 +131,55 @@ async fn prepare_and_run(
             println!("dev: published an example event on {subject}");
         }
     }
-    println!("{}", follow::hints("acme"));
+    let api = serve_api(&mut settings_for_api(settings), &store).await?;
+    println!("{}", follow::hints(EXAMPLE_TENANT, &api));
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::cli::cancel_on_signal(shutdown.clone()));
     tokio::spawn(follow::runs(store.clone(), seen, shutdown.clone()));
-    crate::daemon::run(settings.clone(), shutdown, metrics).await?;
+    crate::daemon::run(api.settings, shutdown, metrics).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The settings with the API on: where configured, else on 127.0.0.1:8787 (or a free
+/// port when that is taken).
+fn settings_for_api(settings: &Settings) -> Settings {
+    let mut settings = settings.clone();
+    if settings.api.listen.is_empty() {
+        let port = std::net::TcpListener::bind("127.0.0.1:8787")
+            .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .and_then(|l| l.local_addr())
+            .map_or(8787, |a| a.port());
+        settings.api.listen = format!("127.0.0.1:{port}");
+    }
+    settings
+}
+
+/// The API dev serves and the operator token it made for it.
+pub struct DevApi {
+    /// The daemon's settings, the API's listener in them.
+    pub settings: Settings,
+    /// `http://127.0.0.1:8787`.
+    pub url: String,
+    /// An operator token for this session (it expires in a day).
+    pub token: String,
+}
+
+async fn serve_api(settings: &mut Settings, store: &Store) -> anyhow::Result<DevApi> {
+    let expires = chrono::Utc::now() + chrono::Duration::days(1);
+    let (token, _) = store
+        .create_token(
+            crate::store::ALL_TENANTS,
+            crate::store::Role::Operator,
+            "scriptd dev",
+            Some(expires),
+        )
+        .await?;
+    let listen = settings.api.listen.replace("0.0.0.0", "127.0.0.1");
+    Ok(DevApi {
+        settings: settings.clone(),
+        url: format!("http://{listen}"),
+        token,
+    })
 }
 
 /// What the examples' script API calls need: a secrets key (generated under the data folder
