@@ -17,7 +17,8 @@ use scriptd::retry::{RetryOverrides, RetryPolicy};
 use scriptd::store::{ScriptSpec, Store};
 use tokio_util::sync::CancellationToken;
 
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// The machine's PostgreSQL.
+const POSTGRES: &str = "127.0.0.1:5432";
 
 /// The NATS server the tests use: the machine's, unless `TEST_NATS_URL` names
 /// another (`scripts/test` points the suite at a current nats-server that way).
@@ -48,6 +49,8 @@ pub struct TestEnv {
     pub store: Store,
     pub js: async_nats::jetstream::Context,
     pub nats: async_nats::Client,
+    /// The server's `postgres` database, where this world's database is made and dropped.
+    admin_url: String,
 }
 
 pub struct RunningDaemon {
@@ -86,6 +89,17 @@ impl TestEnv {
 
     /// A world on another NATS server (one the test starts and stops itself).
     pub async fn with_nats(nats_url: &str) -> TestEnv {
+        Self::with_servers(nats_url, POSTGRES).await
+    }
+
+    /// A world on other servers: `pg_hosts` is one `host:port`, or several separated by
+    /// commas (a primary and its standby), of which the one taking writes is used.
+    pub async fn with_servers(nats_url: &str, pg_hosts: &str) -> TestEnv {
+        let url = |db: &str| match pg_hosts.contains(',') {
+            true => format!("postgres://postgres@{pg_hosts}/{db}?target_session_attrs=read-write"),
+            false => format!("postgres://postgres@{pg_hosts}/{db}"),
+        };
+        let admin_url = url("postgres");
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -101,15 +115,15 @@ impl TestEnv {
             COUNTER.fetch_add(1, Ordering::SeqCst),
             nanos % 100_000
         );
-        let admin = scriptd::store::connect_direct(ADMIN_URL)
+        let admin = scriptd::store::connect_direct(&admin_url)
             .await
-            .expect("PostgreSQL at 127.0.0.1:5432");
+            .expect("PostgreSQL");
         admin
             .batch_execute(&format!("CREATE DATABASE scriptd_{id}"))
             .await
             .expect("create test database");
         let mut settings = Settings::default();
-        settings.database.url = format!("postgres://postgres@127.0.0.1:5432/scriptd_{id}");
+        settings.database.url = url(&format!("scriptd_{id}"));
         settings.database.pool_size = 4;
         settings.nats.url = nats_url.into();
         settings.nats.events_prefix = format!("{id}.events");
@@ -151,6 +165,7 @@ impl TestEnv {
             store,
             js,
             nats,
+            admin_url,
         }
     }
 
@@ -346,7 +361,9 @@ impl TestEnv {
             let _ = self.js.delete_stream(stream).await;
         }
         drop(self.store);
-        let admin = scriptd::store::connect_direct(ADMIN_URL).await.unwrap();
+        let admin = scriptd::store::connect_direct(&self.admin_url)
+            .await
+            .unwrap();
         admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS scriptd_{} WITH (FORCE)",
