@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use support::{RunningDaemon, TestEnv};
 
 /// Events published per test, at `RATE` per second.
-const EVENTS: usize = 1500;
+const EVENTS: usize = 2000;
 const RATE: f64 = 150.0;
 const WAIT: Duration = Duration::from_secs(120);
 

@@ -164,7 +164,9 @@ fn append(path: &Path, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_the_standby_loses_and_repeats_nothing() {
     let pair = Pair::start();
-    let env = TestEnv::with_servers(&support::nats_url(), &pair.hosts()).await;
+    let mut env = TestEnv::with_servers(&support::nats_url(), &pair.hosts()).await;
+    // Deploys reach the daemons through LISTEN/NOTIFY only: no periodic reload in time.
+    env.settings.daemon.index_reload_interval = Duration::from_secs(3600);
     for name in ["first", "second"] {
         env.deploy("acme", name, "export default (e) => e.data.i", &["order.*"])
             .await;
