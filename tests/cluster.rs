@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -174,7 +173,6 @@ async fn publish_through(
     mut killed: impl FnMut(),
     mut restarted: impl FnMut(),
 ) -> Duration {
-    let subject = format!("{}.acme.order.created", env.settings.nats.events_prefix);
     let interval = Duration::from_secs_f64(1.0 / RATE);
     let mut next = Instant::now();
     let mut longest = Duration::ZERO;
@@ -186,21 +184,7 @@ async fn publish_through(
             restarted();
         }
         let started = Instant::now();
-        loop {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("e{i}").as_str());
-            let payload = format!("{{\"i\":{i}}}");
-            let sent = env
-                .js
-                .publish_with_headers(subject.clone(), headers, payload.into())
-                .await;
-            let acked = match sent {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            };
-            if acked {
-                break;
-            }
+        while env.publish_numbered(i).await.is_err() {
             assert!(started.elapsed() < WAIT, "event {i} was never stored");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -213,46 +197,18 @@ async fn publish_through(
 
 /// Waits for every (event, script) to have run, then checks each ran exactly once and
 /// that both daemons kept running; returns the longest pause between run starts.
-async fn assert_each_ran_once(env: &TestEnv, daemons: &[RunningDaemon]) -> Duration {
+async fn all_ran_once(env: &TestEnv, daemons: &[RunningDaemon]) -> Duration {
     let runs = env
         .wait_for_runs(WAIT, |runs| {
             runs.iter().filter(|r| r.status == "ok").count() >= 2 * EVENTS
         })
         .await;
     env.wait_idle(WAIT).await;
-    let client = scriptd::store::connect_direct(&env.settings.database.url)
-        .await
-        .unwrap();
-    let rows = client
-        .query(
-            "SELECT event_id, script, count(*) FILTER (WHERE status = 'ok'), count(*)
-             FROM runs GROUP BY event_id, script",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut seen: HashMap<(String, String), (i64, i64)> = HashMap::new();
-    for r in &rows {
-        let event: String = r.get(0);
-        seen.insert((event, r.get(1)), (r.get(2), r.get(3)));
-    }
-    assert_eq!(seen.len(), 2 * EVENTS, "pairs with a run");
-    for i in 0..EVENTS {
-        for script in ["first", "second"] {
-            let (ok, all) = seen[&(format!("e{i}"), script.to_owned())];
-            assert_eq!(ok, 1, "event e{i}, script {script}: {ok} ok runs of {all}");
-        }
-    }
+    env.assert_each_ran_once(EVENTS, &["first", "second"]).await;
     for daemon in daemons {
         assert!(!daemon.task.is_finished(), "a daemon stopped");
     }
-    let mut starts: Vec<_> = runs.iter().map(|r| r.started_at).collect();
-    starts.sort();
-    starts
-        .windows(2)
-        .filter_map(|w| (w[1] - w[0]).to_std().ok())
-        .max()
-        .unwrap_or_default()
+    support::longest_pause(&runs)
 }
 
 async fn lose_a_leader(direct_runs: bool) {
@@ -265,19 +221,15 @@ async fn lose_a_leader(direct_runs: bool) {
     };
     let daemons = [env.start_daemon(), env.start_daemon()];
     let victim = leader(&env.js, &stream).await;
-    let killed_at = std::cell::Cell::new(None);
     let cluster_cell = std::cell::RefCell::new(&mut cluster);
     let longest_publish = publish_through(
         &env,
-        || {
-            cluster_cell.borrow_mut().kill(victim);
-            killed_at.set(Some(Instant::now()));
-        },
+        || cluster_cell.borrow_mut().kill(victim),
         || cluster_cell.borrow_mut().start_node(victim),
     )
     .await;
     let new_leader = leader(&env.js, &stream).await;
-    let pause = assert_each_ran_once(&env, &daemons).await;
+    let pause = all_ran_once(&env, &daemons).await;
     eprintln!(
         "{stream}: leader n{victim} killed; now led by n{new_leader}; longest publish {longest_publish:?}, \
          longest pause between run starts {pause:?}"

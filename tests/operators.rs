@@ -332,8 +332,8 @@ fn input_that_cannot_work_is_refused_with_what_to_do_instead() {
         refused(&args, says);
     }
     refused(
-        &["runs", "list", "--status", "failed"],
-        "one of ok, retrying, dead_lettered, skipped",
+        &["runs", "list", "--status", "crashed"],
+        "one of ok, retrying, dead_lettered, skipped, failed",
     );
 }
 

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -172,7 +171,6 @@ async fn a_failover_to_the_standby_loses_and_repeats_nothing() {
             .await;
     }
     let daemons = [env.start_daemon(), env.start_daemon()];
-    let subject = format!("{}.acme.order.created", env.settings.nats.events_prefix);
     let interval = Duration::from_secs_f64(1.0 / RATE);
     let mut next = Instant::now();
     let mut failed_over = None;
@@ -183,14 +181,7 @@ async fn a_failover_to_the_standby_loses_and_repeats_nothing() {
             pair.pg_ctl(1, "promote");
             failed_over = Some((at, at.elapsed()));
         }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("e{i}").as_str());
-        env.js
-            .publish_with_headers(subject.clone(), headers, format!("{{\"i\":{i}}}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        env.publish_numbered(i).await.expect("event stored");
         next += interval;
         tokio::time::sleep_until(next.into()).await;
     }
@@ -202,28 +193,7 @@ async fn a_failover_to_the_standby_loses_and_repeats_nothing() {
         .await;
     let recovered = crashed_at.elapsed();
     env.wait_idle(WAIT).await;
-    let client = scriptd::store::connect_direct(&env.settings.database.url)
-        .await
-        .unwrap();
-    let rows = client
-        .query(
-            "SELECT event_id, script, count(*) FILTER (WHERE status = 'ok'), count(*)
-             FROM runs GROUP BY event_id, script",
-            &[],
-        )
-        .await
-        .unwrap();
-    let seen: HashMap<(String, String), (i64, i64)> = rows
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
-        .collect();
-    assert_eq!(seen.len(), 2 * EVENTS, "pairs with a run");
-    for ((event, script), (ok, all)) in &seen {
-        assert_eq!(
-            *ok, 1,
-            "event {event}, script {script}: {ok} ok runs of {all}"
-        );
-    }
+    env.assert_each_ran_once(EVENTS, &["first", "second"]).await;
     // A deploy on the new primary reaches the daemons through LISTEN/NOTIFY.
     let version = env
         .deploy("acme", "first", "export default () => 'v2'", &["order.*"])
@@ -232,14 +202,7 @@ async fn a_failover_to_the_standby_loses_and_repeats_nothing() {
     // Events until one runs the new version (the first may come before the reload).
     let deadline = Instant::now() + WAIT;
     for n in EVENTS.. {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("e{n}").as_str());
-        env.js
-            .publish_with_headers(subject.clone(), headers, format!("{{\"i\":{n}}}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        env.publish_numbered(n).await.expect("event stored");
         let ran = env
             .wait_for_runs(WAIT, |runs| runs.len() >= 2 * (n + 1))
             .await;
@@ -254,13 +217,7 @@ async fn a_failover_to_the_standby_loses_and_repeats_nothing() {
     for daemon in &daemons {
         assert!(!daemon.task.is_finished(), "a daemon stopped");
     }
-    let mut starts: Vec<_> = runs.iter().map(|r| r.started_at).collect();
-    starts.sort();
-    let pause = starts
-        .windows(2)
-        .filter_map(|w| (w[1] - w[0]).to_std().ok())
-        .max()
-        .unwrap_or_default();
+    let pause = support::longest_pause(&runs);
     eprintln!(
         "failover: promotion took {promotion:?}; every event ran {recovered:?} after the crash; \
          longest pause between run starts {pause:?}"

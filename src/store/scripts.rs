@@ -157,72 +157,56 @@ impl Store {
         }
         let existing = tx
             .query_opt(
-                "SELECT s.id, s.current_version, v.sha256 FROM scripts s
+                "SELECT s.current_version, v.sha256 FROM scripts s
                  JOIN script_versions v ON v.script_id = s.id AND v.version = s.current_version
                  WHERE s.tenant = $1 AND s.name = $2 FOR UPDATE OF s",
                 &[&spec.tenant, &spec.name],
             )
             .await?;
-        let (id, version, unchanged_source) = match existing {
+        let (version, unchanged_source) = match existing {
             Some(row) => {
-                let id: i64 = row.get(0);
-                let current: Version = row.get(1);
-                let current_sha: String = row.get(2);
+                let current: Version = row.get(0);
+                let current_sha: String = row.get(1);
                 let unchanged = current_sha == sha;
-                let version = if unchanged { current } else { current.next() };
-                tx.execute(
-                    "UPDATE scripts SET current_version = $2, subjects = $3, cron = $4,
-                        timezone = $5, limits = $6, retry = $7, overlap = $8, catch_up = $9,
-                        http_method = $10, http_path = $11, http_auth = $12, http_key = $13,
-                        updated_at = now()
-                     WHERE id = $1",
-                    &[
-                        &id,
-                        &version,
-                        &spec.subjects,
-                        &spec.cron,
-                        &spec.timezone,
-                        &limits,
-                        &retry,
-                        &spec.overlap.as_str(),
-                        &spec.catch_up.as_str(),
-                        &method,
-                        &path,
-                        &auth,
-                        &key,
-                    ],
-                )
-                .await?;
-                (id, version, unchanged)
+                (if unchanged { current } else { current.next() }, unchanged)
             }
-            None => {
-                let row = tx
-                    .query_one(
-                        "INSERT INTO scripts (tenant, name, current_version, subjects, cron,
-                            timezone, limits, retry, overlap, catch_up, http_method, http_path,
-                            http_auth, http_key)
-                         VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                         RETURNING id",
-                        &[
-                            &spec.tenant,
-                            &spec.name,
-                            &spec.subjects,
-                            &spec.cron,
-                            &spec.timezone,
-                            &limits,
-                            &retry,
-                            &spec.overlap.as_str(),
-                            &spec.catch_up.as_str(),
-                            &method,
-                            &path,
-                            &auth,
-                            &key,
-                        ],
-                    )
-                    .await?;
-                (row.get(0), Version::FIRST, false)
-            }
+            None => (Version::FIRST, false),
         };
+        // The row is locked above when it exists: this inserts it or updates it whole.
+        let row = tx
+            .query_one(
+                "INSERT INTO scripts (tenant, name, current_version, subjects, cron, timezone,
+                    limits, retry, overlap, catch_up, http_method, http_path, http_auth,
+                    http_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                 ON CONFLICT (tenant, name) DO UPDATE SET
+                    current_version = EXCLUDED.current_version, subjects = EXCLUDED.subjects,
+                    cron = EXCLUDED.cron, timezone = EXCLUDED.timezone,
+                    limits = EXCLUDED.limits, retry = EXCLUDED.retry,
+                    overlap = EXCLUDED.overlap, catch_up = EXCLUDED.catch_up,
+                    http_method = EXCLUDED.http_method, http_path = EXCLUDED.http_path,
+                    http_auth = EXCLUDED.http_auth, http_key = EXCLUDED.http_key,
+                    updated_at = now()
+                 RETURNING id",
+                &[
+                    &spec.tenant,
+                    &spec.name,
+                    &version,
+                    &spec.subjects,
+                    &spec.cron,
+                    &spec.timezone,
+                    &limits,
+                    &retry,
+                    &spec.overlap.as_str(),
+                    &spec.catch_up.as_str(),
+                    &method,
+                    &path,
+                    &auth,
+                    &key,
+                ],
+            )
+            .await?;
+        let id: i64 = row.get(0);
         if !unchanged_source {
             tx.execute(
                 "INSERT INTO script_versions (script_id, tenant, version, source, sha256,

@@ -713,3 +713,63 @@ pub fn shell_words(line: &str) -> Vec<String> {
     }
     words
 }
+
+/// Loads of numbered events (`{"i": n}` with `Nats-Msg-Id: e<n>`, for tenant acme's
+/// `order.created`), and what the tests that fail a server under them assert.
+impl TestEnv {
+    /// Publishes event `n` and waits for JetStream to store it. A publish sent again with
+    /// the same id is stored once.
+    pub async fn publish_numbered(&self, n: usize) -> Result<(), String> {
+        let subject = format!("{}.acme.order.created", self.settings.nats.events_prefix);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("e{n}").as_str());
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, format!("{{\"i\":{n}}}").into())
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map(drop).map_err(|e| e.to_string())
+    }
+
+    /// Asserts that each of `scripts` ran each event `e0..e<events>` exactly once (one ok
+    /// run, whatever else was recorded) and ran nothing else.
+    pub async fn assert_each_ran_once(&self, events: usize, scripts: &[&str]) {
+        let client = scriptd::store::connect_direct(&self.settings.database.url)
+            .await
+            .unwrap();
+        let rows = client
+            .query(
+                "SELECT event_id, script, count(*) FILTER (WHERE status = 'ok'), count(*)
+                 FROM runs GROUP BY event_id, script",
+                &[],
+            )
+            .await
+            .unwrap();
+        let seen: std::collections::HashMap<(String, String), (i64, i64)> = rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+            .collect();
+        assert_eq!(
+            seen.len(),
+            events * scripts.len(),
+            "(event, script) pairs run"
+        );
+        for n in 0..events {
+            for script in scripts {
+                let (ok, all) = seen[&(format!("e{n}"), script.to_string())];
+                assert_eq!(ok, 1, "event e{n}, script {script}: {ok} ok runs of {all}");
+            }
+        }
+    }
+}
+
+/// The longest pause between two consecutive run starts.
+pub fn longest_pause(runs: &[Run]) -> Duration {
+    let mut starts: Vec<_> = runs.iter().map(|r| r.started_at).collect();
+    starts.sort();
+    starts
+        .windows(2)
+        .filter_map(|w| (w[1] - w[0]).to_std().ok())
+        .max()
+        .unwrap_or_default()
+}
