@@ -42,9 +42,14 @@ pub async fn pipeline(settings: &Settings, args: PipelineBenchArgs) -> anyhow::R
     let client = crate::bus::connect(&settings.nats).await?;
     let js = jetstream::new(client.clone());
 
-    let cpu_start = CpuUse::now();
+    // Only the nats-server here: no database is in use yet.
+    let nats_only = procstat::Servers {
+        database: None,
+        ..procstat::Servers::of(settings)
+    };
+    let cpu_start = CpuUse::now(&nats_only);
     let raw = raw_rate(&js, &id, args.events).await?;
-    let cpu_raw = CpuUse::now().since(cpu_start);
+    let cpu_raw = CpuUse::now(&nats_only).since(cpu_start);
     println!(
         "raw JetStream publish + pull + ack: {raw:.0} msgs/s ({} messages)",
         args.events
@@ -220,6 +225,7 @@ async fn end_to_end(
     crate::bus::ensure_streams(js, &s.nats).await?;
     let stop = CancellationToken::new();
     let stats = DaemonStats::default();
+    let servers = procstat::Servers::of(s);
     let running = tokio::spawn(daemon::run_with_stats(
         s.clone(),
         stop.clone(),
@@ -232,12 +238,12 @@ async fn end_to_end(
     wait_for(&stats, 1).await?;
 
     let start = Instant::now();
-    let cpu_start = CpuUse::now();
+    let cpu_start = CpuUse::now(&servers);
     let paths_start = paths(&stats);
     publish_many(js, args.events, |_| subject.clone()).await?;
     wait_for(&stats, 1 + args.events as u64).await?;
     let rate = args.events as f64 / start.elapsed().as_secs_f64();
-    let cpu_one = CpuUse::now().since(cpu_start);
+    let cpu_one = CpuUse::now(&servers).since(cpu_start);
     let paths_one = since(paths(&stats), paths_start);
 
     // Latency at half that rate: publish on a fixed schedule, then join each event's
@@ -301,13 +307,13 @@ async fn end_to_end(
     done += 3;
     wait_for(&stats, done).await?;
     let start = Instant::now();
-    let cpu_start = CpuUse::now();
+    let cpu_start = CpuUse::now(&servers);
     let paths_start = paths(&stats);
     publish_many(js, args.events, |_| subject.clone()).await?;
     done += 3 * args.events as u64;
     wait_for(&stats, done).await?;
     let three = args.events as f64 / start.elapsed().as_secs_f64();
-    let cpu_three = CpuUse::now().since(cpu_start);
+    let cpu_three = CpuUse::now(&servers).since(cpu_start);
     let paths_three = since(paths(&stats), paths_start);
 
     let fairness = crate::bench::fairness::flood(s, js, &store, &stats, args.backlog).await?;
@@ -350,6 +356,8 @@ async fn end_to_end(
 
     stop.cancel();
     running.await??;
+    // Closed before the database is dropped, so no connection of ours is cut under it.
+    store.pool().close();
     let p = |q: f64| {
         latencies
             .get(((latencies.len().max(1) - 1) as f64 * q) as usize)
@@ -387,9 +395,11 @@ fn rss_mib(pid: u32) -> f64 {
     crate::engine::rss_of(pid).unwrap_or(0) as f64 / 1048576.0
 }
 
+/// Waits until `runs` run records are committed (not merely runs ended: a run counts once
+/// its record is in PostgreSQL, as its message's acknowledgement waits for that too).
 async fn wait_for(stats: &DaemonStats, runs: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while stats.attempts.succeeded.load(Ordering::Relaxed) < runs {
+    while stats.attempts.recorded.load(Ordering::Relaxed) < runs {
         anyhow::ensure!(
             Instant::now() < deadline,
             "runs did not complete within 5 minutes"

@@ -1,5 +1,6 @@
 //! Process accounting from /proc for the benchmarks: the memory of this process's children
-//! and the CPU time spent by this process, its engine hosts and the servers beside it.
+//! and the CPU time spent by this process, its engine hosts, the nats-server it talks to
+//! and the PostgreSQL backends of its database (not every server process on the machine).
 
 use std::time::Duration;
 
@@ -52,14 +53,80 @@ pub struct CpuUse {
     pub daemon: Duration,
     /// Engine host processes, live and reaped.
     pub hosts: Duration,
-    /// The `nats-server` processes on this machine.
+    /// The nats-server the benchmark talks to.
     pub nats: Duration,
-    /// The PostgreSQL server processes on this machine (backends that have ended no longer count).
+    /// The PostgreSQL backends of the benchmark's database (backends that have ended no
+    /// longer count).
     pub postgres: Duration,
 }
 
+/// The server processes a benchmark's CPU figures count.
+#[derive(Clone, Debug, Default)]
+pub struct Servers {
+    /// The nats-server listening on the configured port.
+    pub nats: Option<u32>,
+    /// The database whose backends count (`postgres: <user> <database> ...`).
+    pub database: Option<String>,
+}
+
+impl Servers {
+    /// The nats-server of `settings.nats.url` (its first server) and the PostgreSQL
+    /// backends of `settings.database.url`'s database.
+    pub fn of(settings: &crate::config::Settings) -> Servers {
+        let port = settings
+            .nats
+            .servers()
+            .first()
+            .and_then(|url| url.rsplit(':').next()?.trim_end_matches('/').parse().ok())
+            .unwrap_or(4222);
+        let database = settings
+            .database
+            .url
+            .parse::<tokio_postgres::Config>()
+            .ok()
+            .and_then(|c| c.get_dbname().map(str::to_owned));
+        Servers {
+            nats: listening_pid(port),
+            database,
+        }
+    }
+}
+
+/// The process listening on TCP `port` (IPv4 or IPv6), found through its socket's inode.
+fn listening_pid(port: u16) -> Option<u32> {
+    let wanted = format!(":{port:04X}");
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    // local address, state 0A (listen), inode
+                    (f.get(1)?.ends_with(&wanted) && f.get(3)? == &"0A")
+                        .then(|| f.get(9).map(|i| (*i).to_owned()))?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    pids().into_iter().find(|pid| {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                let target = target.to_string_lossy();
+                inodes.iter().any(|i| target == format!("socket:[{i}]"))
+            })
+        })
+    })
+}
+
 impl CpuUse {
-    pub fn now() -> CpuUse {
+    /// The CPU time used so far by this process, its children, and `servers`.
+    pub fn now(servers: &Servers) -> CpuUse {
         let me = std::process::id();
         let own = stat_fields(me);
         let field = |i: usize| {
@@ -68,13 +135,19 @@ impl CpuUse {
                 .unwrap_or(0)
         };
         let live_children: u64 = children().into_iter().map(|p| cpu_ticks(p, false)).sum();
-        let mut nats = 0;
+        let nats = servers.nats.map_or(0, |pid| cpu_ticks(pid, false));
         let mut postgres = 0;
-        for pid in pids() {
-            match std::fs::read_to_string(format!("/proc/{pid}/comm")).as_deref() {
-                Ok("nats-server\n") => nats += cpu_ticks(pid, false),
-                Ok("postgres\n") => postgres += cpu_ticks(pid, false),
-                _ => {}
+        if let Some(database) = &servers.database {
+            let ours = format!(" {database} ");
+            for pid in pids() {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"));
+                if !comm.is_ok_and(|c| c == "postgres\n") {
+                    continue;
+                }
+                let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&title).contains(&ours) {
+                    postgres += cpu_ticks(pid, false);
+                }
             }
         }
         CpuUse {

@@ -370,7 +370,14 @@ impl Executor {
 
     /// Writes the record; only a committed record ends the attempt. The run's id.
     async fn commit(&self, record: RunRecord) -> Result<i64, HandBack> {
-        self.parts.records.write(record).await.map_err(|e| {
+        let written = self.parts.records.write(record).await;
+        if written.is_ok() {
+            self.parts
+                .stats
+                .recorded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        written.map_err(|e| {
             self.parts
                 .stats
                 .returned

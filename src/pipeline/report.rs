@@ -26,6 +26,8 @@ pub struct AttemptStats {
     pub skipped: AtomicU64,
     /// Synchronous runs (HTTP requests) that failed; they are not retried.
     pub failed: AtomicU64,
+    /// Run records committed (of every status).
+    pub recorded: AtomicU64,
     /// Jobs handed back unfinished (shutdown, or their record could not be written).
     pub returned: AtomicU64,
     /// Deliveries of a job whose attempt another replica held: handed back to wait.
