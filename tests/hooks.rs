@@ -282,3 +282,64 @@ async fn a_failed_run_is_answered_with_its_id_and_not_retried() {
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+/// A request waits for its tenant's turn in the engine no longer than its script may run:
+/// with the tenant's one run slot held by a long request, another gets a 503 in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_does_not_wait_for_a_busy_tenant_longer_than_its_timeout() {
+    let env = TestEnv::new().await;
+    let (daemon, api) = support::api::start_with(&env, |s| {
+        s.tenants.max_concurrent_runs = 1;
+    })
+    .await;
+    let (acme, _) = token(&env, &["--tenant", "acme"]);
+    for (name, source, timeout) in [
+        ("slow", support::busy_script(3000, "'done'"), "5s"),
+        ("quick", "export default () => 'quick'".to_owned(), "300ms"),
+    ] {
+        let (status, deployed) = deploy(
+            &api,
+            &acme,
+            name,
+            json!({
+                "source": source,
+                "limits": { "timeout": timeout, "cpu_time": timeout },
+                "http": { "method": "GET", "path": format!("/{name}"), "auth": "public" },
+            }),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{deployed}");
+    }
+    let slow = tokio::spawn({
+        let (http, url) = (api.http.clone(), format!("{}/hooks/acme/slow", api.base));
+        async move { http.get(url).send().await.unwrap().status() }
+    });
+    // Once the slow run holds the slot (it runs for 3 s), a quick request is turned away
+    // after its own 300 ms; before that, it may still run.
+    let answer = loop {
+        let asked = std::time::Instant::now();
+        let (status, _, answer) = request(&api, Method::GET, "/quick", None, None).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(
+                asked.elapsed() < Duration::from_millis(2000),
+                "{:?}",
+                asked.elapsed()
+            );
+            break answer;
+        }
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert!(
+            !slow.is_finished(),
+            "no request was turned away while the slot was held"
+        );
+    };
+    assert!(
+        answer["detail"].as_str().unwrap().contains("busy"),
+        "{answer}"
+    );
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    let (status, _, answer) = request(&api, Method::GET, "/quick", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    daemon.shutdown().await;
+    env.cleanup().await;
+}

@@ -106,8 +106,18 @@ async fn run(
     request_headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let executor = &state.executor;
-    let Some(slot) = executor.slot(&job.tenant).await else {
-        return Err(ApiError::Unavailable("the daemon is stopping".into()));
+    // A caller is waiting: a request waits for its tenant's turn in the engine no longer
+    // than the script may run.
+    let wait = script.limits(&state.settings.engine.limits).timeout;
+    let slot = match tokio::time::timeout(wait, executor.slot(&job.tenant)).await {
+        Ok(Some(slot)) => slot,
+        Ok(None) => return Err(ApiError::Unavailable("the daemon is stopping".into())),
+        Err(_) => {
+            return Err(ApiError::Unavailable(format!(
+                "every run slot of tenant {} stayed busy for {wait:?}; try again",
+                job.tenant
+            )))
+        }
     };
     // The caller's trace goes on in the run, as an event's does.
     let trace = request_headers
