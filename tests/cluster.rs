@@ -29,14 +29,6 @@ fn current_server() -> String {
         .unwrap_or_else(support::nats_server_binary)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Three nats-server nodes routed to each other, each with its JetStream store.
 struct Cluster {
     binary: String,
@@ -47,9 +39,9 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = std::env::temp_dir().join(format!("scriptd-cluster-{}", free_port()));
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let dir = std::env::temp_dir().join(format!("scriptd-cluster-{}", support::free_port()));
+        let ports: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
         for i in 0..3 {
             let node = dir.join(format!("n{i}"));
             std::fs::create_dir_all(&node).unwrap();

@@ -51,14 +51,6 @@ fn run(mut command: Command, what: &str) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A primary and its standby, each a cluster in its own folder.
 struct Pair {
     dir: PathBuf,
@@ -71,7 +63,7 @@ impl Pair {
     }
 
     fn start() -> Pair {
-        let dir = std::env::temp_dir().join(format!("scriptd-pg-{}", free_port()));
+        let dir = std::env::temp_dir().join(format!("scriptd-pg-{}", support::free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
             run(
@@ -85,7 +77,7 @@ impl Pair {
         }
         let pair = Pair {
             dir,
-            ports: [free_port(), free_port()],
+            ports: [support::free_port(), support::free_port()],
         };
         let mut initdb = pg("initdb");
         initdb

@@ -10,35 +10,15 @@ pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 /// The longest route path taken, in bytes.
 const MAX_PATH: usize = 512;
 
-/// Who may call a route.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Auth {
-    /// A bearer token that may act for the tenant (its own or an operator's).
-    #[default]
-    Token,
-    /// Anyone who reaches the listener; the script decides what to accept.
-    Public,
-}
-
-impl Auth {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Auth::Token => "token",
-            Auth::Public => "public",
-        }
-    }
-}
-
-impl std::str::FromStr for Auth {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Auth, String> {
-        match s {
-            "token" => Ok(Auth::Token),
-            "public" => Ok(Auth::Public),
-            other => Err(format!("http auth {other:?} is not one of token, public")),
-        }
+crate::domain::named_enum! {
+    /// Who may call a route.
+    #[derive(Default)]
+    pub enum Auth ("http auth") {
+        /// A bearer token that may act for the tenant (its own or an operator's).
+        #[default]
+        Token = "token",
+        /// Anyone who reaches the listener; the script decides what to accept.
+        Public = "public",
     }
 }
 

@@ -548,11 +548,7 @@ pub struct OwnNats {
 
 impl OwnNats {
     pub fn start() -> OwnNats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("scriptd-nats-{}-{port}", std::process::id()));
         let mut nats = OwnNats {
             port,
@@ -772,4 +768,13 @@ pub fn longest_pause(runs: &[Run]) -> Duration {
         .filter_map(|w| (w[1] - w[0]).to_std().ok())
         .max()
         .unwrap_or_default()
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on (as of now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
