@@ -205,6 +205,21 @@ async fn a_request_runs_the_script_of_its_route_and_gets_its_answer() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     assert_eq!(answer, json!("a/b c.txt"));
+    // Each parameter is decoded once: an encoded `%` stays one.
+    let (_, _, answer) = request(&api, Method::GET, "/files/x%2520y", None, None).await;
+    assert_eq!(answer, json!("x%20y"));
+    // An encoded `/` stays inside its segment.
+    let (status, headers, answer) = request(
+        &api,
+        Method::POST,
+        "/orders/a%2Fb",
+        Some(&acme),
+        Some(("application/json", br#"{"qty": 1}"#.to_vec())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(answer["id"], "a/b");
+    assert_eq!(headers["x-order"], "a/b");
     daemon.shutdown().await;
     env.cleanup().await;
 }

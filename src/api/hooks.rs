@@ -31,10 +31,17 @@ const FRAMING: [&str; 4] = [
 
 pub async fn hook(
     State(state): State<ApiState>,
-    Route((tenant, rest)): Route<(String, String)>,
+    Route((tenant, _)): Route<(String, String)>,
     request: Request,
 ) -> Response {
-    match serve(state, tenant, format!("/{rest}"), request).await {
+    // The path as sent, still percent-encoded: route matching splits it on `/` first and
+    // decodes each parameter once (an encoded `/` stays inside its segment).
+    let prefix = format!("/hooks/{tenant}/");
+    let Some(rest) = request.uri().path().strip_prefix(&prefix) else {
+        return ApiError::NotFound(format!("no hook path for tenant {tenant:?}")).into_response();
+    };
+    let path = format!("/{rest}");
+    match serve(state, tenant, path, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
