@@ -288,6 +288,56 @@ async fn a_failed_run_is_answered_with_its_id_and_not_retried() {
     );
     assert!(headers.contains_key("scriptd-run-id"));
 
+    // The runs list filters by trigger, status and kind, and follows what is new.
+    let runs = |query: &'static str| {
+        let (api, acme) = (&api, &acme);
+        async move {
+            let (status, page) = api
+                .call(
+                    Method::GET,
+                    &format!("/v1/tenants/acme/runs?{query}"),
+                    Some(acme),
+                    None,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {page}");
+            page["runs"].as_array().unwrap().clone()
+        }
+    };
+    let failed = runs("status=failed&trigger=http").await;
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    let exceptions = runs("kind=exception").await;
+    assert_eq!(exceptions.len(), 1);
+    assert_eq!(exceptions[0]["script"], "boom");
+    let oldest = runs("limit=500").await.last().unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let (_, newer) = api
+        .call(
+            Method::GET,
+            &format!("/v1/tenants/acme/runs?after={oldest}"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(newer["runs"].as_array().unwrap().len(), 2, "{newer}");
+    let (status, wrong) = api
+        .call(
+            Method::GET,
+            "/v1/tenants/acme/runs?status=crashed",
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{wrong}");
+    assert_eq!(wrong["errors"][0]["parameter"], "status", "{wrong}");
+    let (status, who) = api.call(Method::GET, "/v1/token", Some(&acme), None).await;
+    assert_eq!(status, StatusCode::OK, "{who}");
+    assert_eq!(
+        (who["tenant"].as_str(), who["role"].as_str()),
+        (Some("acme"), Some("tenant"))
+    );
+
     // Nothing was retried or dead-lettered: one attempt each, with max_attempts 5.
     env.wait_idle(WAIT).await;
     let runs = env.runs().await;

@@ -112,6 +112,7 @@ fn table() -> Table {
     let scripts = "/v1/tenants/{tenant}/scripts/{name}";
     let mut t = t
         .on(get.clone(), "/openapi.json", openapi)
+        .on(get.clone(), "/v1/token", tenants::token)
         .on(get.clone(), "/v1/tenants/{tenant}/scripts", scripts::list)
         .on(get.clone(), scripts, scripts::show)
         .on(put.clone(), scripts, scripts::deploy)

@@ -5,8 +5,8 @@ use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 
-use super::{ApiError, ApiResult, ApiState, Caller, Params, Route};
-use crate::domain::RunStatus;
+use super::{ApiError, ApiResult, ApiState, Caller, Field, Params, Route};
+use crate::domain::{RunStatus, Trigger};
 use crate::store::RunFilter;
 
 /// Runs per page unless asked otherwise, and at most.
@@ -17,10 +17,17 @@ const MAX_PAGE: i64 = 500;
 #[serde(deny_unknown_fields)]
 pub struct RunsQuery {
     script: Option<String>,
-    status: Option<String>,
+    status: Option<RunStatus>,
+    trigger: Option<Trigger>,
+    /// A failure kind, or a skip's reason.
+    kind: Option<String>,
+    /// Runs started at or after this instant (RFC 3339).
+    since: Option<chrono::DateTime<chrono::Utc>>,
     limit: Option<i64>,
     /// The `next` of the previous page: runs older than that one.
     before: Option<i64>,
+    /// Runs recorded after the one with this id: what is new since a page was read.
+    after: Option<i64>,
 }
 
 pub async fn list(
@@ -30,25 +37,25 @@ pub async fn list(
     Params(query): Params<RunsQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
     caller.acting_for(&tenant)?;
-    if let Some(status) = &query.status {
-        status.parse::<RunStatus>().map_err(|_| {
-            let known: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
-            ApiError::BadRequest(format!("status {status:?} is none of {}", known.join(", ")))
-        })?;
-    }
     let limit = query.limit.unwrap_or(PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit is 1 to {MAX_PAGE}, not {limit}"
-        )));
+        return Err(ApiError::Invalid {
+            field: Field::Parameter("limit".into()),
+            message: format!("limit is 1 to {MAX_PAGE}, not {limit}"),
+            refused: false,
+        });
     }
     let runs = state
         .store
         .list_runs(&RunFilter {
             tenant: Some(tenant),
             script: query.script,
-            status: query.status,
+            status: query.status.map(|s| s.as_str().to_owned()),
+            trigger: query.trigger.map(|t| t.as_str().to_owned()),
+            kind: query.kind,
+            since: query.since,
             before: query.before,
+            after: query.after,
             limit,
             ..Default::default()
         })

@@ -173,3 +173,14 @@ pub async fn schedules(
         .collect();
     Ok(Json(serde_json::json!({ "schedules": scheduled })))
 }
+
+/// The token the request carries: its prefix, role and tenant (`*` for an operator), so a
+/// client (the console) knows whom it acts for.
+pub async fn token(caller: Caller) -> Json<serde_json::Value> {
+    let who = &caller.0;
+    Json(serde_json::json!({
+        "prefix": who.prefix,
+        "role": who.role.as_str(),
+        "tenant": who.tenant,
+    }))
+}

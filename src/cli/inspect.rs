@@ -265,9 +265,8 @@ pub async fn runs_list(settings: &Settings, args: RunsListArgs) -> anyhow::Resul
             script: args.script,
             status: args.status.map(|s| s.as_str().to_owned()),
             since,
-            job_id: None,
-            before: None,
             limit: args.limit,
+            ..Default::default()
         })
         .await?;
     if args.json {

@@ -309,7 +309,7 @@ pub struct RunFilter {
     pub tenant: Option<String>,
     /// Only runs of scripts with this name.
     pub script: Option<String>,
-    /// Only runs with this status (`ok`, `retrying`, `dead_lettered`, `skipped`).
+    /// Only runs with this status (`ok`, `retrying`, `dead_lettered`, `skipped`, `failed`).
     pub status: Option<String>,
     /// Only runs started at or after this time.
     pub since: Option<DateTime<Utc>>,
@@ -317,6 +317,12 @@ pub struct RunFilter {
     pub job_id: Option<String>,
     /// Only runs older than the one with this id (the cursor of a page of runs).
     pub before: Option<i64>,
+    /// Only runs recorded after the one with this id (to follow new runs by polling).
+    pub after: Option<i64>,
+    /// Only runs of this trigger (`event`, `schedule`, `replay`, `http`).
+    pub trigger: Option<String>,
+    /// Only runs that failed (or were skipped) with this kind.
+    pub kind: Option<String>,
     /// At most this many runs, newest first (at least 1).
     pub limit: i64,
 }
@@ -361,6 +367,9 @@ impl Store {
                    AND ($5::text IS NULL OR job_id = $5)
                    AND ($7::bigint IS NULL OR (started_at, id) <
                         (SELECT c.started_at, c.id FROM runs c WHERE c.id = $7))
+                   AND ($8::bigint IS NULL OR id > $8)
+                   AND ($9::text IS NULL OR trigger = $9)
+                   AND ($10::text IS NULL OR failure_kind = $10)
                  ORDER BY started_at DESC, id DESC
                  LIMIT $6"
                 ),
@@ -372,6 +381,9 @@ impl Store {
                     &filter.job_id,
                     &filter.limit.max(1),
                     &filter.before,
+                    &filter.after,
+                    &filter.trigger,
+                    &filter.kind,
                 ],
             )
             .await?;
