@@ -185,39 +185,17 @@ impl Executor {
             Lock::Wait(hand_back) => return Err(hand_back),
         };
         let started_at = Utc::now();
-        span.record("version", plan.version.get());
-        self.parts.metrics.run_started();
         if let (Some(at), 1) = (job.scheduled_at, attempt.number) {
             let delay = (started_at - at).to_std().unwrap_or_default();
             self.parts.metrics.schedule_started(delay);
         }
-        // What the script publishes continues this run's span when spans are exported,
-        // else the event's trace.
-        let traceparent = crate::observe::telemetry::traceparent_of(&span)
-            .or_else(|| header(attempt.headers, "traceparent").map(str::to_owned));
-        let result = self.parts.engine.run(plan.run(attempt, traceparent)).await;
-        drop(slot);
+        let result = self.execute(attempt, &plan, slot).await;
         let outcome = plan.decide(&result, attempt.number);
         if let Outcome::DeadLettered(failure) = &outcome {
             self.dead_letter(attempt, &plan, failure, started_at)
                 .await?;
         }
-        AttemptEnded {
-            job,
-            attempt: attempt.number,
-            version: Some(plan.version),
-            outcome: &outcome,
-            kind: result.outcome.as_ref().err().map(|f| f.kind.as_str()),
-            took: Some(result.duration),
-        }
-        .emit(&self.parts.stats, &self.parts.metrics);
-        let record = run_record(
-            attempt,
-            Some(plan.version),
-            &outcome,
-            Some(&result),
-            started_at,
-        );
+        let record = self.ended(attempt, &plan, &outcome, &result, started_at);
         let committed = self.commit(record).await;
         if locked && !matches!(outcome, Outcome::Retry { .. }) {
             if let Err(e) = self
@@ -316,35 +294,58 @@ impl Executor {
                 Ok(Ok(plan)) => plan,
                 _ => return Err(None),
             };
-        span.record("version", plan.version.get());
-        self.parts.metrics.run_started();
-        let traceparent = crate::observe::telemetry::traceparent_of(&span)
-            .or_else(|| header(headers, "traceparent").map(str::to_owned));
-        let result = self.parts.engine.run(plan.run(&attempt, traceparent)).await;
-        drop(slot);
+        let result = self.execute(&attempt, &plan, slot).await;
         let outcome = match &result.outcome {
             Ok(_) => Outcome::Ok,
             Err(failure) => Outcome::Failed(failure.clone()),
         };
+        let mut record = self.ended(&attempt, &plan, &outcome, &result, started_at);
+        record.input = serde_json::from_str(job.event.get()).ok().map(|v| kept(&v));
+        let id = self.commit(record).await.map_err(Some)?;
+        Ok((id, result))
+    }
+
+    /// Runs `plan` for `attempt` in the engine, within the run's span, holding `slot` until
+    /// the run ends.
+    async fn execute(&self, attempt: &Attempt<'_>, plan: &Plan, slot: Slot) -> RunResult {
+        let span = tracing::Span::current();
+        span.record("version", plan.version.get());
+        self.parts.metrics.run_started();
+        // What the script publishes continues this run's span when spans are exported,
+        // else the trace of the event (or request).
+        let traceparent = crate::observe::telemetry::traceparent_of(&span)
+            .or_else(|| header(attempt.headers, "traceparent").map(str::to_owned));
+        let result = self.parts.engine.run(plan.run(attempt, traceparent)).await;
+        drop(slot);
+        result
+    }
+
+    /// Tells of the end of a run of `plan` (counters, metrics, span, log line) and makes
+    /// its record.
+    fn ended(
+        &self,
+        attempt: &Attempt<'_>,
+        plan: &Plan,
+        outcome: &Outcome,
+        result: &RunResult,
+        started_at: chrono::DateTime<Utc>,
+    ) -> RunRecord {
         AttemptEnded {
-            job,
-            attempt: 1,
+            job: attempt.job,
+            attempt: attempt.number,
             version: Some(plan.version),
-            outcome: &outcome,
+            outcome,
             kind: result.outcome.as_ref().err().map(|f| f.kind.as_str()),
             took: Some(result.duration),
         }
         .emit(&self.parts.stats, &self.parts.metrics);
-        let mut record = run_record(
-            &attempt,
+        run_record(
+            attempt,
             Some(plan.version),
-            &outcome,
-            Some(&result),
+            outcome,
+            Some(result),
             started_at,
-        );
-        record.input = serde_json::from_str(job.event.get()).ok().map(|v| kept(&v));
-        let id = self.commit(record).await.map_err(Some)?;
-        Ok((id, result))
+        )
     }
 
     /// Records `attempt` as skipped for `reason`, and tells of it.
