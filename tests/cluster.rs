@@ -34,6 +34,8 @@ struct Cluster {
     binary: String,
     dir: PathBuf,
     ports: Vec<u16>,
+    /// Each node's monitoring port, for `/healthz`.
+    monitors: Vec<u16>,
     nodes: Vec<Option<std::process::Child>>,
 }
 
@@ -42,6 +44,7 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("scriptd-cluster-{}", support::free_port()));
         let ports: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
+        let monitors: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
         for i in 0..3 {
             let node = dir.join(format!("n{i}"));
             std::fs::create_dir_all(&node).unwrap();
@@ -50,9 +53,10 @@ impl Cluster {
                 .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
                 .collect();
             let config = format!(
-                "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\n\
-                 cluster {{\n  name: scriptd\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
+                 jetstream {{ store_dir: {:?} }}\ncluster {{\n  name: scriptd\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                 ports[i],
+                monitors[i],
                 node.join("js").display().to_string(),
                 routes[i],
                 others.join(", ")
@@ -63,12 +67,40 @@ impl Cluster {
             binary: current_server(),
             dir,
             ports,
+            monitors,
             nodes: vec![None, None, None],
         };
         for i in 0..3 {
             cluster.start_node(i);
         }
+        for i in 0..3 {
+            cluster.wait_healthy(i);
+        }
         cluster
+    }
+
+    /// Waits until node `i`'s `/healthz` answers 200: its JetStream is current with a
+    /// meta leader, so streams can be placed on the cluster.
+    fn wait_healthy(&self, i: usize) {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut answer = String::new();
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.monitors[i])) {
+                let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+                let _ = s.read_to_string(&mut answer);
+            }
+            if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            let log = std::fs::read_to_string(self.dir.join(format!("n{i}/server.log")));
+            assert!(
+                Instant::now() < deadline,
+                "node n{i} is not healthy: {answer}\nits log:\n{}",
+                log.unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn start_node(&mut self, i: usize) {
@@ -189,7 +221,7 @@ async fn publish_through(
 
 /// Waits for every (event, script) to have run, then checks each ran exactly once and
 /// that both daemons kept running; returns the longest pause between run starts.
-async fn all_ran_once(env: &TestEnv, daemons: &[RunningDaemon]) -> Duration {
+async fn all_ran_once(env: &TestEnv, daemons: &mut [RunningDaemon]) -> Duration {
     let runs = env
         .wait_for_runs(WAIT, |runs| {
             runs.iter().filter(|r| r.status == "ok").count() >= 2 * EVENTS
@@ -197,8 +229,11 @@ async fn all_ran_once(env: &TestEnv, daemons: &[RunningDaemon]) -> Duration {
         .await;
     env.wait_idle(WAIT).await;
     env.assert_each_ran_once(EVENTS, &["first", "second"]).await;
-    for daemon in daemons {
-        assert!(!daemon.task.is_finished(), "a daemon stopped");
+    for daemon in daemons.iter_mut() {
+        if daemon.task.is_finished() {
+            let ended = (&mut daemon.task).await;
+            panic!("a daemon stopped: {ended:?}");
+        }
     }
     support::longest_pause(&runs)
 }
@@ -211,7 +246,7 @@ async fn lose_a_leader(direct_runs: bool) {
     } else {
         env.settings.nats.jobs_stream()
     };
-    let daemons = [env.start_daemon(), env.start_daemon()];
+    let mut daemons = [env.start_daemon(), env.start_daemon()];
     let victim = leader(&env.js, &stream).await;
     let cluster_cell = std::cell::RefCell::new(&mut cluster);
     let longest_publish = publish_through(
@@ -221,7 +256,7 @@ async fn lose_a_leader(direct_runs: bool) {
     )
     .await;
     let new_leader = leader(&env.js, &stream).await;
-    let pause = all_ran_once(&env, &daemons).await;
+    let pause = all_ran_once(&env, &mut daemons).await;
     eprintln!(
         "{stream}: leader n{victim} killed; now led by n{new_leader}; longest publish {longest_publish:?}, \
          longest pause between run starts {pause:?}"

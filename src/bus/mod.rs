@@ -11,10 +11,12 @@ pub mod runner;
 pub mod streams;
 pub mod ticker;
 
+pub use streams::ensure_streams;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -303,88 +305,6 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client> {
             url: config.url.clone(),
             source,
         })
-}
-
-/// The three streams, created or updated to this configuration.
-pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Result<()> {
-    let streams = [
-        (
-            config.events_stream(),
-            format!("{}.>", config.events_prefix),
-            "Domain events, by tenant",
-        ),
-        (
-            config.jobs_stream(),
-            format!("{}.>", config.jobs_prefix),
-            "One script run each",
-        ),
-        (
-            config.dlq_stream(),
-            format!("{}.>", config.dlq_prefix),
-            "Runs that exhausted their retries",
-        ),
-    ];
-    for (name, subject, description) in streams {
-        // Jobs are a work queue: a job leaves the stream when it is acknowledged, which lets
-        // each tenant have its own consumer (see `lanes`).
-        let retention = if name == config.jobs_stream() {
-            stream::RetentionPolicy::WorkQueue
-        } else {
-            stream::RetentionPolicy::Limits
-        };
-        let mut wanted = stream::Config {
-            name: name.clone(),
-            subjects: vec![subject],
-            description: Some(description.into()),
-            retention,
-            duplicate_window: config.duplicate_window,
-            allow_direct: true,
-            ..Default::default()
-        };
-        let (settings, default_age) = if name == config.events_stream() {
-            (&config.streams.events, config.max_age)
-        } else if name == config.jobs_stream() {
-            (&config.streams.jobs, config.max_age)
-        } else {
-            (&config.streams.dlq, Duration::ZERO)
-        };
-        settings.apply(&mut wanted, default_age);
-        match js.get_stream(&name).await {
-            Ok(mut existing) => {
-                let found = existing
-                    .info()
-                    .await
-                    .doing(|| format!("reading stream {name}"))?
-                    .config
-                    .clone();
-                if found.retention != retention {
-                    return Err(BusError::Stream(format!(
-                        "stream {name} has {:?} retention, this scriptd needs {retention:?}: \
-                         it was made by an earlier scriptd. Stop every replica, let them finish \
-                         their jobs, delete the stream (nats stream rm {name}) and start again",
-                        found.retention
-                    )));
-                }
-                if found.storage != wanted.storage {
-                    return Err(BusError::Stream(format!(
-                        "stream {name} keeps its messages in {:?} storage and the settings ask \
-                         for {:?}: JetStream cannot change that in place. Keep the setting, or \
-                         drain the stream, delete it (nats stream rm {name}) and start again",
-                        found.storage, wanted.storage
-                    )));
-                }
-                js.update_stream(&wanted)
-                    .await
-                    .doing(|| format!("updating stream {name}"))?;
-            }
-            Err(_) => {
-                js.create_stream(wanted)
-                    .await
-                    .doing(|| format!("creating stream {name}"))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A durable pull consumer, created or updated.

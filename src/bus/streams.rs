@@ -1,12 +1,18 @@
-//! The settings of each JetStream stream (`[nats.streams.events]`, `.jobs`, `.dlq`):
-//! replicas, storage, age and size limits, as JetStream is asked for them.
+//! The three JetStream streams: each one's settings (`[nats.streams.events]`, `.jobs`,
+//! `.dlq`: replicas, storage, age and size limits) and making JetStream hold them.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::stream;
+use async_nats::jetstream::{self, context, stream};
 use serde::{Deserialize, Serialize};
 
+use super::error::{BusError, Doing, Result};
+use super::NatsConfig;
 use crate::units::{opt_duration_str, ByteSize};
+
+/// How long `ensure_streams` keeps trying while JetStream cannot answer yet (a cluster
+/// electing its meta leader, a node restarting) before it gives up.
+const NOT_READY_FOR: Duration = Duration::from_secs(60);
 
 /// Where a stream keeps its messages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +79,142 @@ impl StreamSettings {
             config.max_bytes = -1;
         }
     }
+}
+
+/// The three streams, created or updated to this configuration. While JetStream cannot
+/// answer yet (no meta leader, no responders, a request timing out) each stream is tried
+/// again, with a warning, for up to a minute.
+pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Result<()> {
+    let streams = [
+        (
+            config.events_stream(),
+            format!("{}.>", config.events_prefix),
+            "Domain events, by tenant",
+        ),
+        (
+            config.jobs_stream(),
+            format!("{}.>", config.jobs_prefix),
+            "One script run each",
+        ),
+        (
+            config.dlq_stream(),
+            format!("{}.>", config.dlq_prefix),
+            "Runs that exhausted their retries",
+        ),
+    ];
+    for (name, subject, description) in streams {
+        // Jobs are a work queue: a job leaves the stream when it is acknowledged, which lets
+        // each tenant have its own consumer (see `lanes`).
+        let retention = if name == config.jobs_stream() {
+            stream::RetentionPolicy::WorkQueue
+        } else {
+            stream::RetentionPolicy::Limits
+        };
+        let mut wanted = stream::Config {
+            name: name.clone(),
+            subjects: vec![subject],
+            description: Some(description.into()),
+            retention,
+            duplicate_window: config.duplicate_window,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let (settings, default_age) = if name == config.events_stream() {
+            (&config.streams.events, config.max_age)
+        } else if name == config.jobs_stream() {
+            (&config.streams.jobs, config.max_age)
+        } else {
+            (&config.streams.dlq, Duration::ZERO)
+        };
+        settings.apply(&mut wanted, default_age);
+        let deadline = Instant::now() + NOT_READY_FOR;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match ensure_stream(js, &wanted).await {
+                Ok(()) => break,
+                Err(e) if not_ready(&e) && Instant::now() + pause < deadline => {
+                    tracing::warn!(stream = %name, error = %e, "JetStream is not ready; trying again.");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One stream, created, or checked and updated.
+async fn ensure_stream(js: &jetstream::Context, wanted: &stream::Config) -> Result<()> {
+    let name = &wanted.name;
+    let mut existing = match js.get_stream(name).await {
+        Ok(existing) => existing,
+        Err(e)
+            if matches!(e.kind(), context::GetStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            js.create_stream(wanted.clone())
+                .await
+                .doing(|| format!("creating stream {name}"))?;
+            return Ok(());
+        }
+        Err(e) => return Err(e).doing(|| format!("looking up stream {name}")),
+    };
+    let found = &existing
+        .info()
+        .await
+        .doing(|| format!("reading stream {name}"))?
+        .config;
+    if found.retention != wanted.retention {
+        return Err(BusError::Stream(format!(
+            "stream {name} has {:?} retention, this scriptd needs {:?}: it was made by an \
+             earlier scriptd. Stop every replica, let them finish their jobs, delete the \
+             stream (nats stream rm {name}) and start again",
+            found.retention, wanted.retention
+        )));
+    }
+    if found.storage != wanted.storage {
+        return Err(BusError::Stream(format!(
+            "stream {name} keeps its messages in {:?} storage and the settings ask for {:?}: \
+             JetStream cannot change that in place. Keep the setting, or drain the stream, \
+             delete it (nats stream rm {name}) and start again",
+            found.storage, wanted.storage
+        )));
+    }
+    js.update_stream(wanted)
+        .await
+        .doing(|| format!("updating stream {name}"))?;
+    Ok(())
+}
+
+/// Whether `error` says JetStream cannot answer yet rather than that the request is wrong:
+/// a timeout, no responders, or a 503 from a server without a meta leader.
+fn not_ready(error: &BusError) -> bool {
+    let BusError::JetStream { source, .. } = error else {
+        return false;
+    };
+    if let Some(e) = source.downcast_ref::<context::CreateStreamError>() {
+        return match e.kind() {
+            context::CreateStreamErrorKind::TimedOut
+            | context::CreateStreamErrorKind::JetStreamUnavailable => true,
+            context::CreateStreamErrorKind::JetStream(j) => j.code() == 503,
+            _ => false,
+        };
+    }
+    if let Some(e) = source.downcast_ref::<context::GetStreamError>() {
+        return match e.kind() {
+            context::GetStreamErrorKind::Request => true,
+            context::GetStreamErrorKind::JetStream(j) => j.code() == 503,
+            _ => false,
+        };
+    }
+    if let Some(e) = source.downcast_ref::<context::RequestError>() {
+        return matches!(
+            e.kind(),
+            context::RequestErrorKind::TimedOut | context::RequestErrorKind::NoResponders
+        );
+    }
+    false
 }
 
 #[cfg(test)]

@@ -770,11 +770,20 @@ pub fn longest_pause(runs: &[Run]) -> Duration {
         .unwrap_or_default()
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on (as of now).
+/// A TCP port on 127.0.0.1 that nothing listens on (as of now), and that this process has
+/// not handed out before: servers started one after another must not be given the same.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
