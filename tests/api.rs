@@ -553,6 +553,7 @@ async fn every_documented_operation_is_served_as_documented() {
             .replace("{name}", "probe")
             .replace("{id}", &run)
             .replace("{sequence}", &letter)
+            .replace("{version}", "1")
             .replace("{path}", "probe");
         for (method, operation) in item.as_object().unwrap() {
             operations += 1;

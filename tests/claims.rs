@@ -51,6 +51,7 @@ fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
         input_ref: None,
         result: None,
         input: None,
+        trace_id: None,
     }
 }
 

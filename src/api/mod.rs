@@ -3,8 +3,10 @@
 //! its tenant only, under the same row-level security as the daemon's own queries; every
 //! request that changes something lands in the audit trail.
 
+pub mod console;
 mod events;
 pub mod hooks;
+mod overview;
 mod problem;
 mod runs;
 mod scripts;
@@ -113,6 +115,12 @@ fn table() -> Table {
     let mut t = t
         .on(get.clone(), "/openapi.json", openapi)
         .on(get.clone(), "/v1/token", tenants::token)
+        .on(get.clone(), "/v1/tenants", overview::tenants)
+        .on(
+            get.clone(),
+            "/v1/tenants/{tenant}/overview",
+            overview::overview,
+        )
         .on(get.clone(), "/v1/tenants/{tenant}/scripts", scripts::list)
         .on(get.clone(), scripts, scripts::show)
         .on(put.clone(), scripts, scripts::deploy)
@@ -131,6 +139,11 @@ fn table() -> Table {
             get.clone(),
             "/v1/tenants/{tenant}/scripts/{name}/versions",
             scripts::versions,
+        )
+        .on(
+            get.clone(),
+            "/v1/tenants/{tenant}/scripts/{name}/versions/{version}",
+            scripts::version,
         )
         .on(
             post.clone(),
@@ -208,6 +221,7 @@ pub fn served_routes() -> Vec<(Method, &'static str)> {
 pub fn router(state: ApiState) -> Router {
     table()
         .router
+        .merge(console::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         // A request body over 1 MiB is refused (413) before it is read further.
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))

@@ -1,4 +1,5 @@
-//! `/v1/tenants/{tenant}/runs` (newest first, filtered, paged with a cursor), one run with
+//! `/v1/tenants/{tenant}/runs` (newest first, filtered, paged with a cursor; `*` for every
+//! tenant with an operator token), one run with
 //! its logs, input and result, and the tenant's audit trail.
 
 use axum::extract::State;
@@ -28,6 +29,8 @@ pub struct RunsQuery {
     before: Option<i64>,
     /// Runs recorded after the one with this id: what is new since a page was read.
     after: Option<i64>,
+    /// The runs of one job: its attempts.
+    job: Option<String>,
 }
 
 pub async fn list(
@@ -36,6 +39,7 @@ pub async fn list(
     Route(tenant): Route<String>,
     Params(query): Params<RunsQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    // `*` reads every tenant's runs: an operator token's (a tenant's is refused).
     caller.acting_for(&tenant)?;
     let limit = query.limit.unwrap_or(PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -48,7 +52,7 @@ pub async fn list(
     let runs = state
         .store
         .list_runs(&RunFilter {
-            tenant: Some(tenant),
+            tenant: (tenant != crate::store::ALL_TENANTS).then_some(tenant),
             script: query.script,
             status: query.status.map(|s| s.as_str().to_owned()),
             trigger: query.trigger.map(|t| t.as_str().to_owned()),
@@ -56,8 +60,8 @@ pub async fn list(
             since: query.since,
             before: query.before,
             after: query.after,
+            job_id: query.job,
             limit,
-            ..Default::default()
         })
         .await?;
     let next = (runs.len() as i64 == limit)
@@ -78,7 +82,38 @@ pub async fn show(
         .run_of(&tenant, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no run {id} of tenant {tenant}")))?;
-    Ok(Json(serde_json::to_value(run).unwrap_or_default()))
+    let event = match (&run.input, &run.input_ref) {
+        (None, Some(at)) => stored_event(&state, &tenant, at).await,
+        _ => None,
+    };
+    let mut view = serde_json::to_value(&run).unwrap_or_default();
+    if let Some(event) = event {
+        view["input"] = event;
+    }
+    Ok(Json(view))
+}
+
+/// The event a run's input reference (`<events stream>:<sequence>`) names, while the events
+/// stream keeps it: its subject, when it was stored and its payload (JSON when it is).
+async fn stored_event(state: &ApiState, tenant: &str, at: &str) -> Option<serde_json::Value> {
+    let nats = &state.settings.nats;
+    let (stream, sequence) = at.rsplit_once(':')?;
+    if stream != nats.events_stream() {
+        return None;
+    }
+    let stream = state.js.get_stream(stream).await.ok()?;
+    let message = stream.direct_get(sequence.parse().ok()?).await.ok()?;
+    // The reference is the tenant's own (its run was read as the tenant); its subject says so.
+    let subject = message.subject.as_str();
+    subject.strip_prefix(&format!("{}.{tenant}.", nats.events_prefix))?;
+    let data = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+    });
+    Some(serde_json::json!({
+        "subject": subject,
+        "stored_at": chrono::DateTime::from_timestamp_nanos(message.time.unix_timestamp_nanos() as i64),
+        "data": data,
+    }))
 }
 
 #[derive(Deserialize)]

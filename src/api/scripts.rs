@@ -255,6 +255,27 @@ pub async fn versions(
     Ok(Json(serde_json::json!({ "versions": versions })))
 }
 
+/// One version's source (and the TypeScript it was compiled from), to compare versions.
+pub async fn version(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Route((tenant, name, version)): Route<(String, String, Version)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    caller.acting_for(&tenant)?;
+    let found = state
+        .store
+        .version_source(&tenant, &name, version)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("no version {version} of script {tenant}/{name}"))
+        })?;
+    let mut view = serde_json::json!({ "version": version, "source": found.javascript });
+    if let Some(typescript) = found.typescript {
+        view["typescript"] = typescript.into();
+    }
+    Ok(Json(view))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {

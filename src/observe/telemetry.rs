@@ -264,9 +264,37 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
     let _ = span.set_parent(parent);
 }
 
+/// The trace id in a `traceparent` (`00-<trace id>-<span id>-<flags>`), when it holds a
+/// valid one.
+pub fn trace_id(traceparent: &str) -> Option<String> {
+    let id = traceparent.split('-').nth(1)?;
+    let valid = id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && id.bytes().any(|b| b != b'0');
+    valid.then(|| id.to_ascii_lowercase())
+}
+
 /// The `traceparent` naming `span`, when spans are exported.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     let mut carrier: HashMap<String, String> = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
     carrier.remove("traceparent")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_trace_id_is_read_from_a_valid_traceparent_only() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            super::trace_id(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            super::trace_id(&format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32))),
+            None
+        );
+        assert_eq!(super::trace_id("00-xyz-00f067aa0ba902b7-01"), None);
+        assert_eq!(super::trace_id("garbage"), None);
+    }
 }

@@ -120,7 +120,7 @@ pub async fn plan(
             .version_source(&job.tenant, &job.script, pinned)
             .await?
         {
-            Some(source) => (pinned, Arc::from(source)),
+            Some(source) => (pinned, Arc::from(source.javascript)),
             None => return Ok(Err(SkipReason::VersionMissing)),
         },
     };

@@ -339,13 +339,17 @@ impl Executor {
             took: Some(result.duration),
         }
         .emit(&self.parts.stats, &self.parts.metrics);
-        run_record(
+        let mut record = run_record(
             attempt,
             Some(plan.version),
             outcome,
             Some(result),
             started_at,
-        )
+        );
+        record.trace_id = crate::observe::telemetry::traceparent_of(&tracing::Span::current())
+            .or_else(|| header(attempt.headers, "traceparent").map(str::to_owned))
+            .and_then(|parent| crate::observe::telemetry::trace_id(&parent));
+        record
     }
 
     /// Records `attempt` as skipped for `reason`, and tells of it.
@@ -445,6 +449,7 @@ fn run_record(
         input_ref: job.input_ref.clone(),
         result: result.and_then(|r| r.outcome.as_ref().ok()).map(kept),
         input: None,
+        trace_id: None,
     }
 }
 

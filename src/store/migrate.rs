@@ -38,6 +38,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "http_routes",
         include_str!("../../migrations/0008_http_routes.sql"),
     ),
+    (
+        9,
+        "run_traces",
+        include_str!("../../migrations/0009_run_traces.sql"),
+    ),
 ];
 
 /// An arbitrary constant shared by every scriptd: the advisory lock key for migrations.

@@ -6,6 +6,7 @@ mod claims;
 mod error;
 mod kv;
 mod migrate;
+mod overview;
 mod runs;
 mod scripts;
 mod secrets;
@@ -21,8 +22,11 @@ pub use claims::{Claim, ClaimRequest, ClaimScope, Release};
 use error::Doing;
 pub use error::{Result, StoreError};
 pub use kv::KvWrite;
+pub use overview::{Minute, RunOverview, OVERVIEW_MINUTES};
 pub use runs::{LockOutcome, RunFilter, RunRecord, StoredRun, RESULT_KEPT};
-pub use scripts::{sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, NOTIFY_CHANNEL};
+pub use scripts::{
+    sha256_hex, Deployed, ScriptRow, ScriptSpec, VersionRow, VersionSource, NOTIFY_CHANNEL,
+};
 pub use secrets::SecretInfo;
 pub use tokens::{AuditEntry, AuditRow, Principal, Rejected, Role, TokenInfo};
 

@@ -55,6 +55,8 @@ pub struct RunRecord {
     /// The input itself, for runs whose input is kept nowhere else (HTTP requests), JSON up
     /// to `RESULT_KEPT` like the result.
     pub input: Option<serde_json::Value>,
+    /// The W3C trace id of the run's trace, when it has one.
+    pub trace_id: Option<String>,
 }
 
 /// How much of a return value a run record keeps, as JSON.
@@ -136,21 +138,21 @@ impl Store {
                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[],
                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
                     $12::text[], $13::text[], $14::bool[], $15::bool[], $16::timestamptz[],
-                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[], $21::text[])
+                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[], $21::text[], $22::text[])
                 AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                     status, failure_kind, failure_message, failure_stack, logs,
                     logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                    input_ref, result, input)
+                    input_ref, result, input, trace_id)
              ), inserted AS (
                 INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
                     event_id, status, failure_kind, failure_message, failure_stack, logs,
                     logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                    input_ref, result, input)
+                    input_ref, result, input, trace_id)
                 SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger,
                     t.subject, t.event_id, t.status, t.failure_kind, t.failure_message,
                     t.failure_stack, t.logs::jsonb, t.logs_truncated, t.cold_start,
                     t.started_at, t.duration_ms, t.scheduled_at, t.input_ref,
-                    t.result::jsonb, t.input::jsonb
+                    t.result::jsonb, t.input::jsonb, t.trace_id
                 FROM t
                 RETURNING id, job_id, attempt
              ), released AS (
@@ -190,6 +192,7 @@ impl Store {
                     &column!(input_ref),
                     &results,
                     &inputs,
+                    &column!(trace_id),
                 ],
             )
             .await?;
@@ -348,7 +351,7 @@ impl std::ops::Deref for StoredRun {
 const STORED_RUN_COLUMNS: &str = "id, tenant, script, version, job_id, attempt, trigger,
     subject, event_id, status, failure_kind, failure_message, failure_stack, logs,
     logs_truncated, cold_start, started_at, duration_ms, scheduled_at, input_ref, result,
-    input";
+    input, trace_id";
 
 impl Store {
     /// Runs matching `filter`, newest first.
@@ -473,6 +476,7 @@ fn stored_run(r: &tokio_postgres::Row) -> Result<StoredRun> {
             input_ref: r.get(19),
             result: r.get(20),
             input: r.get(21),
+            trace_id: r.get(22),
         },
     })
 }

@@ -317,6 +317,14 @@ impl Store {
     }
 }
 
+/// The source of one version: the JavaScript that runs, and the TypeScript it was compiled
+/// from, if it was.
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionSource {
+    pub javascript: String,
+    pub typescript: Option<String>,
+}
+
 /// One stored version of a script.
 #[derive(Clone, Debug, Serialize)]
 pub struct VersionRow {
@@ -375,19 +383,22 @@ impl Store {
         tenant: &str,
         name: &str,
         version: Version,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<VersionSource>> {
         let mut client = self.client().await?;
         let tx = scoped(&mut client, tenant).await?;
         let row = tx
             .query_opt(
-                "SELECT v.source FROM scripts s
+                "SELECT v.source, v.typescript FROM scripts s
                  JOIN script_versions v ON v.script_id = s.id
                  WHERE s.tenant = $1 AND s.name = $2 AND v.version = $3",
                 &[&tenant, &name, &version],
             )
             .await?;
         tx.commit().await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| VersionSource {
+            javascript: r.get(0),
+            typescript: r.get(1),
+        }))
     }
 
     /// Makes an existing version current again; false if the script or version does not

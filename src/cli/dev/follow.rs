@@ -35,7 +35,8 @@ pub fn hints(tenant: &str, api: &super::DevApi) -> String {
          dev:       {bin} dlq list              (jobs that exhausted their retries)\n\
          dev: API   {url}/openapi.json; an operator token for this session (shown once, valid a day):\n\
          dev:       export API_TOKEN={token}\n\
-         dev:       curl -H \"Authorization: Bearer $API_TOKEN\" {url}/v1/tenants/{tenant}/runs"
+         dev:       curl -H \"Authorization: Bearer $API_TOKEN\" {url}/v1/tenants/{tenant}/runs\n\
+         dev: console {url}/console/ (sign in with the token above)"
     )
 }
 
