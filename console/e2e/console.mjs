@@ -53,7 +53,16 @@ const external = [];
 page.on("request", (r) => {
   if (!r.url().startsWith(new URL(url).origin)) external.push(r.url());
 });
-const shot = (name) => page.screenshot({ path: join(shots, `${name}.png`), fullPage: true });
+const shot = async (name) => {
+  await page.screenshot({ path: join(shots, `${name}.png`), fullPage: true });
+  // Every page shown is checked for form controls without a label.
+  const unlabeled = await page.evaluate(() =>
+    [...document.querySelectorAll("input, select, textarea")]
+      .filter((e) => !e.labels?.length && !e.getAttribute("aria-label"))
+      .map((e) => e.outerHTML.slice(0, 80)),
+  );
+  if (unlabeled.length) throw new Error(`controls without a label on ${name}: ${unlabeled.join(", ")}`);
+};
 try {
   step("sign in with a tenant token (a wrong one is refused)");
   await page.goto(url);
@@ -65,8 +74,12 @@ try {
   await page.keyboard.press("Enter");
   await page.getByRole("navigation", { name: "Pages" }).waitFor({ timeout: WAIT });
 
-  step("watch a run appear");
-  await page.getByRole("link", { name: "Runs", exact: true }).click();
+  step("watch a run appear (reaching the runs page with the keyboard)");
+  await page.getByRole("link", { name: "Overview" }).focus();
+  await page.keyboard.press("Tab");
+  const focused = await page.evaluate(() => document.activeElement?.textContent);
+  if (focused !== "Runs") throw new Error(`Tab after Overview reached ${focused}, not Runs`);
+  await page.keyboard.press("Enter");
   await page.getByRole("heading", { name: "Runs" }).waitFor();
   await publish("greet.hello", { name: "Ada" });
   const greetRow = page.locator("tr", { hasText: "greet" }).filter({ hasText: "ok" });

@@ -70,7 +70,7 @@ export function EditorPage({ tenant, name }) {
   const textarea = useRef(null);
   useEffect(() => {
     if (creating) {
-      setForm({ name: "", source: STARTER, lang: "js", on: "", cron: "", timezone: "UTC", sample: '{"hello": "world"}' });
+      setForm({ name: "", source: STARTER, lang: "js", on: "", cron: "", timezone: "UTC", sample: '{"hello": "world"}', sampleType: "test" });
     } else if (script) {
       setForm({
         name: script.name,
@@ -80,6 +80,7 @@ export function EditorPage({ tenant, name }) {
         cron: script.cron || "",
         timezone: script.timezone || "UTC",
         sample: "{}",
+        sampleType: (script.subjects || []).find((s) => !/[*>]/.test(s)) || "test",
       });
     }
   }, [script, creating]);
@@ -117,7 +118,7 @@ export function EditorPage({ tenant, name }) {
       } catch (e) {
         throw new Error(`the sample event is not JSON: ${e.message}`);
       }
-      setTest(await api("POST", tenantPath(tenant, "scripts", target || "draft", "test"), { data, source: form.source, lang: form.lang }));
+      setTest(await api("POST", tenantPath(tenant, "scripts", target || "draft", "test"), { data, type: form.sampleType.trim() || "test", source: form.source, lang: form.lang }));
     });
   const deploy = () =>
     run("deploy", async () => {
@@ -166,9 +167,12 @@ export function EditorPage({ tenant, name }) {
           <button type="button" class="primary" onClick={deploy} disabled={!!busy}>Deploy</button>
           {busy && <span aria-live="polite"> {busy}…</span>}
         </p>
-        <label class="sample">Sample event data (JSON)
-          <textarea name="sample" rows="4" value={form.sample} onInput={set("sample")} />
-        </label>
+        <div class="settings">
+          <label>Sample event type <input name="sampleType" value={form.sampleType} onInput={set("sampleType")} /></label>
+          <label class="sample">Sample event data (JSON)
+            <textarea name="sample" rows="4" cols="60" value={form.sample} onInput={set("sample")} />
+          </label>
+        </div>
       </form>
       <Problem error={error} />
       {deployed && (
