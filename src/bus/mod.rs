@@ -307,8 +307,30 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client> {
         })
 }
 
-/// A durable pull consumer, created or updated.
+/// A durable pull consumer, created or updated; asked again while JetStream is not ready.
 pub async fn durable_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    name: &str,
+    ack_wait: Duration,
+    max_ack_pending: usize,
+    filter_subject: Option<String>,
+) -> Result<consumer::PullConsumer> {
+    let what = format!("consumer {name}");
+    error::patiently(&what, || {
+        open_consumer(
+            js,
+            stream_name,
+            name,
+            ack_wait,
+            max_ack_pending,
+            filter_subject.clone(),
+        )
+    })
+    .await
+}
+
+async fn open_consumer(
     js: &jetstream::Context,
     stream_name: &str,
     name: &str,
@@ -319,20 +341,21 @@ pub async fn durable_consumer(
     let stream = js
         .get_stream(stream_name)
         .await
-        .doing(|| format!("stream {stream_name} is missing"))?;
+        .doing(|| format!("looking up stream {stream_name}"))?;
     let config = pull_config(name, ack_wait, max_ack_pending, filter_subject);
-    match stream.get_consumer::<consumer::pull::Config>(name).await {
+    match stream.consumer_info(name).await {
         Ok(_) => {
             js.update_consumer_on_stream(config, stream_name)
                 .await
                 .doing(|| format!("updating consumer {name}"))?;
         }
-        Err(_) => {
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
             stream
                 .create_consumer(config)
                 .await
                 .doing(|| format!("creating consumer {name}"))?;
         }
+        Err(e) => return Err(e).doing(|| format!("looking up consumer {name}")),
     }
     stream
         .get_consumer(name)

@@ -1,18 +1,14 @@
 //! The three JetStream streams: each one's settings (`[nats.streams.events]`, `.jobs`,
 //! `.dlq`: replicas, storage, age and size limits) and making JetStream hold them.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, context, stream};
 use serde::{Deserialize, Serialize};
 
-use super::error::{BusError, Doing, Result};
+use super::error::{patiently, BusError, Doing, Result};
 use super::NatsConfig;
 use crate::units::{opt_duration_str, ByteSize};
-
-/// How long `ensure_streams` keeps trying while JetStream cannot answer yet (a cluster
-/// electing its meta leader, a node restarting) before it gives up.
-const NOT_READY_FOR: Duration = Duration::from_secs(60);
 
 /// Where a stream keeps its messages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,19 +123,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &NatsConfig) -> Res
             (&config.streams.dlq, Duration::ZERO)
         };
         settings.apply(&mut wanted, default_age);
-        let deadline = Instant::now() + NOT_READY_FOR;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match ensure_stream(js, &wanted).await {
-                Ok(()) => break,
-                Err(e) if not_ready(&e) && Instant::now() + pause < deadline => {
-                    tracing::warn!(stream = %name, error = %e, "JetStream is not ready; trying again.");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        patiently(&format!("stream {name}"), || ensure_stream(js, &wanted)).await?;
     }
     Ok(())
 }
@@ -185,36 +169,6 @@ async fn ensure_stream(js: &jetstream::Context, wanted: &stream::Config) -> Resu
         .await
         .doing(|| format!("updating stream {name}"))?;
     Ok(())
-}
-
-/// Whether `error` says JetStream cannot answer yet rather than that the request is wrong:
-/// a timeout, no responders, or a 503 from a server without a meta leader.
-fn not_ready(error: &BusError) -> bool {
-    let BusError::JetStream { source, .. } = error else {
-        return false;
-    };
-    if let Some(e) = source.downcast_ref::<context::CreateStreamError>() {
-        return match e.kind() {
-            context::CreateStreamErrorKind::TimedOut
-            | context::CreateStreamErrorKind::JetStreamUnavailable => true,
-            context::CreateStreamErrorKind::JetStream(j) => j.code() == 503,
-            _ => false,
-        };
-    }
-    if let Some(e) = source.downcast_ref::<context::GetStreamError>() {
-        return match e.kind() {
-            context::GetStreamErrorKind::Request => true,
-            context::GetStreamErrorKind::JetStream(j) => j.code() == 503,
-            _ => false,
-        };
-    }
-    if let Some(e) = source.downcast_ref::<context::RequestError>() {
-        return matches!(
-            e.kind(),
-            context::RequestErrorKind::TimedOut | context::RequestErrorKind::NoResponders
-        );
-    }
-    false
 }
 
 #[cfg(test)]
