@@ -92,21 +92,13 @@ async fn the_console_and_what_it_reads_are_served() {
         deploy(&api, operator.unwrap(), path, source, on).await;
     }
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{trace}-00f067aa0ba902b7-01").as_str(),
-    );
-    env.js
-        .publish_with_headers(
-            format!("{}.acme.number.one", env.settings.nats.events_prefix),
-            headers,
-            r#"{"n": 21}"#.into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    env.publish_traced(
+        "acme",
+        "number.one",
+        r#"{"n": 21}"#,
+        &format!("00-{trace}-00f067aa0ba902b7-01"),
+    )
+    .await;
     env.publish("globex", "thing.new", "{}").await;
     let runs = env
         .wait_for_runs(WAIT, |runs| {

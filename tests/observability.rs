@@ -309,21 +309,13 @@ async fn runs_retries_and_dead_letters_join_the_publishers_trace() {
     );
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent_id = "00f067aa0ba902b7";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{trace_id}-{parent_id}-01").as_str(),
-    );
-    env.js
-        .publish_with_headers(
-            format!("{}.acme.traced", env.settings.nats.events_prefix),
-            headers,
-            "{}".into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    env.publish_traced(
+        "acme",
+        "traced",
+        "{}",
+        &format!("00-{trace_id}-{parent_id}-01"),
+    )
+    .await;
     env.wait_for_runs(WAIT, |runs| {
         runs.iter().any(|r| r.status == "dead_lettered")
     })

@@ -3,7 +3,8 @@
 
 import { useState } from "preact/hooks";
 import { api, query, tenantPath } from "./api.js";
-import { Json, Problem, Status, Time, href, useLoad } from "./ui.jsx";
+import { Attempts } from "./runs.jsx";
+import { Json, Problem, Time, href, useLoad } from "./ui.jsx";
 
 export function DeadLettersPage({ tenant }) {
   const [filter, setFilter] = useState({ script: "", kind: "" });
@@ -144,20 +145,7 @@ export function DeadLetterPage({ tenant, sequence }) {
       <h2>Job</h2>
       <Json label="Job" value={letter.job} />
       <h2>Attempts</h2>
-      <table>
-        <thead><tr><th>Run</th><th>Attempt</th><th>Status</th><th>Started</th><th>Failure</th></tr></thead>
-        <tbody>
-          {found.runs.map((r) => (
-            <tr key={r.id}>
-              <td><a href={href("runs", r.tenant, r.id)}>#{r.id}</a></td>
-              <td>{r.attempt}</td>
-              <td><Status status={r.status} /></td>
-              <td><Time at={r.started_at} /></td>
-              <td>{r.failure_kind || ""}</td>
-            </tr>
-          ))}
-        </tbody>
-      </table>
+      <Attempts runs={found.runs} />
     </section>
   );
 }

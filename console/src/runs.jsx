@@ -136,6 +136,26 @@ export function RunsPage({ tenant }) {
   );
 }
 
+/** The runs of one job, one row per attempt. */
+export function Attempts({ runs }) {
+  return (
+    <table>
+      <thead><tr><th>Run</th><th>Attempt</th><th>Status</th><th>Started</th><th>Failure</th></tr></thead>
+      <tbody>
+        {runs.map((a) => (
+          <tr key={a.id}>
+            <td><a href={href("runs", a.tenant, a.id)}>#{a.id}</a></td>
+            <td>{a.attempt}</td>
+            <td><Status status={a.status} /></td>
+            <td><Time at={a.started_at} /></td>
+            <td>{a.failure_kind || ""}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
+
 export function RunPage({ tenant, id }) {
   const [run, error] = useLoad(() => api("GET", tenantPath(tenant, "runs", id)), [tenant, id]);
   const [attempts] = useLoad(
@@ -178,20 +198,7 @@ export function RunPage({ tenant, id }) {
         ))}
       </ol>
       <h2>Attempts of this job</h2>
-      <table>
-        <thead><tr><th>Run</th><th>Attempt</th><th>Status</th><th>Started</th><th>Failure</th></tr></thead>
-        <tbody>
-          {(attempts?.runs || []).map((a) => (
-            <tr key={a.id}>
-              <td><a href={href("runs", a.tenant, a.id)}>#{a.id}</a></td>
-              <td>{a.attempt}</td>
-              <td><Status status={a.status} /></td>
-              <td><Time at={a.started_at} /></td>
-              <td>{a.failure_kind || ""}</td>
-            </tr>
-          ))}
-        </tbody>
-      </table>
+      <Attempts runs={attempts?.runs || []} />
     </section>
   );
 }

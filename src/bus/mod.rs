@@ -316,16 +316,9 @@ pub async fn durable_consumer(
     max_ack_pending: usize,
     filter_subject: Option<String>,
 ) -> Result<consumer::PullConsumer> {
-    let what = format!("consumer {name}");
-    error::patiently(&what, || {
-        open_consumer(
-            js,
-            stream_name,
-            name,
-            ack_wait,
-            max_ack_pending,
-            filter_subject.clone(),
-        )
+    let config = pull_config(name, ack_wait, max_ack_pending, filter_subject);
+    error::patiently(&format!("consumer {name}"), || {
+        open_consumer(js, stream_name, &config)
     })
     .await
 }
@@ -333,25 +326,22 @@ pub async fn durable_consumer(
 async fn open_consumer(
     js: &jetstream::Context,
     stream_name: &str,
-    name: &str,
-    ack_wait: Duration,
-    max_ack_pending: usize,
-    filter_subject: Option<String>,
+    config: &consumer::pull::Config,
 ) -> Result<consumer::PullConsumer> {
+    let name = config.durable_name.as_deref().unwrap_or_default();
     let stream = js
         .get_stream(stream_name)
         .await
         .doing(|| format!("looking up stream {stream_name}"))?;
-    let config = pull_config(name, ack_wait, max_ack_pending, filter_subject);
     match stream.consumer_info(name).await {
         Ok(_) => {
-            js.update_consumer_on_stream(config, stream_name)
+            js.update_consumer_on_stream(config.clone(), stream_name)
                 .await
                 .doing(|| format!("updating consumer {name}"))?;
         }
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
             stream
-                .create_consumer(config)
+                .create_consumer(config.clone())
                 .await
                 .doing(|| format!("creating consumer {name}"))?;
         }

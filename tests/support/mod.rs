@@ -276,6 +276,29 @@ impl TestEnv {
         .await
     }
 
+    /// Publishes an event of `tenant` carrying the W3C trace context `traceparent`, as a
+    /// traced service would.
+    pub async fn publish_traced(
+        &self,
+        tenant: &str,
+        event_type: &str,
+        payload: &'static str,
+        traceparent: &str,
+    ) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", traceparent);
+        self.js
+            .publish_with_headers(
+                format!("{}.{tenant}.{event_type}", self.settings.nats.events_prefix),
+                headers,
+                payload.into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack");
+    }
+
     pub async fn publish_subject(&self, subject: &str, payload: impl Into<bytes::Bytes>) -> u64 {
         self.js
             .publish(subject.to_owned(), payload.into())
