@@ -184,6 +184,7 @@ async fn a_tenant_works_its_scripts_runs_and_dead_letters_over_http() {
     assert_eq!(wrong["errors"][0]["pointer"], "/limits/timeout", "{wrong}");
     let huge = json!({ "source": "x".repeat(2 << 20) });
     let (status, wrong) = api
+        .once()
         .call(
             Method::PUT,
             "/v1/tenants/acme/scripts/double",

@@ -134,7 +134,8 @@ async fn a_request_runs_the_script_of_its_route_and_gets_its_answer() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
     assert_eq!(answer["code"], "not_found");
     let huge = Some(("application/json", vec![b' '; 2 << 20]));
-    let (status, _, answer) = request(&api, Method::POST, "/orders/42", Some(&acme), huge).await;
+    let (status, _, answer) =
+        request(&api.once(), Method::POST, "/orders/42", Some(&acme), huge).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
 
     // A second script cannot take the same route, whatever it names its parameter.

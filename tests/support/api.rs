@@ -58,6 +58,16 @@ impl Api {
         (daemon, api)
     }
 
+    /// The same API through a client of its own, for a request the server answers before
+    /// reading its whole body (a body over the limit) and then closes the connection: the
+    /// next requests of the shared client must not meet that connection in its pool.
+    pub fn once(&self) -> Api {
+        Api {
+            base: self.base.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
     pub async fn call(
         &self,
         method: Method,
