@@ -189,13 +189,13 @@ impl Executor {
             let delay = (started_at - at).to_std().unwrap_or_default();
             self.parts.metrics.schedule_started(delay);
         }
-        let result = self.execute(attempt, &plan, slot).await;
+        let (result, trace_id) = self.execute(attempt, &plan, slot).await;
         let outcome = plan.decide(&result, attempt.number);
         if let Outcome::DeadLettered(failure) = &outcome {
             self.dead_letter(attempt, &plan, failure, started_at)
                 .await?;
         }
-        let record = self.ended(attempt, &plan, &outcome, &result, started_at);
+        let record = self.ended(attempt, &plan, &outcome, &result, started_at, trace_id);
         let committed = self.commit(record).await;
         if locked && !matches!(outcome, Outcome::Retry { .. }) {
             if let Err(e) = self
@@ -294,20 +294,25 @@ impl Executor {
                 Ok(Ok(plan)) => plan,
                 _ => return Err(None),
             };
-        let result = self.execute(&attempt, &plan, slot).await;
+        let (result, trace_id) = self.execute(&attempt, &plan, slot).await;
         let outcome = match &result.outcome {
             Ok(_) => Outcome::Ok,
             Err(failure) => Outcome::Failed(failure.clone()),
         };
-        let mut record = self.ended(&attempt, &plan, &outcome, &result, started_at);
+        let mut record = self.ended(&attempt, &plan, &outcome, &result, started_at, trace_id);
         record.input = serde_json::from_str(job.event.get()).ok().map(|v| kept(&v));
         let id = self.commit(record).await.map_err(Some)?;
         Ok((id, result))
     }
 
     /// Runs `plan` for `attempt` in the engine, within the run's span, holding `slot` until
-    /// the run ends.
-    async fn execute(&self, attempt: &Attempt<'_>, plan: &Plan, slot: Slot) -> RunResult {
+    /// the run ends; with the id of the trace the run belongs to, if any.
+    async fn execute(
+        &self,
+        attempt: &Attempt<'_>,
+        plan: &Plan,
+        slot: Slot,
+    ) -> (RunResult, Option<String>) {
         let span = tracing::Span::current();
         span.record("version", plan.version.get());
         self.parts.metrics.run_started();
@@ -315,13 +320,16 @@ impl Executor {
         // else the trace of the event (or request).
         let traceparent = crate::observe::telemetry::traceparent_of(&span)
             .or_else(|| header(attempt.headers, "traceparent").map(str::to_owned));
+        let trace_id = traceparent
+            .as_deref()
+            .and_then(crate::observe::telemetry::trace_id);
         let result = self.parts.engine.run(plan.run(attempt, traceparent)).await;
         drop(slot);
-        result
+        (result, trace_id)
     }
 
     /// Tells of the end of a run of `plan` (counters, metrics, span, log line) and makes
-    /// its record.
+    /// its record, in the trace `trace_id`.
     fn ended(
         &self,
         attempt: &Attempt<'_>,
@@ -329,6 +337,7 @@ impl Executor {
         outcome: &Outcome,
         result: &RunResult,
         started_at: chrono::DateTime<Utc>,
+        trace_id: Option<String>,
     ) -> RunRecord {
         AttemptEnded {
             job: attempt.job,
@@ -346,9 +355,7 @@ impl Executor {
             Some(result),
             started_at,
         );
-        record.trace_id = crate::observe::telemetry::traceparent_of(&tracing::Span::current())
-            .or_else(|| header(attempt.headers, "traceparent").map(str::to_owned))
-            .and_then(|parent| crate::observe::telemetry::trace_id(&parent));
+        record.trace_id = trace_id;
         record
     }
 
