@@ -116,23 +116,27 @@ impl NatsConfig {
     }
 }
 
-/// How long a request for the next message of an idle consumer waits at the server. The client
+/// How long a pull request waits at the server for the messages it asks for. The client
 /// gives up on it 5 s later if the server's end-of-request never came (a server restart
 /// forgets requests), so this also bounds how long a consumer can stay deaf.
 const LONG_POLL: Duration = Duration::from_secs(10);
 
-/// How long a fetch (answered at once by a live server) may take to answer.
-const FETCH_ANSWER: Duration = Duration::from_secs(5);
+/// How long past its expiry a request may stay unanswered before it is given up.
+const NO_ANSWER: Duration = Duration::from_secs(5);
 
 /// Pulls `consumer` with at most `window` messages in hand until `stop`, handing each to
 /// `handler`; then waits for the handlers in flight.
 ///
-/// JetStream is asked for exactly as many messages as there are free places: what is there
-/// at once (no wait), or, when nothing is, the next one (a long poll). So every message
+/// JetStream is asked for exactly as many messages as there are free places, in one
+/// request that the server answers as messages come (a long poll): so every message
 /// received is handled at once (and a job kept alive by its handler); none waits unseen in
 /// a client buffer, where its ack wait could run out and JetStream hand it to another
 /// replica too (a prefetching pull ran jobs twice in the rolling-restart test that way).
-/// A request that fails (server restart, lost connection) is made again.
+/// A request fills up as messages are published, with no request per message; once one was
+/// filled (so more are likely waiting), the next waits for a quarter of the window to be
+/// free: under load the pulls come in chunks, not one per message handled, and the
+/// messages of a chunk claim their attempts in one batch. A request that fails (server
+/// restart, lost connection) is made again.
 ///
 /// `handler` returns its work boxed: a handler's future holds a whole run (engine, record,
 /// dead letter) and is large, and moving it by value into each task cost more copying than
@@ -146,30 +150,32 @@ pub async fn pull<F>(
     F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>,
 {
     let tracker = tokio_util::task::TaskTracker::new();
-    let places = Arc::new(Semaphore::new(window.max(1)));
-    let mut idle = false;
+    let window = window.max(1);
+    let places = Arc::new(Semaphore::new(window));
+    let chunk = (window / 4).max(1);
+    // The last request was filled: more messages are probably waiting.
+    let mut behind = false;
     'pull: while !stop.is_cancelled() {
-        let first = tokio::select! {
-            _ = stop.cancelled() => break,
-            place = places.clone().acquire_owned() => match place {
-                Ok(place) => place,
-                Err(_) => break,
-            },
-        };
-        let mut hand = vec![first];
-        while let Ok(place) = places.clone().try_acquire_owned() {
-            hand.push(place);
+        let mut hand = Vec::with_capacity(window);
+        while hand.is_empty() || (behind && hand.len() < chunk) {
+            tokio::select! {
+                _ = stop.cancelled() => break 'pull,
+                place = places.clone().acquire_owned() => match place {
+                    Ok(place) => hand.push(place),
+                    Err(_) => break 'pull,
+                },
+            }
+            while let Ok(place) = places.clone().try_acquire_owned() {
+                hand.push(place);
+            }
         }
-        let request = if idle {
-            consumer
-                .batch()
-                .max_messages(1)
-                .expires(LONG_POLL)
-                .messages()
-                .await
-        } else {
-            consumer.fetch().max_messages(hand.len()).messages().await
-        };
+        let asked = hand.len();
+        let request = consumer
+            .batch()
+            .max_messages(asked)
+            .expires(LONG_POLL)
+            .messages()
+            .await;
         let mut messages = match request {
             Ok(messages) => messages,
             Err(e) => {
@@ -181,14 +187,13 @@ pub async fn pull<F>(
             }
         };
         let mut received = 0;
-        // A request that gets no answer (sent just as the server restarted) ends here: a
-        // long poll by the client's own timer, a fetch after this long.
-        let quiet_limit = if idle { LONG_POLL * 2 } else { FETCH_ANSWER };
         loop {
             let next = tokio::select! {
                 // Messages already delivered and not taken come back after their ack wait.
                 _ = stop.cancelled() => break 'pull,
-                next = tokio::time::timeout(quiet_limit, messages.next()) => next,
+                // A request that gets no answer (sent just as the server restarted) ends
+                // here, by the client's own timer or after this long.
+                next = tokio::time::timeout(LONG_POLL + NO_ANSWER, messages.next()) => next,
             };
             let Ok(next) = next else {
                 tracing::debug!("A pull request got no answer; asking again.");
@@ -211,7 +216,7 @@ pub async fn pull<F>(
                 None => break,
             }
         }
-        idle = received == 0;
+        behind = received == asked;
     }
     tracker.close();
     tracker.wait().await;
