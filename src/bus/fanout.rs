@@ -10,7 +10,6 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::Utc;
-use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -173,8 +172,8 @@ impl Fanout {
             headers: headers_as_json(msg.headers.as_ref()),
             time,
         };
-        let event = serde_json::to_string(&view)
-            .and_then(RawValue::from_string)
+        // Written once, not parsed again: what serde_json writes is JSON.
+        let event = serde_json::value::to_raw_value(&view)
             .doing(|| "writing the event for its scripts".into())?;
         // What a job of this event carries besides its id: the trace and the chain depth.
         let mut headers = HeaderMap::new();
