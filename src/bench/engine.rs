@@ -26,14 +26,27 @@ pub struct EngineBenchArgs {
 }
 
 pub(crate) fn run_of(script: &str, version: u32, n: usize) -> ScriptRun {
+    // One allocation for every run, as the daemon's runs of one version share theirs.
+    static SOURCE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    let source = SOURCE.get_or_init(|| Arc::from(TRIVIAL)).clone();
+    run_with(script, version, n, source)
+}
+
+/// A run of `source` as script `script` at `version`, on input `{ "n": n }`.
+pub(crate) fn run_with(script: &str, version: u32, n: usize, source: Arc<str>) -> ScriptRun {
     ScriptRun::new(
         "bench",
         script,
         crate::domain::Version::new(version),
-        Arc::<str>::from(TRIVIAL),
+        source,
         &serde_json::json!({ "n": n }),
         Limits::default(),
     )
+}
+
+/// The trivial handler followed by a comment that makes it `kib` KiB, like a bundled script.
+pub(crate) fn bundle_of(kib: usize) -> Arc<str> {
+    format!("{TRIVIAL}\n/* {} */\n", "x".repeat(kib * 1024)).into()
 }
 
 /// The round trip seen by the caller and the time spent inside the engine worker.

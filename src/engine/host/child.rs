@@ -18,7 +18,7 @@ use crate::caps::{
     Call, CapError, CapResult, Capabilities, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp,
     KvReply, Publish,
 };
-use crate::engine::{Engine, EngineConfig, Isolation};
+use crate::engine::{Engine, EngineConfig, Failure, FailureKind, Isolation, RunResult};
 
 /// Entry point of the hidden subcommand. `stack` is the native stack of the thread that
 /// runs isolates (the daemon passes its `engine.thread_stack`).
@@ -108,6 +108,7 @@ async fn serve() -> anyhow::Result<()> {
         refused,
     });
 
+    let mut held = super::sources::HeldSources::default();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(tokio::sync::Notify::new());
     let mut draining = false;
@@ -136,9 +137,25 @@ async fn serve() -> anyhow::Result<()> {
             None => break,
             Some(ToHost::Run {
                 id,
-                run,
+                mut run,
                 validate_only,
             }) => {
+                let Some(source) = held.take(run.source_ref()) else {
+                    // The daemon decides what is held here, so this is a fault of its own.
+                    let lost = Failure {
+                        kind: FailureKind::Engine,
+                        message: "the engine host was not sent the script's source".into(),
+                        stack: None,
+                        retryable: true,
+                    };
+                    let result = RunResult::failed(lost, std::time::Instant::now(), false);
+                    let _ = out.send(FromHost::Done {
+                        id,
+                        result: result.into(),
+                        stats: engine.stats(),
+                    });
+                    continue;
+                };
                 in_flight.fetch_add(1, Ordering::SeqCst);
                 let (engine, out, in_flight, drained) = (
                     engine.clone(),
@@ -147,7 +164,7 @@ async fn serve() -> anyhow::Result<()> {
                     drained.clone(),
                 );
                 tokio::spawn(async move {
-                    let run = run.into();
+                    let run = run.into_run(source);
                     let result = if validate_only {
                         engine.submit(run, true).await
                     } else {

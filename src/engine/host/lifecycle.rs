@@ -141,6 +141,7 @@ async fn run_host(
             pending: HashMap::new(),
             waiting: Default::default(),
             tx: Some(tx.clone()),
+            sources: Default::default(),
             draining: false,
             killed: None,
         }),

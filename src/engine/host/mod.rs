@@ -9,6 +9,7 @@ mod child;
 mod confine;
 mod lifecycle;
 mod protocol;
+mod sources;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -147,6 +148,8 @@ struct HostState {
     /// this order as its workers free up.
     waiting: std::collections::VecDeque<u64>,
     tx: Option<mpsc::UnboundedSender<ToHost>>,
+    /// The sources this host holds; decided here, in the order frames are queued.
+    sources: sources::SentSources,
     draining: bool,
     /// The run the host was killed to stop, once it was.
     killed: Option<u64>,
@@ -251,7 +254,7 @@ impl HostPool {
 
     pub async fn submit(&self, run: ScriptRun, validate_only: bool) -> RunResult {
         let start = Instant::now();
-        let mut wire = Some(Box::new(WireRun::from(&run)));
+        let mut wire = Some(Box::new(WireRun::of(&run)));
         let call = run.call(start + run.limits.timeout);
         let mut without_host_since = None;
         loop {
@@ -262,6 +265,7 @@ impl HostPool {
                     let sent = host.send(
                         id,
                         wire.take().expect("unsent"),
+                        &run.source,
                         &call,
                         run.limits.timeout,
                         validate_only,
@@ -270,7 +274,7 @@ impl HostPool {
                         Ok(answer) => match answer.await {
                             Ok(Answer::Done(result)) => return result,
                             // Its host was killed for another run before it began.
-                            Ok(Answer::Again) => wire = Some(Box::new(WireRun::from(&run))),
+                            Ok(Answer::Again) => wire = Some(Box::new(WireRun::of(&run))),
                             Err(_) => {
                                 let gone = crashed("the engine host went away");
                                 return RunResult::failed(gone, start, false);
@@ -382,15 +386,18 @@ impl Host {
     fn send(
         &self,
         id: u64,
-        run: Box<WireRun>,
+        mut run: Box<WireRun>,
+        source: &Arc<str>,
         call: &Call,
         timeout: Duration,
         validate_only: bool,
     ) -> Result<oneshot::Receiver<Answer>, Box<WireRun>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.draining {
+        if state.draining || state.tx.is_none() {
             return Err(run);
         }
+        // Should the frame not be queued, the host is gone, and what it held with it.
+        run.with_source(state.sources.reference(source));
         let Some(tx) = &state.tx else { return Err(run) };
         let (reply, answer) = oneshot::channel();
         match tx.send(ToHost::Run {

@@ -2,17 +2,20 @@
 //! of JSON on a Unix socket (fd 3 in the host). Runs go down, results come back; a script's
 //! API calls come back up and their replies go down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_util::codec::LengthDelimitedCodec;
 
+use super::sources::SourceRef;
 use crate::caps::{
     CapError, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp, KvReply, Publish,
 };
 use crate::domain::Version;
 use crate::engine::{EngineConfig, Failure, Limits, LogLine, RunResult, ScriptRun, StatsSnapshot};
+use crate::units::ByteSize;
 
 /// The host's end of the socket.
 pub const HOST_FD: i32 = 3;
@@ -100,14 +103,20 @@ pub struct WireRun {
     pub script: String,
     /// The version of the script that runs.
     pub version: Version,
-    /// The version's source.
-    pub source: String,
+    /// The number the host knows the version's source by (see `sources`).
+    pub source_id: u64,
+    /// The source's text, when the host does not hold it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Sources the host drops before it takes this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forget: Vec<u64>,
     /// The event given to the handler, as JSON text.
     pub input: Box<RawValue>,
     /// The attempt's number, 1 for the first.
     pub attempt: u32,
     /// The limits the run is held to.
-    pub limits: Limits,
+    pub limits: WireLimits,
     /// The job the run belongs to (the same on every attempt).
     pub job: String,
     /// The W3C trace context passed on to what the script publishes.
@@ -116,36 +125,95 @@ pub struct WireRun {
     pub depth: u32,
 }
 
-impl From<&ScriptRun> for WireRun {
-    fn from(r: &ScriptRun) -> Self {
+impl WireRun {
+    /// The run as its frame carries it; its source is filled in when a host is chosen
+    /// (`with_source`), since what a host holds differs between hosts.
+    pub fn of(r: &ScriptRun) -> Self {
         WireRun {
             tenant: r.tenant.clone(),
             script: r.script.clone(),
             version: r.version,
-            source: r.source.to_string(),
+            source_id: 0,
+            source: None,
+            forget: Vec::new(),
             input: r.input.clone(),
             attempt: r.attempt,
-            limits: r.limits,
+            limits: r.limits.into(),
             job: r.job.clone(),
             traceparent: r.traceparent.clone(),
             depth: r.depth,
         }
     }
-}
 
-impl From<WireRun> for ScriptRun {
-    fn from(w: WireRun) -> Self {
+    /// Carries `source` as the host it goes to is to take it.
+    pub fn with_source(&mut self, source: SourceRef) {
+        self.source_id = source.id;
+        self.source = source.text;
+        self.forget = source.forget;
+    }
+
+    /// How the frame carries its source (the host's side).
+    pub fn source_ref(&mut self) -> SourceRef {
+        SourceRef {
+            id: self.source_id,
+            text: self.source.take(),
+            forget: std::mem::take(&mut self.forget),
+        }
+    }
+
+    /// The run, with the source the host found for it.
+    pub fn into_run(self, source: Arc<str>) -> ScriptRun {
+        let w = self;
         ScriptRun {
             tenant: w.tenant,
             script: w.script,
             version: w.version,
-            source: w.source.into(),
+            source,
             input: w.input,
             attempt: w.attempt,
-            limits: w.limits,
+            limits: w.limits.into(),
             job: w.job,
             traceparent: w.traceparent,
             depth: w.depth,
+        }
+    }
+}
+
+/// A run's limits as plain numbers. Their configuration form (`"5s"`, `"64MiB"`) cost a
+/// formatted string each on the way out and a parse each on the way in, on every run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLimits {
+    timeout_us: u64,
+    heap: u64,
+    source: u64,
+    result: u64,
+    logs: u64,
+    cpu_time_us: u64,
+}
+
+impl From<Limits> for WireLimits {
+    fn from(l: Limits) -> Self {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        WireLimits {
+            timeout_us: micros(l.timeout),
+            heap: l.heap.0,
+            source: l.source.0,
+            result: l.result.0,
+            logs: l.logs.0,
+            cpu_time_us: micros(l.cpu_time),
+        }
+    }
+}
+
+impl From<WireLimits> for Limits {
+    fn from(w: WireLimits) -> Self {
+        Limits {
+            timeout: Duration::from_micros(w.timeout_us),
+            heap: ByteSize(w.heap),
+            source: ByteSize(w.source),
+            result: ByteSize(w.result),
+            logs: ByteSize(w.logs),
+            cpu_time: Duration::from_micros(w.cpu_time_us),
         }
     }
 }
@@ -204,4 +272,30 @@ pub enum CapValue {
     Kv(KvReply),
     Fetched(FetchResponse),
     Secret(Option<String>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_cross_the_socket_unchanged() {
+        let limits = Limits {
+            timeout: Duration::from_millis(2_500),
+            heap: ByteSize::mib(48),
+            source: ByteSize::kib(100),
+            result: ByteSize(12_345),
+            logs: ByteSize::kib(64),
+            cpu_time: Duration::from_micros(1_234_567),
+        };
+        let wire = serde_json::to_string(&WireLimits::from(limits)).unwrap();
+        let back: WireLimits = serde_json::from_str(&wire).unwrap();
+        let back = Limits::from(back);
+        assert_eq!(back.timeout, limits.timeout);
+        assert_eq!(back.cpu_time, limits.cpu_time);
+        assert_eq!(
+            (back.heap, back.source, back.result, back.logs),
+            (limits.heap, limits.source, limits.result, limits.logs)
+        );
+    }
 }
