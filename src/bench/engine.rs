@@ -26,10 +26,14 @@ pub struct EngineBenchArgs {
 }
 
 pub(crate) fn run_of(script: &str, version: u32, n: usize) -> ScriptRun {
-    // One allocation for every run, as the daemon's runs of one version share theirs.
+    run_with(script, version, n, trivial())
+}
+
+/// The trivial handler, one allocation for every run, as the daemon's runs of one version
+/// share theirs.
+pub(crate) fn trivial() -> Arc<str> {
     static SOURCE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    let source = SOURCE.get_or_init(|| Arc::from(TRIVIAL)).clone();
-    run_with(script, version, n, source)
+    SOURCE.get_or_init(|| Arc::from(TRIVIAL)).clone()
 }
 
 /// A run of `source` as script `script` at `version`, on input `{ "n": n }`.

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::bench::engine::{bundle_of, rows, rss_bytes, run_of, run_with, throughput, timed};
+use crate::bench::engine::{
+    bundle_of, rows, rss_bytes, run_of, run_with, throughput, timed, trivial,
+};
 use crate::engine::{rss_of, Engine, EngineConfig, Isolation};
 
 #[derive(Debug, Args)]
@@ -53,23 +55,20 @@ pub async fn hosts(config: &EngineConfig, args: HostsBenchArgs) -> anyhow::Resul
         "{:<26} {:>10} {:>10} {:>8}",
         "measure", "p50", "p99", "runs"
     );
-    for (name, engine) in [("in-process", &threads), ("through a host", &hosts)] {
-        timed(engine, run_of("warm", 1, 0)).await?;
-        let mut warm = Vec::with_capacity(args.warm);
-        for i in 0..args.warm {
-            warm.push(timed(engine, run_of("warm", 1, i)).await?);
+    // The trivial handler, then a bundled script's source (which crosses to a host once
+    // and is named by number after).
+    for (label, script, source) in [
+        ("warm", "warm", trivial()),
+        ("100 KiB", "bundle", bundle_of(100)),
+    ] {
+        for (name, engine) in [("in-process", &threads), ("through a host", &hosts)] {
+            timed(engine, run_with(script, 1, 0, source.clone())).await?;
+            let mut warm = Vec::with_capacity(args.warm);
+            for i in 0..args.warm {
+                warm.push(timed(engine, run_with(script, 1, i, source.clone())).await?);
+            }
+            rows(&format!("{label} {name}"), warm);
         }
-        rows(&format!("warm {name}"), warm);
-    }
-    // A bundled script's source, which crosses to a host once and is named by number after.
-    let bundle = bundle_of(100);
-    for (name, engine) in [("in-process", &threads), ("through a host", &hosts)] {
-        timed(engine, run_with("bundle", 1, 0, bundle.clone())).await?;
-        let mut warm = Vec::with_capacity(args.warm);
-        for i in 0..args.warm {
-            warm.push(timed(engine, run_with("bundle", 1, i, bundle.clone())).await?);
-        }
-        rows(&format!("100 KiB {name}"), warm);
     }
     for (name, engine) in [("in-process", &threads), ("through hosts", &hosts)] {
         let (runs, took) = throughput(engine, args.throughput).await?;
