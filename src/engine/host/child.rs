@@ -18,7 +18,7 @@ use crate::caps::{
     Call, CapError, CapResult, Capabilities, CapabilitiesConfig, FetchRequest, FetchResponse, KvOp,
     KvReply, Publish,
 };
-use crate::engine::{Engine, EngineConfig, Failure, FailureKind, Isolation, RunResult};
+use crate::engine::{Engine, EngineConfig, FailureKind, Isolation, RunResult};
 
 /// Entry point of the hidden subcommand. `stack` is the native stack of the thread that
 /// runs isolates (the daemon passes its `engine.thread_stack`).
@@ -142,12 +142,11 @@ async fn serve() -> anyhow::Result<()> {
             }) => {
                 let Some(source) = held.take(run.source_ref()) else {
                     // The daemon decides what is held here, so this is a fault of its own.
-                    let lost = Failure {
-                        kind: FailureKind::Engine,
-                        message: "the engine host was not sent the script's source".into(),
-                        stack: None,
-                        retryable: true,
-                    };
+                    let lost = crate::engine::isolate::failure(
+                        FailureKind::Engine,
+                        "the engine host was not sent the script's source".into(),
+                        None,
+                    );
                     let result = RunResult::failed(lost, std::time::Instant::now(), false);
                     let _ = out.send(FromHost::Done {
                         id,

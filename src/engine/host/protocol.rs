@@ -163,18 +163,17 @@ impl WireRun {
 
     /// The run, with the source the host found for it.
     pub fn into_run(self, source: Arc<str>) -> ScriptRun {
-        let w = self;
         ScriptRun {
-            tenant: w.tenant,
-            script: w.script,
-            version: w.version,
+            tenant: self.tenant,
+            script: self.script,
+            version: self.version,
             source,
-            input: w.input,
-            attempt: w.attempt,
-            limits: w.limits.into(),
-            job: w.job,
-            traceparent: w.traceparent,
-            depth: w.depth,
+            input: self.input,
+            attempt: self.attempt,
+            limits: self.limits.into(),
+            job: self.job,
+            traceparent: self.traceparent,
+            depth: self.depth,
         }
     }
 }
