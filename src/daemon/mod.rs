@@ -217,7 +217,8 @@ impl Daemon {
         wiring: &Wiring,
         store: &Store,
     ) -> anyhow::Result<Arc<Executor>> {
-        let (records, writer) = RecordWriter::start(store.clone());
+        let record_store = Store::connect_records(&settings.database).await?;
+        let (records, writer) = RecordWriter::start(store.clone(), record_store);
         let replica: Arc<str> = Arc::from(replica_name());
         // Two batches at a time of claims and of hand-backs, for each of the two takers.
         let claim_store = Store::connect_claims(&settings.database, 8).await?;

@@ -42,17 +42,19 @@ pub struct RecordWriter {
 }
 
 impl RecordWriter {
-    /// Starts the writer task; it ends when every `RecordWriter` clone is dropped.
-    pub fn start(store: Store) -> (RecordWriter, tokio::task::JoinHandle<()>) {
+    /// Starts the writer task; it ends when every `RecordWriter` clone is dropped. Records
+    /// are inserted through `inserts` (`Store::connect_records`); whether a failed try was
+    /// committed after all is looked up through `store`.
+    pub fn start(store: Store, inserts: Store) -> (RecordWriter, tokio::task::JoinHandle<()>) {
         let shape = Shape {
             max: MAX_BATCH,
             linger: LINGER,
             concurrent: 1,
         };
         let (batcher, task) = Batcher::start(shape, move |records: Vec<RunRecord>| {
-            let store = store.clone();
+            let (store, inserts) = (store.clone(), inserts.clone());
             async move {
-                match insert_with_retries(&store, &records).await {
+                match insert_with_retries(&store, &inserts, &records).await {
                     Ok(ids) => ids.into_iter().map(Ok).collect(),
                     Err(e) => vec![Err(e); records.len()],
                 }
@@ -70,7 +72,11 @@ impl RecordWriter {
     }
 }
 
-async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<Vec<i64>, BatchError> {
+async fn insert_with_retries(
+    store: &Store,
+    inserts: &Store,
+    records: &[RunRecord],
+) -> Result<Vec<i64>, BatchError> {
     let mut last = BatchError::Stopped("run-record writer");
     for attempt in 1..=TRIES {
         // A try whose answer was lost with its connection may have been committed: sent
@@ -80,7 +86,7 @@ async fn insert_with_retries(store: &Store, records: &[RunRecord]) -> Result<Vec
                 return Ok(ids);
             }
         }
-        match store.insert_runs(records).await {
+        match inserts.insert_runs(records).await {
             Ok(ids) => return Ok(ids),
             Err(e) => {
                 tracing::warn!(records = records.len(), attempt, error = %e, "Writing run records failed.");
