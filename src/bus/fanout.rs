@@ -75,13 +75,23 @@ impl Fanout {
     /// run again). `hard_stop` ends direct runs still going at the end of the shutdown
     /// grace period: the event is handed back.
     pub async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
-        let Some(_claim) = self.in_flight.claim(&msg) else {
+        // Where the event sits in its stream, and when it was stored, read from the
+        // delivery's reply subject once.
+        let Ok((sequence, published)) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.published.unix_timestamp_nanos()))
+        else {
+            tracing::warn!(subject = %msg.subject, "An event message without its JetStream info; it will be delivered again.");
+            return;
+        };
+        let Some(_claim) = self.in_flight.claim(sequence) else {
             tracing::debug!(subject = %msg.subject, "An event already being handled here was delivered again; ignored.");
             return;
         };
         self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let fan_out = self.fan_out(&msg, sequence, published);
         let outcome = tokio::select! {
-            outcome = super::keeping_alive(&msg, self.config.ack_wait, self.fan_out(&msg)) => outcome,
+            outcome = super::keeping_alive(&msg, self.config.ack_wait, fan_out) => outcome,
             _ = hard_stop.cancelled() => Err(BusError::Unsettled("runs still going at the end of the shutdown grace period".into())),
         };
         let settle = match outcome {
@@ -101,12 +111,12 @@ impl Fanout {
         }
     }
 
-    async fn fan_out(&self, msg: &jetstream::Message) -> Result<()> {
-        let info = msg.info().map_err(|e| {
-            BusError::Unsettled(format!("an event message without its JetStream info: {e}"))
-        })?;
-        let sequence = info.stream_sequence;
-        let published = info.published.unix_timestamp_nanos();
+    async fn fan_out(
+        &self,
+        msg: &jetstream::Message,
+        sequence: u64,
+        published_nanos: i128,
+    ) -> Result<()> {
         let parsed = match subject::parse_event_subject(&self.config.events_prefix, &msg.subject) {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -131,7 +141,7 @@ impl Fanout {
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.to_string())
             .unwrap_or_else(|| format!("{stream}-{sequence}"));
-        let time = chrono::DateTime::from_timestamp_nanos(published as i64)
+        let time = chrono::DateTime::from_timestamp_nanos(published_nanos as i64)
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
 
         if msg.payload.len() > self.config.max_event_size.as_usize() {

@@ -257,9 +257,9 @@ pub struct Claim<'a> {
 }
 
 impl Claims {
-    /// Claims `msg` for this handler; `None` when it is being handled here already.
-    pub fn claim(&self, msg: &jetstream::Message) -> Option<Claim<'_>> {
-        let sequence = msg.info().map(|i| i.stream_sequence).ok()?;
+    /// Claims the message at stream sequence `sequence` for this handler; `None` when it
+    /// is being handled here already.
+    pub fn claim(&self, sequence: u64) -> Option<Claim<'_>> {
         let fresh = self
             .0
             .lock()

@@ -57,12 +57,17 @@ impl Runner {
     /// Handles one job message. `hard_stop` cancels a run still going at the end of the
     /// shutdown grace period: its message is handed back for another replica.
     pub async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
-        let Some(_in_flight) = self.in_flight.claim(&msg) else {
+        // What JetStream says of the delivery, read from its reply subject once.
+        let Ok((sequence, delivered)) = msg.info().map(|i| (i.stream_sequence, i.delivered)) else {
+            tracing::warn!(subject = %msg.subject, "A job message without its JetStream info; it will be delivered again.");
+            return;
+        };
+        let Some(_in_flight) = self.in_flight.claim(sequence) else {
             tracing::debug!(subject = %msg.subject, "A job already being handled here was delivered again; ignored.");
             return;
         };
         let settle = tokio::select! {
-            settle = super::keeping_alive(&msg, self.ack_wait, self.process(&msg)) => settle,
+            settle = super::keeping_alive(&msg, self.ack_wait, self.process(&msg, delivered)) => settle,
             _ = hard_stop.cancelled() => {
                 self.executor.stats().returned.fetch_add(1, Ordering::Relaxed);
                 Settle::Nak(None)
@@ -78,7 +83,7 @@ impl Runner {
         }
     }
 
-    async fn process(&self, msg: &jetstream::Message) -> Settle {
+    async fn process(&self, msg: &jetstream::Message, delivered: i64) -> Settle {
         if let Some(due) = header(msg.headers.as_ref(), RETRY_AT_HEADER).and_then(retry_due) {
             // A retry queued by a direct run whose delay is not over: it waits in JetStream.
             // Attempts come from the claims, so this delivery uses none up.
@@ -92,10 +97,12 @@ impl Runner {
             }
         };
         let span = run_span(&job, msg.headers.as_ref());
-        self.process_job(msg, &job).instrument(span).await
+        self.process_job(msg, &job, delivered)
+            .instrument(span)
+            .await
     }
 
-    async fn process_job(&self, msg: &jetstream::Message, job: &Job) -> Settle {
+    async fn process_job(&self, msg: &jetstream::Message, job: &Job, delivered: i64) -> Settle {
         // The claim says which attempt this is, and lets one replica run it: a redelivery
         // may follow a retry, a hand-back at shutdown, a crash or a lost ack, and NATS
         // servers sometimes deliver a message to two replicas at once (nats-server#4460).
@@ -103,7 +110,6 @@ impl Runner {
         // through claims' round trips and a flood's overflow into the lanes fed on itself
         // (3-script throughput fell to a third). The lease covers the wait: the message is
         // kept alive meanwhile, so no other replica is handed the job unless this one dies.
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let stats = self.executor.stats();
         let (number, first_at) = match self.executor.claim(job, ClaimScope::Next).await {
             Ok(Claim::Won {

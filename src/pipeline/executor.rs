@@ -463,12 +463,30 @@ fn run_record(
 /// A return value as its run record keeps it: itself up to `RESULT_KEPT` bytes of JSON,
 /// else a note of its size.
 fn kept(value: &serde_json::Value) -> serde_json::Value {
-    let bytes = value.to_string().len();
+    let bytes = json_len(value);
     if bytes <= crate::store::RESULT_KEPT {
         value.clone()
     } else {
         serde_json::json!({ "scriptd_result_not_kept": { "bytes": bytes, "kept_up_to": crate::store::RESULT_KEPT } })
     }
+}
+
+/// The length of `value` written as JSON, counted without writing it anywhere.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, and a `Value` always serialises.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 #[cfg(test)]

@@ -116,9 +116,23 @@ impl Store {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        // Columns borrow from the records: text is written straight into the statement's
+        // parameters, not copied into new strings first.
         macro_rules! column {
             ($field:ident) => {
-                records.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+                records.iter().map(|r| r.$field).collect::<Vec<_>>()
+            };
+            ($field:ident as str) => {
+                records
+                    .iter()
+                    .map(|r| r.$field.as_str())
+                    .collect::<Vec<_>>()
+            };
+            ($field:ident as option) => {
+                records
+                    .iter()
+                    .map(|r| r.$field.as_deref())
+                    .collect::<Vec<_>>()
             };
         }
         let status: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
@@ -171,28 +185,28 @@ impl Store {
              )
              SELECT id, job_id, attempt FROM inserted",
                 &[
-                    &column!(tenant),
-                    &column!(script),
+                    &column!(tenant as str),
+                    &column!(script as str),
                     &column!(version),
-                    &column!(job_id),
+                    &column!(job_id as str),
                     &column!(attempt),
                     &trigger,
-                    &column!(subject),
-                    &column!(event_id),
+                    &column!(subject as option),
+                    &column!(event_id as option),
                     &status,
-                    &column!(failure_kind),
-                    &column!(failure_message),
-                    &column!(failure_stack),
+                    &column!(failure_kind as option),
+                    &column!(failure_message as option),
+                    &column!(failure_stack as option),
                     &logs,
                     &column!(logs_truncated),
                     &column!(cold_start),
                     &column!(started_at),
                     &column!(duration_ms),
                     &column!(scheduled_at),
-                    &column!(input_ref),
+                    &column!(input_ref as option),
                     &results,
                     &inputs,
-                    &column!(trace_id),
+                    &column!(trace_id as option),
                 ],
             )
             .await?;
@@ -202,14 +216,14 @@ impl Store {
 
 /// The ids of `rows` (id, job id, attempt) in the order of `records`; 0 for one not found.
 fn in_order(records: &[RunRecord], rows: &[tokio_postgres::Row]) -> Vec<i64> {
-    let ids: std::collections::HashMap<(String, i32), i64> = rows
+    let ids: std::collections::HashMap<(&str, i32), i64> = rows
         .iter()
         .map(|r| ((r.get(1), r.get(2)), r.get(0)))
         .collect();
     records
         .iter()
         .map(|r| {
-            ids.get(&(r.job_id.clone(), r.attempt))
+            ids.get(&(r.job_id.as_str(), r.attempt))
                 .copied()
                 .unwrap_or_default()
         })
