@@ -220,8 +220,8 @@ impl Daemon {
         let record_store = Store::connect_records(&settings.database).await?;
         let (records, writer) = RecordWriter::start(store.clone(), record_store);
         let replica: Arc<str> = Arc::from(replica_name());
-        // A batch at a time of claims and of hand-backs, for each of the two takers.
-        let claim_store = Store::connect_claims(&settings.database, 4).await?;
+        // Two batches at a time of claims and of hand-backs, for each of the two takers.
+        let claim_store = Store::connect_claims(&settings.database, 8).await?;
         let (claims, claimer) =
             ClaimTaker::start(claim_store.clone(), replica.clone(), ClaimScope::Next);
         let (first_claims, first_claimer) =
