@@ -231,15 +231,27 @@ pub(crate) async fn keeping_alive<T>(
     ack_wait: Duration,
     work: impl std::future::Future<Output = T>,
 ) -> T {
+    let progress = || async {
+        let _ = msg.ack_with(jetstream::AckKind::Progress).await;
+    };
+    every(ack_wait / 3, work, progress).await
+}
+
+/// Drives `work` to its end, awaiting `tick()` every `period` meanwhile; the first tick is
+/// a period from now. (Awaiting an interval's immediate first tick instead held every
+/// message ~1 ms, since the timer rounds a deadline up to its next millisecond: more than
+/// half of publish → run start at 500 events/s.)
+async fn every<T, F: std::future::Future<Output = ()>>(
+    period: Duration,
+    work: impl std::future::Future<Output = T>,
+    mut tick: impl FnMut() -> F,
+) -> T {
     tokio::pin!(work);
-    let mut progress = tokio::time::interval(ack_wait / 3);
-    progress.tick().await;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
             out = &mut work => return out,
-            _ = progress.tick() => {
-                let _ = msg.ack_with(jetstream::AckKind::Progress).await;
-            }
+            _ = ticks.tick() => tick().await,
         }
     }
 }
@@ -375,5 +387,38 @@ pub(crate) fn pull_config(
         max_ack_pending: max_ack_pending as i64,
         filter_subject: filter_subject.unwrap_or_default(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    #[tokio::test]
+    async fn work_that_is_ready_is_not_held_by_the_progress_timer() {
+        let done = every(Duration::from_secs(10), async { 7 }, || async {}).now_or_never();
+        assert_eq!(done, Some(7));
+    }
+
+    #[tokio::test]
+    async fn long_work_is_ticked_until_it_ends() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let work = async move {
+            // Ends once it has seen two ticks.
+            rx.recv().await;
+            rx.recv().await;
+            "done"
+        };
+        let tick = || {
+            let _ = tx.send(());
+            async {}
+        };
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            every(Duration::from_millis(5), work, tick),
+        )
+        .await;
+        assert_eq!(out, Ok("done"));
     }
 }
