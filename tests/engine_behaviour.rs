@@ -258,6 +258,28 @@ async fn a_stopped_isolate_is_never_reused() {
     assert_eq!(engine.stats().discarded, 1);
 }
 
+/// A promise the handler rejects and leaves unhandled fails that run, even when the handler
+/// returned a value, and nothing of it reaches the isolate's next run.
+#[tokio::test]
+async fn a_rejection_left_unhandled_fails_its_own_run_only() {
+    let engine = engine();
+    let source = "let runs = 0; export default async (e) => { runs++; \
+        if (e.leave) Promise.reject(new RangeError('left behind')); return runs; }";
+    let ok = run(source, json!({}));
+    assert_eq!(value(engine.run(ok.clone()).await), json!(1));
+    let mut leave = ok.clone();
+    leave.input = serde_json::value::to_raw_value(&json!({ "leave": true })).unwrap();
+    let f = engine.run(leave).await.outcome.unwrap_err();
+    assert_eq!(f.kind, FailureKind::Exception);
+    assert!(
+        f.message.contains("RangeError: left behind"),
+        "{}",
+        f.message
+    );
+    assert_eq!(value(engine.run(ok.clone()).await), json!(3));
+    assert_eq!(value(engine.run(ok).await), json!(4));
+}
+
 #[tokio::test]
 async fn an_exception_keeps_the_isolate_warm() {
     let engine = engine();

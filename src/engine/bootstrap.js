@@ -241,12 +241,12 @@ async function publish(type, data, options = {}) {
   return { subject };
 }
 
-function makeCtx(meta) {
+function makeCtx(tenant, script, version, attempt) {
   return freeze({
-    tenant: meta.tenant,
-    script: meta.script,
-    version: meta.version,
-    attempt: meta.attempt,
+    tenant,
+    script,
+    version,
+    attempt,
     log: logAt("info"),
     publish,
     kv,
@@ -256,9 +256,8 @@ function makeCtx(meta) {
 
 // Runs one handler. User exceptions propagate (the host classifies them); a result the host
 // refuses is reported as `{ error: [kind, message] }`.
-async function invoke(handler, eventJson, metaJson, resultLimit) {
-  const meta = parse(metaJson);
-  const value = await handler(parse(eventJson), makeCtx(meta));
+async function invoke(handler, eventJson, tenant, script, version, attempt, resultLimit) {
+  const value = await handler(parse(eventJson), makeCtx(tenant, script, version, attempt));
   if (value === undefined) return { json: "null" };
   try {
     if (exceedsBudget(value, resultLimit)) {

@@ -2,6 +2,7 @@
 //! loaded and its handler found, then invoked once per run.
 
 use std::sync::Arc;
+use std::task::Poll;
 
 use deno_core::error::{CoreError, CoreErrorKind};
 use deno_core::{v8, JsRuntime, ModuleSpecifier, PollEventLoopOptions, RuntimeOptions};
@@ -44,6 +45,16 @@ const MEMORY_REFRESH_RUNS: u64 = 256;
 struct Host {
     invoke: v8::Global<v8::Function>,
     handler_of: v8::Global<v8::Function>,
+}
+
+/// What calling the sandbox's `invoke` gave at once.
+enum Called {
+    /// Its promise was fulfilled with this value.
+    Fulfilled(v8::Global<v8::Value>),
+    /// Its promise, pending or rejected: the event loop settles it.
+    Pending(v8::Global<v8::Value>),
+    /// The call threw (a termination: `invoke` is async and rejects instead of throwing).
+    Threw,
 }
 
 #[derive(Deserialize)]
@@ -185,37 +196,60 @@ impl ScriptIsolate {
         let Some(handler) = &self.handler else {
             return Err(engine_failure("no script is loaded in this isolate".into()));
         };
-        let meta = serde_json::json!({
-            "tenant": run.tenant,
-            "script": run.script,
-            "version": run.version,
-            "attempt": run.attempt,
-        })
-        .to_string();
         let args = {
             deno_core::scope!(scope, &mut self.runtime);
             let handler = v8::Local::new(scope, handler);
             let event = v8::String::new(scope, run.input.get());
-            let meta = v8::String::new(scope, &meta);
+            let tenant = v8::String::new(scope, &run.tenant);
+            let script = v8::String::new(scope, &run.script);
+            let version = v8::Number::new(scope, f64::from(run.version.get()));
+            let attempt = v8::Number::new(scope, f64::from(run.attempt));
             let limit = v8::Number::new(scope, run.limits.result.0 as f64);
-            let (Some(event), Some(meta)) = (event, meta) else {
+            let (Some(event), Some(tenant), Some(script)) = (event, tenant, script) else {
                 return Err(engine_failure(
                     "the input is too large to pass to the engine".into(),
                 ));
             };
-            [
-                v8::Global::new(scope, v8::Local::<v8::Value>::from(handler)),
-                v8::Global::new(scope, v8::Local::<v8::Value>::from(event)),
-                v8::Global::new(scope, v8::Local::<v8::Value>::from(meta)),
-                v8::Global::new(scope, v8::Local::<v8::Value>::from(limit)),
-            ]
+            let locals: [v8::Local<v8::Value>; 7] = [
+                handler.into(),
+                event.into(),
+                tenant.into(),
+                script.into(),
+                version.into(),
+                attempt.into(),
+                limit.into(),
+            ];
+            locals.map(|v| v8::Global::new(scope, v))
         };
-        let call = self.runtime.call_with_args(&self.host.invoke, &args);
-        let value = self
-            .runtime
-            .with_event_loop_promise(call, PollEventLoopOptions::default())
-            .await
-            .map_err(|e| classify(&self.guard, FailureKind::Exception, &e, run))?;
+        let value = match self.call_invoke(&args) {
+            Called::Fulfilled(value) => {
+                // What the handler left behind (a promise rejected with no handler) fails
+                // the run, as it does when the event loop settles the handler's promise.
+                let polled = std::future::poll_fn(|cx| {
+                    Poll::Ready(
+                        self.runtime
+                            .poll_event_loop(cx, PollEventLoopOptions::default()),
+                    )
+                })
+                .await;
+                if let Poll::Ready(Err(e)) = polled {
+                    return Err(classify(&self.guard, FailureKind::Exception, &e, run));
+                }
+                value
+            }
+            Called::Pending(promise) => {
+                let settled = self.runtime.resolve(promise);
+                self.runtime
+                    .with_event_loop_promise(settled, PollEventLoopOptions::default())
+                    .await
+                    .map_err(|e| classify(&self.guard, FailureKind::Exception, &e, run))?
+            }
+            Called::Threw => {
+                return Err(tripped(&self.guard, run).unwrap_or_else(|| {
+                    engine_failure("the sandbox's invoke threw outside its promise".into())
+                }))
+            }
+        };
         let output: InvokeOutput = {
             deno_core::scope!(scope, &mut self.runtime);
             let local = v8::Local::new(scope, value);
@@ -244,6 +278,31 @@ impl ScriptIsolate {
                 None,
             )
         })
+    }
+
+    /// Calls the sandbox's `invoke` and runs the microtasks. A handler that awaits nothing
+    /// outside the isolate has settled by then: its value is taken here, without deno_core's
+    /// promise watch, which makes two functions per call (~16 000 of a warm trivial run's
+    /// ~115 000 instructions on the offline engine). A promise still pending, or rejected,
+    /// is left to the event loop, which settles it and reports its rejection as before.
+    fn call_invoke(&mut self, args: &[v8::Global<v8::Value>; 7]) -> Called {
+        deno_core::scope!(scope, &mut self.runtime);
+        v8::tc_scope!(let scope, scope);
+        let invoke = v8::Local::new(scope, &self.host.invoke);
+        let locals = args.each_ref().map(|a| v8::Local::new(scope, a));
+        let undefined = v8::undefined(scope).into();
+        let Some(returned) = invoke.call(scope, undefined, &locals) else {
+            return Called::Threw;
+        };
+        let Ok(promise) = v8::Local::<v8::Promise>::try_from(returned) else {
+            return Called::Fulfilled(v8::Global::new(scope, returned));
+        };
+        scope.perform_microtask_checkpoint();
+        if promise.state() == v8::PromiseState::Fulfilled && !scope.is_execution_terminating() {
+            let value = promise.result(scope);
+            return Called::Fulfilled(v8::Global::new(scope, value));
+        }
+        Called::Pending(v8::Global::new(scope, returned))
     }
 
     /// JavaScript heap in use plus ArrayBuffer contents, for the warm pool's budget. The
