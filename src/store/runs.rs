@@ -135,8 +135,6 @@ impl Store {
                     .collect::<Vec<_>>()
             };
         }
-        let status: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
-        let trigger: Vec<&str> = records.iter().map(|r| r.trigger.as_str()).collect();
         let logs: Vec<String> = records.iter().map(|r| r.logs.to_string()).collect();
         let results: Vec<Option<String>> = records
             .iter()
@@ -190,10 +188,10 @@ impl Store {
                     &column!(version),
                     &column!(job_id as str),
                     &column!(attempt),
-                    &trigger,
+                    &column!(trigger as str),
                     &column!(subject as option),
                     &column!(event_id as option),
-                    &status,
+                    &column!(status as str),
                     &column!(failure_kind as option),
                     &column!(failure_message as option),
                     &column!(failure_stack as option),
