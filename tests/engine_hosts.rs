@@ -1,7 +1,7 @@
 //! Isolates in engine host processes: runs and warm isolates through hosts, hostile runs on
-//! a host's one thread and on its worker threads, a host killed mid-run, recycling under
-//! load, memory held by recycling across thousands of timeouts, and hosts that cannot open
-//! files or sockets.
+//! a host's one thread and on its worker threads, how many runs a host holds, a host killed
+//! mid-run, recycling under load, memory held by recycling across thousands of timeouts,
+//! and hosts that cannot open files or sockets.
 
 mod common;
 
@@ -140,6 +140,65 @@ async fn with_two_workers_per_host_a_runaway_holds_up_only_its_own_worker() {
         quick.1
     );
     assert_eq!(common::failure_kind(&looping), FailureKind::Timeout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_holds_runs_per_worker_runs_and_the_rest_wait_in_the_daemon() {
+    let engine = Arc::new(
+        Engine::start_with(
+            &EngineConfig {
+                isolation: Isolation::Process,
+                runs_per_worker: 3,
+                hosts: HostsConfig {
+                    count: 1,
+                    binary: env!("CARGO_BIN_EXE_scriptd").into(),
+                    ..HostsConfig::default()
+                },
+                ..EngineConfig::default()
+            },
+            Arc::new(scriptd::caps::NoCapabilities::default()),
+        )
+        .expect("hosts start"),
+    );
+    assert!(engine.wait_ready(Duration::from_secs(30)).await);
+    assert_eq!(engine.slots(), 3);
+    let mut busy = run("export default () => { for (;;) {} }", json!({}));
+    busy.limits.timeout = Duration::from_secs(3);
+    let busy = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run(busy).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().in_flight == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the runaway never reached the host"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let quick: Vec<_> = (0..4)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                engine
+                    .run(run("export default (e) => e.i", json!({ "i": i })))
+                    .await
+            })
+        })
+        .collect();
+    while engine.stats().in_flight < 3 {
+        assert!(Instant::now() < deadline, "{:?}", engine.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The runaway holds the host's one worker: two runs wait behind it in the host and the
+    // other two in the daemon.
+    assert_eq!(engine.stats().in_flight, 3, "{:?}", engine.stats());
+    assert!(quick.iter().all(|q| !q.is_finished()));
+    let f = busy.await.unwrap().outcome.unwrap_err();
+    assert_eq!(f.kind, FailureKind::Timeout, "{f}");
+    for (i, q) in quick.into_iter().enumerate() {
+        assert_eq!(value(q.await.unwrap()), json!(i));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

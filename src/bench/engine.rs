@@ -92,13 +92,14 @@ pub fn rss_bytes() -> u64 {
     crate::engine::rss_of(std::process::id()).unwrap_or(0)
 }
 
-/// Runs of a trivial script from two callers per worker (or host worker), `total` in all
-/// (rounded up to a multiple of the callers): how many ran, and in what time.
+/// Runs of a trivial script from as many callers as the engine has slots
+/// (`runs_per_worker` per worker), `total` in all (rounded up to a multiple of the
+/// callers): how many ran, and in what time.
 pub(crate) async fn throughput(
     engine: &Arc<Engine>,
     total: usize,
 ) -> anyhow::Result<(usize, Duration)> {
-    let callers = engine.workers() * 2;
+    let callers = engine.slots();
     let per_caller = total.div_ceil(callers).max(1);
     let start = Instant::now();
     let mut tasks = Vec::new();

@@ -242,8 +242,8 @@ impl Daemon {
                 limits: settings.engine.limits,
                 retry: settings.retry,
             },
-            // Two per worker, as the engine's own slots.
-            tenant_slots: TenantSlots::new(settings.tenants.clone(), 2 * self.engine.workers()),
+            // By default a tenant may take every slot of the engine.
+            tenant_slots: TenantSlots::new(settings.tenants.clone(), self.engine.slots()),
             stats: self.stats.attempts.clone(),
             metrics: self.stats.metrics.clone(),
             stop: wiring.shutdown.clone(),

@@ -63,6 +63,12 @@ pub struct EngineConfig {
     /// Engine worker threads with `isolation = "thread"`, each running one isolate at a
     /// time. 0 means one per core.
     pub workers: usize,
+    /// Runs handed to each worker at once (at least 1): one running, the rest queued
+    /// behind it, so a worker that finishes a run finds the next one waiting instead of
+    /// sleeping until the daemon sends it. The daemon admits this many runs per worker
+    /// (`Engine::slots`); under load more runs in flight also batch the work around them
+    /// (claims, records, acknowledgements) into fewer statements and messages.
+    pub runs_per_worker: usize,
     /// Warm isolates kept per worker.
     pub warm_isolates_per_worker: usize,
     /// Memory (JavaScript heap in use plus ArrayBuffers) of the warm isolates of one worker.
@@ -84,6 +90,7 @@ impl Default for EngineConfig {
             isolation: Isolation::Process,
             hosts: HostsConfig::default(),
             workers: 0,
+            runs_per_worker: 4,
             warm_isolates_per_worker: 64,
             warm_memory_per_worker: ByteSize::mib(256),
             retry_heap_limit: true,
@@ -258,6 +265,8 @@ pub struct Engine {
     workers: Vec<WorkerHandle>,
     hosts: Option<host::HostPool>,
     stats: Arc<EngineStats>,
+    /// `EngineConfig::runs_per_worker`, at least 1.
+    runs_per_worker: usize,
 }
 
 /// Builds what every isolate starts from (the startup snapshot) now rather than at the
@@ -314,6 +323,7 @@ impl Engine {
                 workers: Vec::new(),
                 hosts: Some(host::HostPool::start(config, caps)?),
                 stats: Arc::default(),
+                runs_per_worker: config.runs_per_worker.max(1),
             });
         }
         let count = if config.workers == 0 {
@@ -329,6 +339,7 @@ impl Engine {
             workers,
             hosts: None,
             stats,
+            runs_per_worker: config.runs_per_worker.max(1),
         })
     }
 
@@ -345,6 +356,7 @@ impl Engine {
             workers: vec![worker],
             hosts: None,
             stats,
+            runs_per_worker: config.runs_per_worker.max(1),
         };
         Ok((engine, serve))
     }
@@ -355,6 +367,16 @@ impl Engine {
             Some(hosts) => hosts.capacity(),
             None => self.workers.len(),
         }
+    }
+
+    /// Runs the engine takes at once, running and queued: `runs_per_worker` per worker.
+    pub fn slots(&self) -> usize {
+        self.workers() * self.runs_per_worker
+    }
+
+    /// Runs handed to each worker at once: a run may wait behind all but one of them.
+    pub fn runs_per_worker(&self) -> usize {
+        self.runs_per_worker
     }
 
     /// Waits until every engine host is up (at once with thread isolation); whether they

@@ -30,11 +30,19 @@ use crate::store::{Claim, ClaimRequest, ClaimScope, LockOutcome, RunRecord, Stor
 /// ask is three small statements (claim, lock, hand-back), one job per schedule at most.
 const LOCK_POLL: Duration = Duration::from_millis(250);
 
-/// How long a claim holds beyond twice the run's timeout (a claimed run may wait for one
-/// run ahead of it in its worker) before another replica may take the attempt over. A
+/// How long a claim holds beyond the run's own timeout and those of the runs it may wait
+/// behind in its worker (`lease`) before another replica may take the attempt over. A
 /// job claimed and still waiting for its slot then is not taken over unless another
 /// replica is handed its message, which this one keeps alive.
 const CLAIM_MARGIN: Duration = Duration::from_secs(15);
+
+/// A claim's lease for a run of `timeout` in an engine taking `runs_per_worker` runs per
+/// worker: the run may wait behind all the others queued in its worker, each up to the
+/// same timeout (the script's own, the one known here).
+fn lease(timeout: Duration, runs_per_worker: usize) -> Duration {
+    let runs = u32::try_from(runs_per_worker.max(1)).unwrap_or(u32::MAX);
+    timeout.saturating_mul(runs).saturating_add(CLAIM_MARGIN)
+}
 
 /// A job waits for one of these before it runs: its tenant's permit, then the engine's.
 pub type Slot = (OwnedSemaphorePermit, OwnedSemaphorePermit);
@@ -77,8 +85,8 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(parts: Parts) -> Executor {
-        // Two per worker keep every worker busy while results travel back.
-        let slots = Arc::new(Semaphore::new(2 * parts.engine.workers()));
+        // The runs queued behind each worker's keep it busy while results travel back.
+        let slots = Arc::new(Semaphore::new(parts.engine.slots()));
         Executor { parts, slots }
     }
 
@@ -93,8 +101,8 @@ impl Executor {
     }
 
     /// Claims the next attempt of `job` (or its first only, for `ClaimScope::FirstOnly`);
-    /// the claim's lease covers the run's timeout, the wait behind one run in its worker,
-    /// and a margin.
+    /// the claim's lease covers the run's timeout, the wait behind the other runs queued in
+    /// its worker, and a margin.
     pub async fn claim(&self, job: &Job, scope: ClaimScope) -> Result<Claim, BatchError> {
         let timeout = self
             .parts
@@ -107,7 +115,7 @@ impl Executor {
         let request = ClaimRequest {
             job_id: job.id.clone(),
             tenant: job.tenant.clone(),
-            lease: 2 * timeout + CLAIM_MARGIN,
+            lease: lease(timeout, self.parts.engine.runs_per_worker()),
         };
         match scope {
             ClaimScope::Next => self.parts.claims.claim(request).await,
@@ -492,6 +500,16 @@ fn json_len(value: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_covers_every_run_a_claimed_run_may_wait_behind() {
+        let five = Duration::from_secs(5);
+        assert_eq!(lease(five, 4), Duration::from_secs(4 * 5 + 15));
+        assert_eq!(lease(five, 1), Duration::from_secs(5 + 15));
+        // 0 is taken as 1, as the engine does.
+        assert_eq!(lease(five, 0), lease(five, 1));
+        assert_eq!(lease(Duration::MAX, 4), Duration::MAX);
+    }
 
     #[test]
     fn a_record_keeps_a_small_result_and_notes_the_size_of_a_large_one() {

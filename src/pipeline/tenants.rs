@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 #[serde(deny_unknown_fields, default)]
 pub struct TenantsConfig {
     /// Runs of one tenant in the engine at once, per replica; 0 means as many as the engine
-    /// takes at once (two per worker).
+    /// takes at once (`engine.runs_per_worker` per worker).
     pub max_concurrent_runs: usize,
     /// Per-tenant values of `max_concurrent_runs`, by tenant name.
     pub concurrent_runs: BTreeMap<String, usize>,

@@ -305,8 +305,8 @@ impl HostPool {
 
     /// The host holding (or that would hold) this script version's warm isolate when it
     /// has an idle worker; otherwise the least busy host with room. Each host takes at most
-    /// two runs per worker: the rest wait here, so a host that dies takes few runs with it
-    /// and a draining host's replacement gets the queue.
+    /// `runs_per_worker` runs per worker: the rest wait here, so a host that dies takes
+    /// no more runs with it and a draining host's replacement gets the queue.
     fn place(&self, run: &ScriptRun) -> Placement {
         let slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -318,13 +318,14 @@ impl HostPool {
                 return Placement::Host(host.clone());
             }
         }
+        let room = self.shared.config.runs_per_worker.max(1) * workers;
         let least = slots
             .iter()
             .flatten()
             .min_by_key(|h| h.load.load(Ordering::SeqCst));
         match least {
             None => Placement::NoHost,
-            Some(h) if h.load.load(Ordering::SeqCst) < 2 * workers => Placement::Host(h.clone()),
+            Some(h) if h.load.load(Ordering::SeqCst) < room => Placement::Host(h.clone()),
             Some(_) => Placement::Full,
         }
     }
