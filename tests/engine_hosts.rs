@@ -19,21 +19,46 @@ fn hosts(count: usize, max_isolates: u64) -> Engine {
 }
 
 fn hosts_of(count: usize, workers_per_host: usize, max_isolates: u64) -> Engine {
-    Engine::start_with(
-        &EngineConfig {
-            isolation: Isolation::Process,
-            hosts: HostsConfig {
-                count,
-                workers_per_host,
-                max_isolates,
-                binary: env!("CARGO_BIN_EXE_scriptd").into(),
-                ..HostsConfig::default()
-            },
-            ..EngineConfig::default()
+    start(hosts_config(count, workers_per_host, max_isolates))
+}
+
+fn hosts_config(count: usize, workers_per_host: usize, max_isolates: u64) -> EngineConfig {
+    EngineConfig {
+        isolation: Isolation::Process,
+        hosts: HostsConfig {
+            count,
+            workers_per_host,
+            max_isolates,
+            binary: env!("CARGO_BIN_EXE_scriptd").into(),
+            ..HostsConfig::default()
         },
-        Arc::new(scriptd::caps::NoCapabilities::default()),
-    )
-    .expect("hosts start")
+        ..EngineConfig::default()
+    }
+}
+
+fn start(config: EngineConfig) -> Engine {
+    let caps = Arc::new(scriptd::caps::NoCapabilities::default());
+    Engine::start_with(&config, caps).expect("hosts start")
+}
+
+/// A run that loops until its `timeout`, in a task of its own.
+fn spawn_runaway(
+    engine: &Arc<Engine>,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<scriptd::engine::RunResult> {
+    let mut busy = run("export default () => { for (;;) {} }", json!({}));
+    busy.limits.timeout = timeout;
+    let engine = engine.clone();
+    tokio::spawn(async move { engine.run(busy).await })
+}
+
+/// Waits (10 s at most) until the hosts hold at least `runs` runs.
+async fn until_in_flight(engine: &Engine, runs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().in_flight < runs {
+        assert!(Instant::now() < deadline, "{:?}", engine.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -144,38 +169,14 @@ async fn with_two_workers_per_host_a_runaway_holds_up_only_its_own_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_holds_runs_per_worker_runs_and_the_rest_wait_in_the_daemon() {
-    let engine = Arc::new(
-        Engine::start_with(
-            &EngineConfig {
-                isolation: Isolation::Process,
-                runs_per_worker: 3,
-                hosts: HostsConfig {
-                    count: 1,
-                    binary: env!("CARGO_BIN_EXE_scriptd").into(),
-                    ..HostsConfig::default()
-                },
-                ..EngineConfig::default()
-            },
-            Arc::new(scriptd::caps::NoCapabilities::default()),
-        )
-        .expect("hosts start"),
-    );
+    let engine = Arc::new(start(EngineConfig {
+        runs_per_worker: 3,
+        ..hosts_config(1, 1, 200)
+    }));
     assert!(engine.wait_ready(Duration::from_secs(30)).await);
     assert_eq!(engine.slots(), 3);
-    let mut busy = run("export default () => { for (;;) {} }", json!({}));
-    busy.limits.timeout = Duration::from_secs(3);
-    let busy = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.run(busy).await }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while engine.stats().in_flight == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the runaway never reached the host"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let busy = spawn_runaway(&engine, Duration::from_secs(3));
+    until_in_flight(&engine, 1).await;
     let quick: Vec<_> = (0..4)
         .map(|i| {
             let engine = engine.clone();
@@ -186,10 +187,7 @@ async fn a_host_holds_runs_per_worker_runs_and_the_rest_wait_in_the_daemon() {
             })
         })
         .collect();
-    while engine.stats().in_flight < 3 {
-        assert!(Instant::now() < deadline, "{:?}", engine.stats());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_in_flight(&engine, 3).await;
     // The runaway holds the host's one worker: two runs wait behind it in the host and the
     // other two in the daemon.
     assert_eq!(engine.stats().in_flight, 3, "{:?}", engine.stats());
@@ -206,17 +204,8 @@ async fn a_killed_host_fails_its_run_as_engine_crashed_and_is_replaced() {
     let engine = Arc::new(hosts(1, 200));
     value(engine.run(run("export default () => 1", json!({}))).await);
     let before = engine.host_pids();
-    let mut busy = run("export default () => { for (;;) {} }", json!({}));
-    busy.limits.timeout = Duration::from_secs(20);
-    let running = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.run(busy).await }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while engine.stats().in_flight == 0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = spawn_runaway(&engine, Duration::from_secs(20));
+    until_in_flight(&engine, 1).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // SAFETY: kill takes plain integers.
     unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
