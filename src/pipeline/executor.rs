@@ -85,7 +85,8 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(parts: Parts) -> Executor {
-        // The runs queued behind each worker's keep it busy while results travel back.
+        // Runs queued behind each worker's current one keep it busy while results travel
+        // back.
         let slots = Arc::new(Semaphore::new(parts.engine.slots()));
         Executor { parts, slots }
     }
