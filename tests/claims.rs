@@ -1,13 +1,13 @@
 //! Attempt claims on the real PostgreSQL: of replicas racing for one attempt exactly one
 //! wins; a record opens the next attempt or ends the job; a claim handed back or past its
-//! lease can be taken again.
+//! lease can be taken again; a claim whose answer was lost is taken back by its replica.
 
 mod support;
 
 use std::time::Duration;
 
 use scriptd::domain::{RunStatus, Trigger, Version};
-use scriptd::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store};
+use scriptd::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store, StoredClaim};
 use support::TestEnv;
 
 fn request(job: &str, lease: Duration) -> ClaimRequest {
@@ -15,6 +15,7 @@ fn request(job: &str, lease: Duration) -> ClaimRequest {
         job_id: job.into(),
         tenant: "acme".into(),
         lease,
+        idle_here: false,
     }
 }
 
@@ -151,8 +152,8 @@ async fn records_open_the_next_attempt_or_end_the_job() {
     for scope in [ClaimScope::Next, ClaimScope::FirstOnly] {
         assert_eq!(claim(store, "c", scope, "j").await, Claim::Ended);
     }
-    let (state, attempt, _) = store.claim_of("j").await.unwrap().expect("claim row");
-    assert_eq!((state.as_str(), attempt), ("ended", 2));
+    let stored = store.claim_of("j").await.unwrap().expect("claim row");
+    assert_eq!((stored.state.as_str(), stored.attempt), ("ended", 2));
     env.cleanup().await;
 }
 
@@ -214,4 +215,74 @@ async fn a_claim_handed_back_or_past_its_lease_is_taken_again() {
     assert_eq!(attempt_won(&twice[0]), Some(1));
     assert!(matches!(twice[1], Claim::Held { .. }), "{:?}", twice[1]);
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_was_lost_is_taken_back_by_its_replica_alone() {
+    let env = TestEnv::new().await;
+    let store = &env.store;
+    let ask = |replica: &'static str, scope: ClaimScope, idle_here: bool| async move {
+        let asked = ClaimRequest {
+            idle_here,
+            ..request("lost-answer", LEASE)
+        };
+        let claims = store.claim_attempts(replica, scope, &[asked]).await;
+        claims.expect("claim").remove(0)
+    };
+    // Replica "a" claims attempt 1; say its answer never came back.
+    let Claim::Won { first_at, .. } = ask("a", ClaimScope::FirstOnly, false).await else {
+        panic!("the first claim wins")
+    };
+    let before = stored(store, "lost-answer").await;
+    // While an attempt of the job is held on "a", its claim stands; another replica never
+    // takes it back, whatever it says of itself.
+    assert!(matches!(
+        ask("a", ClaimScope::Next, false).await,
+        Claim::Held { .. }
+    ));
+    assert!(matches!(
+        ask("b", ClaimScope::Next, true).await,
+        Claim::Held { .. }
+    ));
+    // Holding none, "a" takes the same attempt back at once, with a new lease.
+    let taken = ask("a", ClaimScope::FirstOnly, true).await;
+    assert_eq!(
+        taken,
+        Claim::Won {
+            attempt: 1,
+            first_at,
+            taken_over: false
+        }
+    );
+    let after = stored(store, "lost-answer").await;
+    assert_eq!(
+        (after.state.as_str(), after.attempt, after.replica.as_str()),
+        ("running", 1, "a")
+    );
+    assert!(
+        after.lease_until > before.lease_until,
+        "{before:?} then {after:?}"
+    );
+    // Once an attempt has failed the fan-out takes no other, taken back or not.
+    store
+        .insert_runs(&[record("lost-answer", 1, RunStatus::Retrying)])
+        .await
+        .unwrap();
+    assert_eq!(
+        attempt_won(&ask("a", ClaimScope::Next, false).await),
+        Some(2)
+    );
+    assert!(matches!(
+        ask("a", ClaimScope::FirstOnly, true).await,
+        Claim::Held { .. }
+    ));
+    assert_eq!(
+        attempt_won(&ask("a", ClaimScope::Next, true).await),
+        Some(2)
+    );
+    env.cleanup().await;
+}
+
+async fn stored(store: &Store, job: &str) -> StoredClaim {
+    store.claim_of(job).await.unwrap().expect("claim row")
 }

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use super::attempt::{self, header, Attempt, Defaults, HandBack, Outcome, Plan};
 use super::dead_letter::{DeadLetter, DeadLetters};
+use super::held::HeldHere;
 use super::job::Job;
 use super::records::{BatchError, ClaimTaker, RecordWriter};
 use super::report::{AttemptEnded, AttemptStats};
@@ -81,6 +82,8 @@ pub struct Executor {
     /// One permit per engine slot: a job waits here, not in the engine's queue, so that on
     /// shutdown the jobs not yet started are handed back at once.
     slots: Arc<Semaphore>,
+    /// The jobs held here from their claim until their attempt has ended.
+    held: HeldHere,
 }
 
 impl Executor {
@@ -88,7 +91,11 @@ impl Executor {
         // Runs queued behind each worker's current one keep it busy while results travel
         // back.
         let slots = Arc::new(Semaphore::new(parts.engine.slots()));
-        Executor { parts, slots }
+        Executor {
+            parts,
+            slots,
+            held: HeldHere::default(),
+        }
     }
 
     /// The counters attempts are told to.
@@ -103,7 +110,9 @@ impl Executor {
 
     /// Claims the next attempt of `job` (or its first only, for `ClaimScope::FirstOnly`);
     /// the claim's lease covers the run's timeout, the wait behind the other runs queued in
-    /// its worker, and a margin.
+    /// its worker, and a margin. A claim won is held here until `run` or `release` ends
+    /// it: while no attempt of the job is held here, a claim stored under this replica's
+    /// name is one whose answer was lost, and is taken back at once.
     pub async fn claim(&self, job: &Job, scope: ClaimScope) -> Result<Claim, BatchError> {
         let timeout = self
             .parts
@@ -117,11 +126,16 @@ impl Executor {
             job_id: job.id.clone(),
             tenant: job.tenant.clone(),
             lease: lease(timeout, self.parts.engine.runs_per_worker()),
+            idle_here: self.held.hold(&job.id),
         };
-        match scope {
+        let claim = match scope {
             ClaimScope::Next => self.parts.claims.claim(request).await,
             ClaimScope::FirstOnly => self.parts.first_claims.claim(request).await,
+        };
+        if !matches!(claim, Ok(Claim::Won { .. })) {
+            self.held.let_go(&job.id);
         }
+        claim
     }
 
     /// Hands back attempt `number` of `job`, claimed and not run: whoever gets the job
@@ -131,6 +145,7 @@ impl Executor {
             .claims
             .release(&job.id, &job.tenant, number)
             .await;
+        self.held.let_go(&job.id);
     }
 
     /// One of the tenant's run permits, then one of the engine's; none once stopping.
@@ -153,6 +168,8 @@ impl Executor {
         let ended = self.run_claimed(&attempt, slot).await;
         if ended.is_err() {
             self.release(attempt.job, attempt.number).await;
+        } else {
+            self.held.let_go(&attempt.job.id);
         }
         ended
     }

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod dead_letter;
 pub mod dry_run;
 pub mod executor;
+pub mod held;
 pub mod job;
 pub mod records;
 pub mod report;

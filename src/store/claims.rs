@@ -19,6 +19,10 @@ pub struct ClaimRequest {
     /// How long the claim holds if this replica never records the attempt (it died): then
     /// another replica may take the attempt over.
     pub lease: Duration,
+    /// This replica holds no attempt of the job: a claim stored under its name is one whose
+    /// answer was lost on the way back (or whose hand-back failed), and it is taken back at
+    /// once instead of after its lease.
+    pub idle_here: bool,
 }
 
 /// A claimed attempt handed back without running.
@@ -30,6 +34,19 @@ pub struct Release {
     pub tenant: String,
     /// The attempt that was claimed.
     pub attempt: u32,
+}
+
+/// A job's claim as stored (`Store::claim_of`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredClaim {
+    /// `running`, `open` (the last attempt ended and another may follow) or `ended`.
+    pub state: String,
+    /// The attempt claimed last.
+    pub attempt: i32,
+    /// The replica that claimed it.
+    pub replica: String,
+    /// Until when a running claim holds.
+    pub lease_until: DateTime<Utc>,
 }
 
 /// What a claim found.
@@ -79,9 +96,29 @@ WHERE (c.state = 'open' AND (NOT $5 OR c.attempt = 0))
    OR (c.state = 'running' AND c.lease_until < now() AND (NOT $5 OR c.attempt = 1))
 RETURNING c.job_id, c.attempt, c.first_claimed_at, c.taken_over";
 
+/// A claim row returned by `CLAIM_SQL` or `TAKE_BACK_SQL`: the attempt this replica runs.
+fn won_claim(row: &tokio_postgres::Row) -> Claim {
+    Claim::Won {
+        attempt: u32::try_from(row.get::<_, i32>(1)).unwrap_or(1),
+        first_at: row.get(2),
+        taken_over: row.get(3),
+    }
+}
+
 /// Where the jobs not won stand (the rare path: redeliveries).
 const STATE_SQL: &str =
-    "SELECT job_id, state, attempt, lease_until FROM attempt_claims WHERE job_id = ANY($1)";
+    "SELECT job_id, state, attempt, lease_until, replica FROM attempt_claims WHERE job_id = ANY($1)";
+
+/// Takes back running claims stored under this replica's name that it knows it does not
+/// hold (`ClaimRequest::idle_here`): the same attempt, a new lease. A claim another replica
+/// has taken over meanwhile is left alone.
+const TAKE_BACK_SQL: &str = "
+UPDATE attempt_claims AS c SET claimed_at = now(),
+    lease_until = now() + make_interval(secs => t.lease)
+FROM unnest($1::text[], $2::float8[]) AS t(job_id, lease)
+WHERE c.job_id = t.job_id AND c.state = 'running' AND c.replica = $3
+  AND (NOT $4 OR c.attempt = 1)
+RETURNING c.job_id, c.attempt, c.first_claimed_at, c.taken_over";
 
 impl Store {
     /// Claims the next attempt of each job for `replica`, in one statement: of all the
@@ -110,12 +147,7 @@ impl Store {
             .await?;
         let mut found = HashMap::with_capacity(unique.len());
         for row in &won {
-            let claim = Claim::Won {
-                attempt: u32::try_from(row.get::<_, i32>(1)).unwrap_or(1),
-                first_at: row.get(2),
-                taken_over: row.get(3),
-            };
-            found.insert(row.get::<_, String>(0), claim);
+            found.insert(row.get::<_, String>(0), won_claim(row));
         }
         if found.len() < unique.len() {
             let rest: Vec<&str> = jobs
@@ -123,15 +155,32 @@ impl Store {
                 .copied()
                 .filter(|j| !found.contains_key(*j))
                 .collect();
+            let mut lost_answers = HashSet::new();
             for row in self.state_of(&rest).await? {
+                let job: String = row.get(0);
                 let claim = match row.get::<_, String>(1).as_str() {
                     "ended" => Claim::Ended,
                     "open" => Claim::Later {
                         done: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
                     },
-                    _ => Claim::Held { until: row.get(3) },
+                    _ => {
+                        if row.get::<_, &str>(4) == replica {
+                            lost_answers.insert(job.clone());
+                        }
+                        Claim::Held { until: row.get(3) }
+                    }
                 };
-                found.insert(row.get(0), claim);
+                found.insert(job, claim);
+            }
+            let idle: Vec<&ClaimRequest> = unique
+                .iter()
+                .copied()
+                .filter(|r| r.idle_here && lost_answers.contains(&r.job_id))
+                .collect();
+            if !idle.is_empty() {
+                for row in self.take_back(replica, scope, &idle).await? {
+                    found.insert(row.get::<_, String>(0), won_claim(&row));
+                }
             }
         }
         let mut answered = HashSet::with_capacity(requests.len());
@@ -144,6 +193,25 @@ impl Store {
                 },
             })
             .collect())
+    }
+
+    /// Takes back these jobs' claims stored under `replica`'s name (see `TAKE_BACK_SQL`).
+    async fn take_back(
+        &self,
+        replica: &str,
+        scope: ClaimScope,
+        requests: &[&ClaimRequest],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let jobs: Vec<&str> = requests.iter().map(|r| r.job_id.as_str()).collect();
+        let leases: Vec<f64> = requests.iter().map(|r| r.lease.as_secs_f64()).collect();
+        let first_only = scope == ClaimScope::FirstOnly;
+        let taken = self
+            .all_tenants_query(TAKE_BACK_SQL, &[&jobs, &leases, &replica, &first_only])
+            .await?;
+        for row in &taken {
+            tracing::info!(job = %row.get::<_, &str>(0), attempt = row.get::<_, i32>(1), "Took back an attempt claim whose answer was lost; it runs now rather than after its lease.");
+        }
+        Ok(taken)
     }
 
     /// The claims of these jobs as they stand, planned for these very jobs (an unnamed
@@ -184,14 +252,19 @@ impl Store {
         .map(drop)
     }
 
-    /// The claim of one job as stored: (state, attempt, replica).
-    pub async fn claim_of(&self, job_id: &str) -> Result<Option<(String, i32, String)>> {
+    /// The claim of one job as stored.
+    pub async fn claim_of(&self, job_id: &str) -> Result<Option<StoredClaim>> {
         let rows = self
             .all_tenants_query(
-                "SELECT state, attempt, replica FROM attempt_claims WHERE job_id = $1",
+                "SELECT state, attempt, replica, lease_until FROM attempt_claims WHERE job_id = $1",
                 &[&job_id],
             )
             .await?;
-        Ok(rows.first().map(|r| (r.get(0), r.get(1), r.get(2))))
+        Ok(rows.first().map(|r| StoredClaim {
+            state: r.get(0),
+            attempt: r.get(1),
+            replica: r.get(2),
+            lease_until: r.get(3),
+        }))
     }
 }

@@ -18,7 +18,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, T
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
-pub use claims::{Claim, ClaimRequest, ClaimScope, Release};
+pub use claims::{Claim, ClaimRequest, ClaimScope, Release, StoredClaim};
 use error::Doing;
 pub use error::{Result, StoreError};
 pub use kv::KvWrite;
