@@ -1,6 +1,7 @@
 //! Event lanes: each tenant with scripts has its own consumer of the events stream, which
-//! starts where the catch-all consumer stood, so no event of a tenant is run that arrived
-//! while it had no scripts, and none that arrives once it has is missed.
+//! starts at the tenant's first script (less `nats.lane_start_margin`), so no event of a
+//! tenant is run that arrived while it had no scripts, and none that arrives once it has
+//! is missed, whenever a daemon gets to make the lane.
 
 mod support;
 
@@ -58,26 +59,20 @@ async fn lane_is_idle(env: &TestEnv, tenant: &str) -> bool {
         .is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
 }
 
+/// The test's settings with `margin` as `nats.lane_start_margin`.
+fn with_margin(env: &TestEnv, margin: Duration) -> scriptd::config::Settings {
+    let mut settings = env.settings.clone();
+    settings.nats.lane_start_margin = margin;
+    settings
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_first_script_runs_for_events_after_it_and_none_before() {
     let env = TestEnv::new().await;
     env.deploy("acme", "echo", ECHO, &["in.*"]).await;
-    let daemon = env.start_daemon();
-    let stats = daemon.stats.fanout.clone();
-    let first = env.publish("globex", "in.1", "{}").await;
-    env.wait_until(WAIT, "globex's event counted as no one's", || {
-        let stats = stats.clone();
-        async move { stats.unmatched.load(Ordering::SeqCst) == 1 }
-    })
-    .await;
-    // An event counted just as the tenant's lane is made may run too (the lane starts
-    // after what the server has seen acknowledged); here the acknowledgement is in first.
-    env.wait_until(WAIT, "the catch-all's acknowledgement", || async {
-        consumer(&env, scriptd::bus::FANOUT_CONSUMER)
-            .await
-            .is_some_and(|i| i.ack_floor.stream_sequence >= first)
-    })
-    .await;
+    // One clock for both servers here: no margin is needed.
+    let daemon = env.start_daemon_with(with_margin(&env, Duration::ZERO));
+    env.publish("globex", "in.1", "{}").await;
     // Published as soon as the daemon knows the script: its lane may not be open yet, and
     // must still get it.
     env.deploy("globex", "echo", ECHO, &["in.*"]).await;
@@ -88,7 +83,36 @@ async fn a_tenants_first_script_runs_for_events_after_it_and_none_before() {
         r.iter().filter(|r| r.tenant == "globex").count() >= 2
     })
     .await;
+    env.wait_until(WAIT, "globex's lane to settle all it has", || {
+        lane_is_idle(&env, "globex")
+    })
+    .await;
     assert_eq!(ran(&env, "globex").await, ["2", "3"]);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_script_deployed_while_no_daemon_runs_gets_the_events_since() {
+    let env = TestEnv::new().await;
+    env.deploy("acme", "echo", ECHO, &["in.*"]).await;
+    let daemon = env.start_daemon();
+    env.publish("acme", "in.1", "{}").await;
+    env.wait_for_runs(WAIT, |r| !r.is_empty()).await;
+    daemon.shutdown().await;
+
+    // No daemon runs: globex's event just before its first script is within the margin,
+    // the one after it is past the deploy.
+    env.publish("globex", "in.1", "{}").await;
+    env.deploy("globex", "echo", ECHO, &["in.*"]).await;
+    env.publish("globex", "in.2", "{}").await;
+    let daemon = env.start_daemon_with(with_margin(&env, Duration::from_secs(300)));
+    env.wait_for_runs(WAIT, |r| r.len() >= 3).await;
+    env.wait_until(WAIT, "globex's lane to settle all it has", || {
+        lane_is_idle(&env, "globex")
+    })
+    .await;
+    assert_eq!(ran(&env, "globex").await, ["1", "2"]);
     daemon.shutdown().await;
     env.cleanup().await;
 }
@@ -122,14 +146,15 @@ async fn events_that_arrive_while_a_tenant_has_no_scripts_never_run_later() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lanes_made_after_an_upgrade_start_where_the_single_fan_out_consumer_stood() {
+async fn lanes_made_after_an_upgrade_start_after_what_the_earlier_fan_out_consumer_settled() {
     use futures::StreamExt;
     let env = TestEnv::new().await;
     scriptd::bus::ensure_streams(&env.js, &env.settings.nats)
         .await
         .unwrap();
-    // What a version before event lanes leaves: its one fan-out consumer, which fanned out
-    // (and acknowledged) the first two events and not the third.
+    // What an earlier version leaves: its fan-out consumer, which fanned out (and
+    // acknowledged) acme's first two events and not the third.
+    env.deploy("acme", "echo", ECHO, &["in.*"]).await;
     for n in 1..=3 {
         env.publish("acme", &format!("in.{n}"), "{}").await;
     }
@@ -147,15 +172,22 @@ async fn lanes_made_after_an_upgrade_start_where_the_single_fan_out_consumer_sto
     while let Some(message) = batch.next().await {
         message.unwrap().double_ack().await.unwrap();
     }
-    env.deploy("acme", "echo", ECHO, &["in.*"]).await;
-    let daemon = env.start_daemon();
+    // A tenant whose first script comes after everything that consumer settled starts at
+    // that script, not at the consumer's floor.
+    env.publish("globex", "in.1", "{}").await;
+    env.deploy("globex", "echo", ECHO, &["in.*"]).await;
+    let daemon = env.start_daemon_with(with_margin(&env, Duration::ZERO));
     env.publish("acme", "in.4", "{}").await;
-    env.wait_for_runs(WAIT, |r| r.len() >= 2).await;
-    env.wait_until(WAIT, "acme's lane to settle all it has", || {
-        lane_is_idle(&env, "acme")
-    })
-    .await;
+    env.publish("globex", "in.2", "{}").await;
+    env.wait_for_runs(WAIT, |r| r.len() >= 3).await;
+    for tenant in ["acme", "globex"] {
+        env.wait_until(WAIT, "the lane to settle all it has", || {
+            lane_is_idle(&env, tenant)
+        })
+        .await;
+    }
     assert_eq!(ran(&env, "acme").await, ["3", "4"]);
+    assert_eq!(ran(&env, "globex").await, ["2"]);
     daemon.shutdown().await;
     env.cleanup().await;
 }
@@ -164,8 +196,6 @@ async fn lanes_made_after_an_upgrade_start_where_the_single_fan_out_consumer_sto
 async fn every_idle_lane_waits_at_the_server_whatever_the_number_of_tenants() {
     let env = TestEnv::new().await;
     let mut settings = env.settings.clone();
-    // Fewer catch-all places than tenants: lanes do not draw on them.
-    settings.nats.max_in_flight = 2;
     settings.tenants.pull_window = 2;
     let tenants = ["t1", "t2", "t3", "t4", "t5"];
     for tenant in tenants {

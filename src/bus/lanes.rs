@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use futures::StreamExt;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{Doing, Result};
@@ -81,39 +80,10 @@ const SERVER_SCAN: Duration = Duration::from_secs(30);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// The events stream: a lane for every tenant with scripts or with an event lane on
-    /// the server, starting where the catch-all consumer stands when it is first made.
+    /// the server, starting at the tenant's first script when it is first made.
     Events,
     /// The jobs stream: a lane for every tenant with scripts or with jobs still queued.
     Jobs,
-}
-
-/// The tenants whose lanes are open on this replica.
-#[derive(Clone)]
-pub struct Opened(Arc<watch::Sender<HashSet<String>>>);
-
-impl Default for Opened {
-    fn default() -> Self {
-        Opened(Arc::new(watch::Sender::new(HashSet::new())))
-    }
-}
-
-impl Opened {
-    pub fn contains(&self, tenant: &str) -> bool {
-        self.0.borrow().contains(tenant)
-    }
-
-    /// Returns once `tenant`'s lane is open here.
-    pub async fn wait_for(&self, tenant: &str) {
-        let mut changes = self.0.subscribe();
-        // The sender lives in `self`, so this ends only when the lane is open.
-        let _ = changes.wait_for(|open| open.contains(tenant)).await;
-    }
-
-    fn insert(&self, tenant: String) {
-        self.0.send_modify(|open| {
-            open.insert(tenant);
-        });
-    }
 }
 
 /// One replica's lanes over one stream.
@@ -128,8 +98,6 @@ pub struct Lanes {
     pub index: Arc<ScriptIndex>,
     /// Which stream the lanes pull.
     pub kind: Kind,
-    /// Filled in as lanes open.
-    pub opened: Opened,
 }
 
 impl Lanes {
@@ -147,6 +115,7 @@ impl Lanes {
         let lanes = tokio_util::task::TaskTracker::new();
         let mut changes = self.index.subscribe();
         let mut kept: HashSet<String> = HashSet::new();
+        let mut opened: HashSet<String> = HashSet::new();
         let mut scan = tokio::time::interval(SERVER_SCAN);
         let window = self.tenants.pull_window;
         loop {
@@ -156,7 +125,7 @@ impl Lanes {
                 .tenants()
                 .map(str::to_owned)
                 .chain(kept.iter().cloned())
-                .filter(|t| !self.opened.contains(t))
+                .filter(|t| !opened.contains(t))
                 .collect();
             let mut failed = false;
             for tenant in wanted {
@@ -168,7 +137,7 @@ impl Lanes {
                     Ok(consumer) => {
                         tracing::debug!(tenant = %tenant, lanes = ?self.kind, "Lane opened.");
                         lanes.spawn(super::pull(consumer, window, stop.clone(), handler.clone()));
-                        self.opened.insert(tenant);
+                        opened.insert(tenant);
                     }
                     Err(e) => {
                         failed = true;
@@ -213,10 +182,8 @@ impl Lanes {
         }
     }
 
-    /// The event lane of `tenant`, made or updated. A new one starts after the catch-all
-    /// consumer's acknowledgement floor: the tenant's events up to there were settled as
-    /// no one's (it had no scripts yet) or, before event lanes, fanned out by the catch-all
-    /// itself; the catch-all leaves those after it to the lane.
+    /// The event lane of `tenant`, made or updated. A new one starts where `lane_start`
+    /// says.
     async fn open_event_lane(&self, tenant: &str) -> Result<jetstream::consumer::PullConsumer> {
         let stream_name = self.config.events_stream();
         let stream = self
@@ -239,21 +206,9 @@ impl Lanes {
                 .await
                 .doing(|| format!("updating consumer {name}"))?;
         } else {
-            let mut catch_all = stream
-                .get_consumer::<pull::Config>(super::FANOUT_CONSUMER)
-                .await
-                .doing(|| format!("opening consumer {}", super::FANOUT_CONSUMER))?;
-            let floor = catch_all
-                .info()
-                .await
-                .doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))?
-                .ack_floor
-                .stream_sequence;
-            wanted.deliver_policy = DeliverPolicy::ByStartSequence {
-                start_sequence: floor + 1,
-            };
+            wanted.deliver_policy = self.lane_start(&stream, tenant).await?;
             if let Err(e) = stream.create_consumer(wanted).await {
-                // Another replica may have made it meanwhile, from its own floor.
+                // Another replica may have made it meanwhile.
                 tracing::debug!(consumer = %name, error = %e, "Could not make the event lane; opening it as it is.");
             }
         }
@@ -261,5 +216,55 @@ impl Lanes {
             .get_consumer(&name)
             .await
             .doing(|| format!("opening consumer {name}"))
+    }
+
+    /// Where a new event lane of `tenant` starts: at the first event published once the
+    /// tenant's oldest script was deployed, less `nats.lane_start_margin` for the servers'
+    /// clocks (PostgreSQL dates the script, NATS the events), so that no event published
+    /// after the deploy is missed, whenever a daemon gets to make the lane. An earlier
+    /// scriptd's fan-out consumer (`scriptd-fanout`, the one consumer of the events before
+    /// event lanes, then their catch-all) may have settled events past that point: then
+    /// the lane starts right after them, as that version's lanes did.
+    async fn lane_start(
+        &self,
+        stream: &jetstream::stream::Stream,
+        tenant: &str,
+    ) -> Result<DeliverPolicy> {
+        let Some(first) = self.index.snapshot().first_deployed(tenant) else {
+            // Kept for a lane on the server that is gone now: no script, nothing to run.
+            return Ok(DeliverPolicy::New);
+        };
+        let since = chrono::Duration::from_std(self.config.lane_start_margin)
+            .ok()
+            .and_then(|margin| first.checked_sub_signed(margin))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(since.timestamp_micros()) * 1_000,
+        )
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let by_time = DeliverPolicy::ByStartTime { start_time };
+        let Ok(mut earlier) = stream
+            .get_consumer::<pull::Config>(super::FANOUT_CONSUMER)
+            .await
+        else {
+            return Ok(by_time);
+        };
+        let floor = earlier
+            .info()
+            .await
+            .doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))?
+            .ack_floor
+            .stream_sequence;
+        if floor == 0 {
+            return Ok(by_time);
+        }
+        // The floor's own message dates it; one aged out of the stream is older than any
+        // event left.
+        match stream.get_raw_message(floor).await {
+            Ok(settled) if settled.time >= start_time => Ok(DeliverPolicy::ByStartSequence {
+                start_sequence: floor + 1,
+            }),
+            _ => Ok(by_time),
+        }
     }
 }

@@ -1,7 +1,6 @@
 //! NATS JetStream: the connection, the three streams (events, jobs, dead letters) and their
 //! durable consumers, declared idempotently at start-up.
 
-pub mod catch_all;
 pub mod dlq;
 pub mod error;
 pub mod fanout;
@@ -47,10 +46,15 @@ pub struct NatsConfig {
     /// How long events and jobs are kept in their streams at most.
     #[serde(with = "duration_str")]
     pub max_age: Duration,
-    /// Events the catch-all consumer holds per replica (pulled and not yet acknowledged).
-    /// Events are fanned out per tenant, each tenant's event lane with its own window: see
-    /// `[tenants]`.
+    /// Not used any more: events are pulled per tenant, each tenant's event lane with its
+    /// own window (`[tenants]`). Accepted so that older configuration files still load.
     pub max_in_flight: usize,
+    /// How long before a tenant's first script a new event lane of the tenant starts: the
+    /// script is dated by PostgreSQL's clock and the events by the NATS server's, so this
+    /// covers the two clocks' disagreement. Events published up to this long before the
+    /// first script was deployed run too.
+    #[serde(with = "duration_str")]
+    pub lane_start_margin: Duration,
     /// Largest event payload fanned out; larger ones are dead-lettered as `bad_input`.
     pub max_event_size: ByteSize,
     /// How long JetStream waits for an acknowledgement before redelivering. Runs in
@@ -79,6 +83,7 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_in_flight: 256,
+            lane_start_margin: Duration::from_secs(1),
             max_event_size: ByteSize::kib(512),
             ack_wait: Duration::from_secs(30),
             direct_runs: true,
@@ -294,9 +299,10 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Durable consumer names, shared by every replica: the events' catch-all consumer, also the
-/// prefix of the tenants' event lanes (`scriptd-fanout-<tenant>`), and the prefix of the
-/// tenants' job lanes (`scriptd-runner-<tenant>`).
+/// Durable consumer names, shared by every replica: the prefix of the tenants' event lanes
+/// (`scriptd-fanout-<tenant>`; alone, the one events consumer of earlier versions, which a
+/// new lane starts after: see `lanes`), and the prefix of the tenants' job lanes
+/// (`scriptd-runner-<tenant>`).
 pub const FANOUT_CONSUMER: &str = "scriptd-fanout";
 pub const RUNNER_CONSUMER: &str = "scriptd-runner";
 

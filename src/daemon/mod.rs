@@ -15,9 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::bus::lanes::{Kind as LaneKind, Lanes};
-use crate::bus::{
-    self, catch_all::CatchAll, dlq, fanout::Fanout, fanout::FanoutStats, runner::Runner,
-};
+use crate::bus::{self, dlq, fanout::Fanout, fanout::FanoutStats, runner::Runner};
 use crate::config::Settings;
 use crate::daemon::supervisor::{Supervisor, TaskFailed};
 use crate::engine::Engine;
@@ -90,7 +88,7 @@ pub struct Daemon {
     hard_stop: CancellationToken,
     /// Stops the index refresher and the ticker once the consumers have drained.
     background: CancellationToken,
-    /// The catch-all, the event lanes and the job lanes: drained within the grace period.
+    /// The event lanes and the job lanes: drained within the grace period.
     consumers: Vec<JoinHandle<()>>,
     /// The index refresher and the cron ticker.
     background_tasks: Vec<JoinHandle<()>>,
@@ -274,7 +272,7 @@ impl Daemon {
         self.background_tasks.extend([refresher, ticker]);
     }
 
-    /// The events catch-all, the event lanes (fan-out, with direct runs through `executor`
+    /// The event lanes (fan-out, with direct runs through `executor`
     /// when on) and the job lanes (the runner). They alone hold the executor: once they
     /// end, its record writer and claim takers can finish.
     async fn spawn_consumers(
@@ -297,48 +295,17 @@ impl Daemon {
             direct: nats.direct_runs.then_some(executor),
             in_flight: Default::default(),
         });
-        let catch_all_consumer = bus::durable_consumer(
-            &wiring.js,
-            &nats.events_stream(),
-            bus::FANOUT_CONSUMER,
-            nats.ack_wait,
-            nats.max_in_flight * 4,
-            None,
-        )
-        .await?;
-        let event_lanes = bus::lanes::Opened::default();
-        let catch_all = Arc::new(CatchAll {
-            events_prefix: nats.events_prefix.clone(),
-            ack_wait: nats.ack_wait,
-            index: wiring.index.clone(),
-            lanes: event_lanes.clone(),
-            stats: self.stats.fanout.clone(),
-            stop: wiring.shutdown.clone(),
-        });
-        let passing = self.supervisor.spawn(
-            "events catch-all",
-            bus::pull(
-                catch_all_consumer,
-                nats.max_in_flight,
-                wiring.shutdown.clone(),
-                move |m| {
-                    let catch_all = catch_all.clone();
-                    Box::pin(async move { catch_all.handle(m).await })
-                },
-            ),
-        );
-        let lanes = |kind, opened| Lanes {
+        let lanes = |kind| Lanes {
             js: wiring.js.clone(),
             config: nats.clone(),
             tenants: settings.tenants.clone(),
             index: wiring.index.clone(),
             kind,
-            opened,
         };
         let hard_stop = wiring.hard_stop.clone();
         let fanning = self.supervisor.spawn(
             "event lanes",
-            lanes(LaneKind::Events, event_lanes).run(wiring.shutdown.clone(), move |m| {
+            lanes(LaneKind::Events).run(wiring.shutdown.clone(), move |m| {
                 let (fanout, hard_stop) = (fanout.clone(), hard_stop.clone());
                 Box::pin(async move { fanout.handle(m, hard_stop).await })
             }),
@@ -346,12 +313,12 @@ impl Daemon {
         let hard_stop = wiring.hard_stop.clone();
         let running = self.supervisor.spawn(
             "job lanes",
-            lanes(LaneKind::Jobs, Default::default()).run(wiring.shutdown.clone(), move |m| {
+            lanes(LaneKind::Jobs).run(wiring.shutdown.clone(), move |m| {
                 let (runner, hard_stop) = (runner.clone(), hard_stop.clone());
                 Box::pin(async move { runner.handle(m, hard_stop).await })
             }),
         );
-        self.consumers.extend([passing, fanning, running]);
+        self.consumers.extend([fanning, running]);
         Ok(())
     }
 

@@ -41,7 +41,7 @@ pub fn register(metrics: &Metrics, parts: Parts) {
     let fanout_counters: [(&'static str, &'static str, FanoutCounter); 5] = [
         (
             "scriptd_events_received_total",
-            "Events taken from the events stream.",
+            "Events taken from the tenants' event lanes.",
             |f| &f.events,
         ),
         (

@@ -48,6 +48,8 @@ pub struct IndexedScript {
     pub retry: RetryOverrides,
     /// The HTTP route that runs the script, if any.
     pub http: Option<HttpRoute>,
+    /// When the script was first deployed: a tenant's event lane starts at its first script.
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What a request path finds among a tenant's routes.
@@ -111,6 +113,7 @@ impl Snapshot {
                     limits: spec.limits,
                     retry: spec.retry,
                     http: spec.http,
+                    created_at: r.created_at,
                 }));
         }
         Snapshot { by_tenant }
@@ -177,6 +180,12 @@ impl Snapshot {
     /// Every tenant with at least one script (enabled or not).
     pub fn tenants(&self) -> impl Iterator<Item = &str> {
         self.by_tenant.keys().map(String::as_str)
+    }
+
+    /// When the oldest of `tenant`'s scripts was deployed; none for a tenant without scripts.
+    pub fn first_deployed(&self, tenant: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let scripts = self.by_tenant.get(tenant)?;
+        scripts.iter().map(|s| s.created_at).min()
     }
 
     pub fn has_tenant(&self, tenant: &str) -> bool {

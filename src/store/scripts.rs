@@ -68,6 +68,8 @@ pub struct ScriptRow {
     pub version: Version,
     /// The SHA-256 of the current version's source, hex.
     pub sha256: String,
+    /// When the script was first deployed (PostgreSQL's clock).
+    pub created_at: chrono::DateTime<chrono::Utc>,
     /// Tenant, name, source of the current version, triggers, limits and retry policy.
     #[serde(flatten)]
     pub spec: ScriptSpec,
@@ -121,7 +123,7 @@ pub const NOTIFY_CHANNEL: &str = "scriptd_scripts";
 const SELECT_CURRENT: &str =
     "SELECT s.id, s.tenant, s.name, s.enabled, s.current_version, s.subjects,
         s.cron, s.timezone, s.limits, s.retry, v.sha256, v.source, s.overlap, s.catch_up,
-        v.typescript, s.http_method, s.http_path, s.http_auth
+        v.typescript, s.http_method, s.http_path, s.http_auth, s.created_at
     FROM scripts s
     JOIN script_versions v ON v.script_id = s.id AND v.version = s.current_version";
 
@@ -289,6 +291,7 @@ impl Store {
                     enabled: r.get(3),
                     version: r.get(4),
                     sha256: r.get(10),
+                    created_at: r.get(18),
                     spec: ScriptSpec {
                         tenant: r.get(1),
                         name: r.get(2),
