@@ -8,6 +8,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -243,28 +245,32 @@ impl Lanes {
         )
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         let by_time = DeliverPolicy::ByStartTime { start_time };
-        let Ok(mut earlier) = stream
-            .get_consumer::<pull::Config>(super::FANOUT_CONSUMER)
-            .await
-        else {
-            return Ok(by_time);
+        let earlier = match stream.consumer_info(super::FANOUT_CONSUMER).await {
+            Ok(earlier) => earlier,
+            Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => return Ok(by_time),
+            Err(e) => {
+                return Err(e).doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))
+            }
         };
-        let floor = earlier
-            .info()
-            .await
-            .doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))?
-            .ack_floor
-            .stream_sequence;
+        let floor = earlier.ack_floor.stream_sequence;
         if floor == 0 {
             return Ok(by_time);
         }
         // The floor's own message dates it; one aged out of the stream is older than any
         // event left.
-        match stream.get_raw_message(floor).await {
-            Ok(settled) if settled.time >= start_time => Ok(DeliverPolicy::ByStartSequence {
+        let settled = match stream.get_raw_message(floor).await {
+            Ok(settled) => settled.time,
+            Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => {
+                return Ok(by_time)
+            }
+            Err(e) => return Err(e).doing(|| format!("reading message {floor} of the events")),
+        };
+        Ok(if settled >= start_time {
+            DeliverPolicy::ByStartSequence {
                 start_sequence: floor + 1,
-            }),
-            _ => Ok(by_time),
-        }
+            }
+        } else {
+            by_time
+        })
     }
 }
