@@ -59,6 +59,15 @@ async fn lane_is_idle(env: &TestEnv, tenant: &str) -> bool {
         .is_some_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
 }
 
+/// Deploys `tenant`'s script and runs a daemon until it has run one event of it.
+async fn run_one_event_and_stop(env: &TestEnv, tenant: &str) {
+    env.deploy(tenant, "echo", ECHO, &["in.*"]).await;
+    let daemon = env.start_daemon();
+    env.publish(tenant, "in.1", "{}").await;
+    env.wait_for_runs(WAIT, |r| !r.is_empty()).await;
+    daemon.shutdown().await;
+}
+
 /// The test's settings with `margin` as `nats.lane_start_margin`.
 fn with_margin(env: &TestEnv, margin: Duration) -> scriptd::config::Settings {
     let mut settings = env.settings.clone();
@@ -95,11 +104,7 @@ async fn a_tenants_first_script_runs_for_events_after_it_and_none_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_script_deployed_while_no_daemon_runs_gets_the_events_since() {
     let env = TestEnv::new().await;
-    env.deploy("acme", "echo", ECHO, &["in.*"]).await;
-    let daemon = env.start_daemon();
-    env.publish("acme", "in.1", "{}").await;
-    env.wait_for_runs(WAIT, |r| !r.is_empty()).await;
-    daemon.shutdown().await;
+    run_one_event_and_stop(&env, "acme").await;
 
     // No daemon runs: globex's event just before its first script is within the margin,
     // the one after it is past the deploy.
@@ -120,11 +125,7 @@ async fn a_first_script_deployed_while_no_daemon_runs_gets_the_events_since() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_that_arrive_while_a_tenant_has_no_scripts_never_run_later() {
     let env = TestEnv::new().await;
-    env.deploy("globex", "echo", ECHO, &["in.*"]).await;
-    let daemon = env.start_daemon();
-    env.publish("globex", "in.1", "{}").await;
-    env.wait_for_runs(WAIT, |r| !r.is_empty()).await;
-    daemon.shutdown().await;
+    run_one_event_and_stop(&env, "globex").await;
 
     // The tenant loses its scripts while no daemon runs; the one started next has no
     // script of it in its index, but keeps its lane going from where it stood.
