@@ -206,7 +206,7 @@ impl Store {
         let leases: Vec<f64> = requests.iter().map(|r| r.lease.as_secs_f64()).collect();
         let first_only = scope == ClaimScope::FirstOnly;
         let taken = self
-            .all_tenants_query(TAKE_BACK_SQL, &[&jobs, &leases, &replica, &first_only])
+            .rare_query(TAKE_BACK_SQL, &[&jobs, &leases, &replica, &first_only])
             .await?;
         for row in &taken {
             tracing::info!(job = %row.get::<_, &str>(0), attempt = row.get::<_, i32>(1), "Took back an attempt claim whose answer was lost; it runs now rather than after its lease.");
@@ -214,15 +214,25 @@ impl Store {
         Ok(taken)
     }
 
-    /// The claims of these jobs as they stand, planned for these very jobs (an unnamed
-    /// statement: a plan cached while the table was small could scan it whole later).
+    /// The claims of these jobs as they stand.
     async fn state_of(&self, jobs: &[&str]) -> Result<Vec<tokio_postgres::Row>> {
+        self.rare_query(STATE_SQL, &[&jobs]).await
+    }
+
+    /// A statement of the rare path over a list of jobs, planned for these very jobs (an
+    /// unnamed statement: a plan cached while the table was small could scan it whole
+    /// later).
+    async fn rare_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let mut client = self.client().await?;
         if self.all_tenants {
-            return Ok(client.query(STATE_SQL, &[&jobs]).await?);
+            return Ok(client.query(sql, params).await?);
         }
         let tx = super::scoped(&mut client, super::ALL_TENANTS).await?;
-        let rows = tx.query(STATE_SQL, &[&jobs]).await?;
+        let rows = tx.query(sql, params).await?;
         tx.commit().await?;
         Ok(rows)
     }
