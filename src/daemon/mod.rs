@@ -196,7 +196,7 @@ impl Daemon {
             let _ = daemon.stats.api_listening.set(bound);
         }
         daemon.spawn_background(&settings, &wiring, store);
-        daemon.spawn_consumers(&settings, &wiring, executor).await?;
+        daemon.spawn_consumers(&settings, &wiring, executor);
         daemon.stats.readiness.consuming();
         tracing::info!(
             engine = crate::engine::ENGINE_NAME,
@@ -272,15 +272,10 @@ impl Daemon {
         self.background_tasks.extend([refresher, ticker]);
     }
 
-    /// The event lanes (fan-out, with direct runs through `executor`
-    /// when on) and the job lanes (the runner). They alone hold the executor: once they
-    /// end, its record writer and claim takers can finish.
-    async fn spawn_consumers(
-        &mut self,
-        settings: &Settings,
-        wiring: &Wiring,
-        executor: Arc<Executor>,
-    ) -> anyhow::Result<()> {
+    /// The event lanes (fan-out, with direct runs through `executor` when on) and the job
+    /// lanes (the runner). They alone hold the executor: once they end, its record writer
+    /// and claim takers can finish.
+    fn spawn_consumers(&mut self, settings: &Settings, wiring: &Wiring, executor: Arc<Executor>) {
         let nats = &settings.nats;
         let runner = Arc::new(Runner {
             executor: executor.clone(),
@@ -319,7 +314,6 @@ impl Daemon {
             }),
         );
         self.consumers.extend([fanning, running]);
-        Ok(())
     }
 
     /// Runs until the shutdown signal or a task's failure, then stops in order: stop
