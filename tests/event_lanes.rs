@@ -68,6 +68,22 @@ async fn run_one_event_and_stop(env: &TestEnv, tenant: &str) {
     daemon.shutdown().await;
 }
 
+/// Waits until `tenant`'s event lane is made and the servers' clocks' margin has passed
+/// since: events stored within it count as possibly handed out before the lane was made
+/// (`Lane::first_delivery`); those stored from now on do not.
+async fn wait_past_clocks_margin(env: &TestEnv, tenant: &str) {
+    let lane = scriptd::bus::lanes::event_lane_consumer(tenant);
+    env.wait_until(WAIT, "the lane to be made", || async {
+        consumer(env, &lane).await.is_some()
+    })
+    .await;
+    let made = consumer(env, &lane).await.unwrap().created;
+    let left = made + scriptd::bus::lanes::CLOCKS_MARGIN - time::OffsetDateTime::now_utc();
+    if left.is_positive() {
+        tokio::time::sleep(left.unsigned_abs()).await;
+    }
+}
+
 /// The test's settings with `margin` as `nats.lane_start_margin`.
 fn with_margin(env: &TestEnv, margin: Duration) -> scriptd::config::Settings {
     let mut settings = env.settings.clone();
@@ -147,6 +163,61 @@ async fn events_that_arrive_while_a_tenant_has_no_scripts_never_run_later() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_deliveries_run_unclaimed_and_a_remade_lane_runs_none_of_them_again() {
+    let env = TestEnv::new().await;
+    env.deploy("acme", "echo", ECHO, &["in.*"]).await;
+    // A run goes without a claim if it is sure to end within the ack wait: the test's
+    // 5 s is shorter than a run's bound (5 s timeout x 4 runs per worker, + 5 s).
+    let mut settings = env.settings.clone();
+    settings.nats.ack_wait = Duration::from_secs(30);
+    let daemon = env.start_daemon_with(settings.clone());
+    wait_past_clocks_margin(&env, "acme").await;
+    for n in 1..=3 {
+        env.publish("acme", &format!("in.{n}"), "{}").await;
+    }
+    env.wait_for_runs(WAIT, |r| r.len() >= 3).await;
+    env.wait_until(WAIT, "acme's lane to settle all it has", || {
+        lane_is_idle(&env, "acme")
+    })
+    .await;
+    let version = env.js.client().server_info().version;
+    let truly = scriptd::bus::lanes::counts_deliveries_truly(&version);
+    assert_eq!(
+        daemon.stats.fanout.unclaimed.load(Ordering::Relaxed),
+        if truly { 3 } else { 0 },
+        "runs without a claim on nats-server {version}"
+    );
+    daemon.shutdown().await;
+
+    // The lane is deleted. Made again from the first script, it hands out the three
+    // events again, each as its first delivery by the new consumer: stored before the
+    // consumer was made, they are claimed, found ended and acknowledged without running.
+    let lane = scriptd::bus::lanes::event_lane_consumer("acme");
+    env.js
+        .get_stream(env.settings.nats.events_stream())
+        .await
+        .unwrap()
+        .delete_consumer(&lane)
+        .await
+        .unwrap();
+    let daemon = env.start_daemon_with(settings);
+    env.publish("acme", "in.4", "{}").await;
+    env.wait_for_runs(WAIT, |r| r.len() >= 4).await;
+    env.wait_until(WAIT, "acme's remade lane to settle all it has", || {
+        lane_is_idle(&env, "acme")
+    })
+    .await;
+    assert_eq!(ran(&env, "acme").await, ["1", "2", "3", "4"]);
+    assert_eq!(env.runs().await.len(), 4, "no event ran twice");
+    assert_eq!(daemon.stats.fanout.events.load(Ordering::Relaxed), 4);
+    // Only the new event can be a first delivery anywhere (if stored well after the lane
+    // was made).
+    assert!(daemon.stats.fanout.unclaimed.load(Ordering::Relaxed) <= 1);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lanes_made_after_an_upgrade_start_after_what_the_earlier_fan_out_consumer_settled() {
     use futures::StreamExt;
     let env = TestEnv::new().await;
@@ -177,7 +248,14 @@ async fn lanes_made_after_an_upgrade_start_after_what_the_earlier_fan_out_consum
     // that script, not at the consumer's floor.
     env.publish("globex", "in.1", "{}").await;
     env.deploy("globex", "echo", ECHO, &["in.*"]).await;
-    let daemon = env.start_daemon_with(with_margin(&env, Duration::ZERO));
+    // An ack wait long enough for runs without a claim (see the test above).
+    let mut settings = with_margin(&env, Duration::ZERO);
+    settings.nats.ack_wait = Duration::from_secs(30);
+    let daemon = env.start_daemon_with(settings);
+    // Past the clocks' margin of the lanes' making, the next events would go without a
+    // claim, were it not for that consumer.
+    wait_past_clocks_margin(&env, "acme").await;
+    wait_past_clocks_margin(&env, "globex").await;
     env.publish("acme", "in.4", "{}").await;
     env.publish("globex", "in.2", "{}").await;
     env.wait_for_runs(WAIT, |r| r.len() >= 3).await;
@@ -189,6 +267,9 @@ async fn lanes_made_after_an_upgrade_start_after_what_the_earlier_fan_out_consum
     }
     assert_eq!(ran(&env, "acme").await, ["3", "4"]);
     assert_eq!(ran(&env, "globex").await, ["2"]);
+    // While the earlier version's consumer is there, its replicas may run the same events
+    // (claiming them): every run here claims its attempt too.
+    assert_eq!(daemon.stats.fanout.unclaimed.load(Ordering::Relaxed), 0);
     daemon.shutdown().await;
     env.cleanup().await;
 }

@@ -168,10 +168,13 @@ async fn three_replicas_lose_nothing_when_one_is_killed_mid_load() {
     // The victim's database sessions carry a name of their own, so the test can tell
     // when none of its statements is still running.
     let victim_url = format!("{}?application_name=victim", env.settings.database.url);
+    // Every run claims its attempt, first deliveries too: what the victim holds is then
+    // in its claims (the test of runs without a claim is the next one).
+    let claiming = ("SCRIPTD_NATS__CLAIM_FIRST_DELIVERIES", "true");
     let mut replicas: Vec<Child> = vec![
-        replica_with(&env, &[("SCRIPTD_DATABASE__URL", &victim_url)]),
-        replica(&env),
-        replica(&env),
+        replica_with(&env, &[("SCRIPTD_DATABASE__URL", &victim_url), claiming]),
+        replica_with(&env, &[claiming]),
+        replica_with(&env, &[claiming]),
     ];
     let started = Instant::now();
     let publishing = {
@@ -240,6 +243,48 @@ async fn three_replicas_lose_nothing_when_one_is_killed_mid_load() {
         stranded.len(),
         "stranded attempts taken over"
     );
+    drop(replicas);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_load_loses_and_repeats_none_of_its_unclaimed_runs() {
+    let env = TestEnv::new().await;
+    deploy_counter(&env).await;
+    // Runs of first deliveries go without a claim when they are sure to end within the ack
+    // wait: 1 s timeout x 4 runs per worker + 5 s margin, within 10 s. A 10 s ack wait
+    // brings what the victim held to a survivor 10 s after the kill.
+    let settings = [
+        ("SCRIPTD_NATS__ACK_WAIT", "10s"),
+        ("SCRIPTD_ENGINE__LIMITS__TIMEOUT", "1s"),
+        ("SCRIPTD_ENGINE__RUNS_PER_WORKER", "4"),
+    ];
+    let mut replicas: Vec<Child> = (0..3).map(|_| replica_with(&env, &settings)).collect();
+    let publishing = {
+        let env = &env;
+        async move { publish_load(env).await }
+    };
+    let killing = async {
+        wait_for_ok_jobs(&env, (EVENTS / 5) as i64).await;
+        replicas[0].0.kill().expect("SIGKILL");
+        replicas[0].0.wait().unwrap();
+    };
+    tokio::join!(publishing, killing);
+    let (ok, runs) = wait_for_ok_jobs(&env, EVENTS as i64).await;
+    println!("{EVENTS} events, 3 replicas, one SIGKILLed: {ok} jobs ok, {runs} run records");
+    assert_eq!(ok, EVENTS as i64, "every event ran");
+    assert_exactly_once(&env, EVENTS).await;
+    // Runs without a claim did happen: their jobs' claims were written by their records
+    // alone, under no replica's name.
+    let version = env.js.client().server_info().version;
+    if scriptd::bus::lanes::counts_deliveries_truly(&version) {
+        let unclaimed = claims(&env)
+            .await
+            .into_iter()
+            .filter(|(_, state, holder)| state == "ended" && holder.is_none())
+            .count();
+        assert!(unclaimed > 0, "no run went without a claim");
+    }
     drop(replicas);
     env.cleanup().await;
 }

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::dlq;
 use super::error::{BusError, Doing, Result};
+use super::lanes::Lane;
 use super::runner::RETRY_AT_HEADER;
 use super::{Claims, NatsConfig};
 use crate::domain::Trigger;
@@ -39,6 +40,9 @@ pub struct FanoutStats {
     pub jobs: AtomicU64,
     /// First attempts run straight from the fan-out.
     pub direct: AtomicU64,
+    /// Of those, the ones run without an attempt claim: their event's first delivery
+    /// anywhere (`Lane::first_delivery`).
+    pub unclaimed: AtomicU64,
     /// Runs queued in their lane because no permit or engine slot came within
     /// `nats.direct_wait` (or the daemon was stopping).
     pub overflowed: AtomicU64,
@@ -74,13 +78,13 @@ impl Fanout {
     /// recorded or a job stored, so the event comes back; runs already recorded are not
     /// run again). `hard_stop` ends direct runs still going at the end of the shutdown
     /// grace period: the event is handed back.
-    pub async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
-        // Where the event sits in its stream, and when it was stored, read from the
-        // delivery's reply subject once.
-        let Ok((sequence, published)) = msg
-            .info()
-            .map(|i| (i.stream_sequence, i.published.unix_timestamp_nanos()))
-        else {
+    pub async fn handle(&self, msg: jetstream::Message, lane: Lane, hard_stop: CancellationToken) {
+        // Where the event sits in its stream, when it was stored and whether this is its
+        // first delivery anywhere, read from the delivery's reply subject once.
+        let Ok((sequence, published, first)) = msg.info().map(|i| {
+            let first = lane.first_delivery(i.delivered, i.published);
+            (i.stream_sequence, i.published.unix_timestamp_nanos(), first)
+        }) else {
             tracing::warn!(subject = %msg.subject, "An event message without its JetStream info; it will be delivered again.");
             return;
         };
@@ -89,7 +93,7 @@ impl Fanout {
             return;
         };
         self.stats.events.fetch_add(1, Ordering::Relaxed);
-        let fan_out = self.fan_out(&msg, sequence, published);
+        let fan_out = self.fan_out(&msg, sequence, published, first);
         let outcome = tokio::select! {
             outcome = super::keeping_alive(&msg, self.config.ack_wait, fan_out) => outcome,
             _ = hard_stop.cancelled() => Err(BusError::Unsettled("runs still going at the end of the shutdown grace period".into())),
@@ -116,6 +120,7 @@ impl Fanout {
         msg: &jetstream::Message,
         sequence: u64,
         published_nanos: i128,
+        first: bool,
     ) -> Result<()> {
         let parsed = match subject::parse_event_subject(&self.config.events_prefix, &msg.subject) {
             Ok(parsed) => parsed,
@@ -206,7 +211,7 @@ impl Fanout {
             catch_up: false,
         });
         if let Some(executor) = &self.direct {
-            let runs = jobs.map(|job| self.direct(executor, job, &headers));
+            let runs = jobs.map(|job| self.direct(executor, job, &headers, first));
             for done in futures::future::join_all(runs).await {
                 done?;
             }
@@ -229,16 +234,39 @@ impl Fanout {
     }
 
     /// Runs the first attempt of `job` here if its tenant's permit and an engine slot come
-    /// within `nats.direct_wait` and this replica wins the attempt's claim, else queues the
-    /// job in its tenant's lane. Returns once the attempt is recorded (a retry queued in
-    /// the lane) or the job is stored.
-    async fn direct(&self, executor: &Executor, job: Job, headers: &HeaderMap) -> Result<()> {
-        // The claim says whether this event was handled before (a redelivery after a crash,
-        // a lost ack, or nats-server#4460): what ended stays ended; a job with a failed
-        // attempt, or whose attempt another replica holds, continues in its lane. It is
-        // taken before the engine slot, whose wait is short here: claimed once the slot had
-        // come, the slot idled through the claim's round trip (1-script throughput -40 %).
-        let (number, first_at) = match executor.claim(&job, ClaimScope::FirstOnly).await {
+    /// within `nats.direct_wait` and this replica wins the attempt's claim (or needs none:
+    /// `first`, its event's first delivery anywhere), else queues the job in its tenant's
+    /// lane. Returns once the attempt is recorded (a retry queued in the lane) or the job
+    /// is stored.
+    async fn direct(
+        &self,
+        executor: &Executor,
+        job: Job,
+        headers: &HeaderMap,
+        first: bool,
+    ) -> Result<()> {
+        // A first delivery anywhere needs no claim: nothing ran the job before, and the
+        // event comes back (to any replica) only after its ack wait with no progress,
+        // by when this run has ended if it starts within the direct wait and its worker's
+        // queue is shorter than the rest of the ack wait (`hold_unclaimed`).
+        let within = self.config.ack_wait.saturating_sub(self.config.direct_wait);
+        let unclaimed = first && executor.hold_unclaimed(&job, within);
+        // Otherwise the claim says whether this event was handled before (a redelivery
+        // after a crash, a lost ack, or nats-server#4460): what ended stays ended; a job
+        // with a failed attempt, or whose attempt another replica holds, continues in its
+        // lane. It is taken before the engine slot, whose wait is short here: claimed once
+        // the slot had come, the slot idled through the claim's round trip (1-script
+        // throughput -40 %).
+        let claim = if unclaimed {
+            Ok(Claim::Won {
+                attempt: 1,
+                first_at: Utc::now(),
+                taken_over: false,
+            })
+        } else {
+            executor.claim(&job, ClaimScope::FirstOnly).await
+        };
+        let (number, first_at) = match claim {
             Ok(Claim::Won {
                 attempt, first_at, ..
             }) => (attempt, first_at),
@@ -260,10 +288,17 @@ impl Fanout {
             .flatten();
         let Some(slot) = slot else {
             self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
-            executor.release(&job, number).await;
+            if unclaimed {
+                executor.let_go(&job);
+            } else {
+                executor.release(&job, number).await;
+            }
             return self.queue(&job, headers, None).await;
         };
         self.stats.direct.fetch_add(1, Ordering::Relaxed);
+        if unclaimed {
+            self.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+        }
         let span = run_span(&job, Some(headers));
         let attempt = Attempt {
             job: &job,

@@ -78,6 +78,45 @@ async fn tenants_with_event_lanes(
 /// still queued, tenants with an event lane.
 const SERVER_SCAN: Duration = Duration::from_secs(30);
 
+/// The oldest nats-server whose delivery count says the truth: before 2.10 a message
+/// redelivered after its ack wait could reach two consumers' clients as a first delivery
+/// (nats-server#4460).
+const TRUE_DELIVERY_COUNTS: (u64, u64) = (2, 10);
+
+/// Whether nats-server `version` (`2.10.4`, `v2.9.10`) counts deliveries truly.
+pub fn counts_deliveries_truly(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= TRUE_DELIVERY_COUNTS,
+        _ => false,
+    }
+}
+
+/// How much later than its lane's making an event must have been stored to count as one
+/// no earlier consumer of the lane's name handed out: the lane is dated by the server
+/// that made it, the event by the one that stored it (nodes of a cluster, two clocks).
+pub const CLOCKS_MARGIN: Duration = Duration::from_secs(2);
+
+/// What a lane tells its handler with each message.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lane {
+    /// Messages stored after this instant were handed out by no consumer before this
+    /// lane's (none of its name before it was made; an earlier scriptd's fan-out consumer
+    /// does not exist, else this is `None`), so their first delivery here is the first
+    /// anywhere. `None`: any delivery may repeat an earlier one.
+    pub fresh_after: Option<time::OffsetDateTime>,
+}
+
+impl Lane {
+    /// Whether a delivery with these JetStream facts is its message's first anywhere.
+    pub fn first_delivery(&self, delivered: i64, published: time::OffsetDateTime) -> bool {
+        delivered == 1 && self.fresh_after.is_some_and(|after| published > after)
+    }
+}
+
 /// Which stream a set of lanes pulls, and so which tenants get one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -100,6 +139,9 @@ pub struct Lanes {
     pub index: Arc<ScriptIndex>,
     /// Which stream the lanes pull.
     pub kind: Kind,
+    /// Tell event lanes' handlers which deliveries are first ones (`Lane::fresh_after`),
+    /// if the server counts deliveries truly (`nats.claim_first_deliveries` off).
+    pub first_deliveries: bool,
 }
 
 impl Lanes {
@@ -108,7 +150,7 @@ impl Lanes {
     /// finish.
     pub async fn run<F>(self, stop: CancellationToken, handler: F)
     where
-        F: Fn(jetstream::Message) -> futures::future::BoxFuture<'static, ()>
+        F: Fn(jetstream::Message, Lane) -> futures::future::BoxFuture<'static, ()>
             + Clone
             + Send
             + Sync
@@ -136,9 +178,11 @@ impl Lanes {
                     opening = self.open(&tenant) => opening,
                 };
                 match opening {
-                    Ok(consumer) => {
-                        tracing::debug!(tenant = %tenant, lanes = ?self.kind, "Lane opened.");
-                        lanes.spawn(super::pull(consumer, window, stop.clone(), handler.clone()));
+                    Ok((consumer, lane)) => {
+                        tracing::debug!(tenant = %tenant, lanes = ?self.kind, ?lane, "Lane opened.");
+                        let handler = handler.clone();
+                        let handle = move |message| handler(message, lane);
+                        lanes.spawn(super::pull(consumer, window, stop.clone(), handle));
                         opened.insert(tenant);
                     }
                     Err(e) => {
@@ -167,10 +211,10 @@ impl Lanes {
         lanes.wait().await;
     }
 
-    async fn open(&self, tenant: &str) -> Result<jetstream::consumer::PullConsumer> {
+    async fn open(&self, tenant: &str) -> Result<(jetstream::consumer::PullConsumer, Lane)> {
         match self.kind {
             Kind::Jobs => {
-                super::durable_consumer(
+                let consumer = super::durable_consumer(
                     &self.js,
                     &self.config.jobs_stream(),
                     &lane_consumer(tenant),
@@ -178,15 +222,19 @@ impl Lanes {
                     self.tenants.max_ack_pending,
                     Some(format!("{}.{tenant}.>", self.config.jobs_prefix)),
                 )
-                .await
+                .await?;
+                Ok((consumer, Lane::default()))
             }
             Kind::Events => self.open_event_lane(tenant).await,
         }
     }
 
-    /// The event lane of `tenant`, made or updated. A new one starts where `lane_start`
-    /// says.
-    async fn open_event_lane(&self, tenant: &str) -> Result<jetstream::consumer::PullConsumer> {
+    /// The event lane of `tenant`, made or updated, and what its handler is told. A new one
+    /// starts where `lane_start` says.
+    async fn open_event_lane(
+        &self,
+        tenant: &str,
+    ) -> Result<(jetstream::consumer::PullConsumer, Lane)> {
         let stream_name = self.config.events_stream();
         let stream = self
             .js
@@ -214,10 +262,37 @@ impl Lanes {
                 tracing::debug!(consumer = %name, error = %e, "Could not make the event lane; opening it as it is.");
             }
         }
-        stream
+        let consumer: jetstream::consumer::PullConsumer = stream
             .get_consumer(&name)
             .await
-            .doing(|| format!("opening consumer {name}"))
+            .doing(|| format!("opening consumer {name}"))?;
+        let lane = self.lane_facts(&stream, &consumer).await?;
+        Ok((consumer, lane))
+    }
+
+    /// What the handler of an event lane is told: after when its first deliveries are
+    /// first anywhere, if the server counts deliveries truly and no earlier scriptd's
+    /// fan-out consumer is there (its replicas may run the same events, claiming them).
+    async fn lane_facts(
+        &self,
+        stream: &jetstream::stream::Stream,
+        consumer: &jetstream::consumer::PullConsumer,
+    ) -> Result<Lane> {
+        let version = self.js.client().server_info().version;
+        if !self.first_deliveries || !counts_deliveries_truly(&version) {
+            return Ok(Lane::default());
+        }
+        match stream.consumer_info(super::FANOUT_CONSUMER).await {
+            Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => {}
+            Ok(_) => return Ok(Lane::default()),
+            Err(e) => {
+                return Err(e).doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))
+            }
+        }
+        let created = consumer.cached_info().created;
+        Ok(Lane {
+            fresh_after: Some(created + CLOCKS_MARGIN),
+        })
     }
 
     /// Where a new event lane of `tenant` starts: at the first event published once the
@@ -272,5 +347,39 @@ impl Lanes {
         } else {
             by_time
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_counts_are_true_from_nats_server_2_10() {
+        for version in ["2.10.0", "v2.10.4", "2.15.1", "3.0.0-beta.1", "2.11.0-RC.2"] {
+            assert!(counts_deliveries_truly(version), "{version}");
+        }
+        for version in ["2.9.10", "v2.9.25", "1.4.1", "", "two.ten"] {
+            assert!(!counts_deliveries_truly(version), "{version}");
+        }
+    }
+
+    #[test]
+    fn a_first_delivery_is_one_of_a_message_stored_after_the_lane_was_made() {
+        let made = time::OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let lane = Lane {
+            fresh_after: Some(made),
+        };
+        let later = made + Duration::from_millis(1);
+        assert!(lane.first_delivery(1, later));
+        assert!(!lane.first_delivery(2, later), "a redelivery");
+        assert!(
+            !lane.first_delivery(1, made),
+            "stored before the lane was made"
+        );
+        assert!(
+            !Lane::default().first_delivery(1, later),
+            "no instant known"
+        );
     }
 }

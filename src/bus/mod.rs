@@ -68,6 +68,11 @@ pub struct NatsConfig {
     /// is queued in its tenant's lane as a job instead.
     #[serde(with = "duration_str")]
     pub direct_wait: Duration,
+    /// Claim the attempt of every direct run, also of an event's first delivery. Off, a
+    /// first delivery anywhere (nats-server 2.10 or later, a lane made after the event was
+    /// stored, no earlier scriptd's fan-out consumer) runs without a claim, if its run is
+    /// sure to end within `ack_wait` (see docs/architecture.md).
+    pub claim_first_deliveries: bool,
     /// Each stream's replicas, storage and limits (`[nats.streams.events]`, ...).
     pub streams: streams::Streams,
 }
@@ -88,6 +93,7 @@ impl Default for NatsConfig {
             ack_wait: Duration::from_secs(30),
             direct_runs: true,
             direct_wait: Duration::from_millis(50),
+            claim_first_deliveries: false,
             streams: Default::default(),
         }
     }

@@ -296,19 +296,20 @@ impl Daemon {
             tenants: settings.tenants.clone(),
             index: wiring.index.clone(),
             kind,
+            first_deliveries: !nats.claim_first_deliveries,
         };
         let hard_stop = wiring.hard_stop.clone();
         let fanning = self.supervisor.spawn(
             "event lanes",
-            lanes(LaneKind::Events).run(wiring.shutdown.clone(), move |m| {
+            lanes(LaneKind::Events).run(wiring.shutdown.clone(), move |m, lane| {
                 let (fanout, hard_stop) = (fanout.clone(), hard_stop.clone());
-                Box::pin(async move { fanout.handle(m, hard_stop).await })
+                Box::pin(async move { fanout.handle(m, lane, hard_stop).await })
             }),
         );
         let hard_stop = wiring.hard_stop.clone();
         let running = self.supervisor.spawn(
             "job lanes",
-            lanes(LaneKind::Jobs).run(wiring.shutdown.clone(), move |m| {
+            lanes(LaneKind::Jobs).run(wiring.shutdown.clone(), move |m, _| {
                 let (runner, hard_stop) = (runner.clone(), hard_stop.clone());
                 Box::pin(async move { runner.handle(m, hard_stop).await })
             }),

@@ -38,7 +38,7 @@ pub fn register(metrics: &Metrics, parts: Parts) {
         postgres,
     } = parts;
     type FanoutCounter = fn(&FanoutStats) -> &AtomicU64;
-    let fanout_counters: [(&'static str, &'static str, FanoutCounter); 5] = [
+    let fanout_counters: [(&'static str, &'static str, FanoutCounter); 6] = [
         (
             "scriptd_events_received_total",
             "Events taken from the tenants' event lanes.",
@@ -58,6 +58,11 @@ pub fn register(metrics: &Metrics, parts: Parts) {
             "scriptd_direct_runs_total",
             "First attempts run straight from the fan-out, without a job.",
             |f| &f.direct,
+        ),
+        (
+            "scriptd_direct_runs_unclaimed_total",
+            "Of the direct runs, those of an event's first delivery anywhere, run without an attempt claim.",
+            |f| &f.unclaimed,
         ),
         (
             "scriptd_direct_overflows_total",

@@ -37,12 +37,22 @@ const LOCK_POLL: Duration = Duration::from_millis(250);
 /// replica is handed its message, which this one keeps alive.
 const CLAIM_MARGIN: Duration = Duration::from_secs(15);
 
-/// A claim's lease for a run of `timeout` in an engine taking `runs_per_worker` runs per
-/// worker: the run may wait behind all the others queued in its worker, each up to the
-/// same timeout (the script's own, the one known here).
-fn lease(timeout: Duration, runs_per_worker: usize) -> Duration {
+/// How long before the end of the time it was given an attempt run without a claim is
+/// sure to have ended (`Executor::hold_unclaimed`): room for a process that stalls.
+const UNCLAIMED_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a run of `timeout` in an engine taking `runs_per_worker` runs per worker may
+/// take once it has its slot: it may wait behind all the others queued in its worker,
+/// each up to the same timeout (the script's own, the one known here).
+fn run_bound(timeout: Duration, runs_per_worker: usize) -> Duration {
     let runs = u32::try_from(runs_per_worker.max(1)).unwrap_or(u32::MAX);
-    timeout.saturating_mul(runs).saturating_add(CLAIM_MARGIN)
+    timeout.saturating_mul(runs)
+}
+
+/// A claim's lease for a run of `timeout` in an engine taking `runs_per_worker` runs per
+/// worker: the run's bound and a margin.
+fn lease(timeout: Duration, runs_per_worker: usize) -> Duration {
+    run_bound(timeout, runs_per_worker).saturating_add(CLAIM_MARGIN)
 }
 
 /// A job waits for one of these before it runs: its tenant's permit, then the engine's.
@@ -114,14 +124,7 @@ impl Executor {
     /// it: while no attempt of the job is held here, a claim stored under this replica's
     /// name is one whose answer was lost, and is taken back at once.
     pub async fn claim(&self, job: &Job, scope: ClaimScope) -> Result<Claim, BatchError> {
-        let timeout = self
-            .parts
-            .index
-            .snapshot()
-            .get(&job.tenant, &job.script)
-            .map_or(self.parts.defaults.limits.timeout, |s| {
-                s.limits(&self.parts.defaults.limits).timeout
-            });
+        let timeout = self.timeout_of(job);
         let request = ClaimRequest {
             job_id: job.id.clone(),
             tenant: job.tenant.clone(),
@@ -136,6 +139,39 @@ impl Executor {
             self.held.let_go(&job.id);
         }
         claim
+    }
+
+    /// Holds the first attempt of `job` without claiming it, for a caller that knows no
+    /// replica ran or runs the job and none can get it for `within` from now: true if no
+    /// attempt of the job is held here and, started within the slot wait, the run is sure
+    /// to have ended by then (its bound and a margin), else nothing is held. `run` or
+    /// `let_go` ends the hold.
+    pub fn hold_unclaimed(&self, job: &Job, within: Duration) -> bool {
+        let bound = run_bound(self.timeout_of(job), self.parts.engine.runs_per_worker());
+        if bound.saturating_add(UNCLAIMED_MARGIN) > within {
+            return false;
+        }
+        if self.held.hold(&job.id) {
+            return true;
+        }
+        self.held.let_go(&job.id);
+        false
+    }
+
+    /// Lets go of `job`, held without a claim and not run.
+    pub fn let_go(&self, job: &Job) {
+        self.held.let_go(&job.id);
+    }
+
+    /// The timeout of `job`'s script as it is now (the default if it is gone).
+    fn timeout_of(&self, job: &Job) -> Duration {
+        self.parts
+            .index
+            .snapshot()
+            .get(&job.tenant, &job.script)
+            .map_or(self.parts.defaults.limits.timeout, |s| {
+                s.limits(&self.parts.defaults.limits).timeout
+            })
     }
 
     /// Hands back attempt `number` of `job`, claimed and not run: whoever gets the job
@@ -161,9 +197,10 @@ impl Executor {
         }
     }
 
-    /// Runs the claimed `attempt` in the `slot` it holds, within the job's span: plans it,
-    /// runs it, decides and records its outcome. An attempt that ends without a record is
-    /// handed back, its claim released.
+    /// Runs the claimed (or held unclaimed) `attempt` in the `slot` it holds, within the
+    /// job's span: plans it, runs it, decides and records its outcome. An attempt that ends
+    /// without a record is handed back, its claim released (for one never claimed, the
+    /// hand-back opens the job's first attempt).
     pub async fn run(&self, attempt: Attempt<'_>, slot: Slot) -> Result<Outcome, HandBack> {
         let ended = self.run_claimed(&attempt, slot).await;
         if ended.is_err() {
