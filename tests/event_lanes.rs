@@ -68,20 +68,15 @@ async fn run_one_event_and_stop(env: &TestEnv, tenant: &str) {
     daemon.shutdown().await;
 }
 
-/// Waits until `tenant`'s event lane is made and the servers' clocks' margin has passed
-/// since: events stored within it count as possibly handed out before the lane was made
-/// (`Lane::first_delivery`); those stored from now on do not.
-async fn wait_past_clocks_margin(env: &TestEnv, tenant: &str) {
+/// Waits until `tenant`'s event lane is made: events stored before count as possibly
+/// handed out by an earlier consumer of its name (`Lane::first_delivery`); those stored
+/// from now on do not.
+async fn wait_for_lane(env: &TestEnv, tenant: &str) {
     let lane = scriptd::bus::lanes::event_lane_consumer(tenant);
     env.wait_until(WAIT, "the lane to be made", || async {
         consumer(env, &lane).await.is_some()
     })
     .await;
-    let made = consumer(env, &lane).await.unwrap().created;
-    let left = made + scriptd::bus::lanes::CLOCKS_MARGIN - time::OffsetDateTime::now_utc();
-    if left.is_positive() {
-        tokio::time::sleep(left.unsigned_abs()).await;
-    }
 }
 
 /// The test's settings with `margin` as `nats.lane_start_margin`.
@@ -171,7 +166,7 @@ async fn first_deliveries_run_unclaimed_and_a_remade_lane_runs_none_of_them_agai
     let mut settings = env.settings.clone();
     settings.nats.ack_wait = Duration::from_secs(30);
     let daemon = env.start_daemon_with(settings.clone());
-    wait_past_clocks_margin(&env, "acme").await;
+    wait_for_lane(&env, "acme").await;
     for n in 1..=3 {
         env.publish("acme", &format!("in.{n}"), "{}").await;
     }
@@ -252,10 +247,10 @@ async fn lanes_made_after_an_upgrade_start_after_what_the_earlier_fan_out_consum
     let mut settings = with_margin(&env, Duration::ZERO);
     settings.nats.ack_wait = Duration::from_secs(30);
     let daemon = env.start_daemon_with(settings);
-    // Past the clocks' margin of the lanes' making, the next events would go without a
-    // claim, were it not for that consumer.
-    wait_past_clocks_margin(&env, "acme").await;
-    wait_past_clocks_margin(&env, "globex").await;
+    // Once the lanes are made, the next events would go without a claim, were it not for
+    // that consumer.
+    wait_for_lane(&env, "acme").await;
+    wait_for_lane(&env, "globex").await;
     env.publish("acme", "in.4", "{}").await;
     env.publish("globex", "in.2", "{}").await;
     env.wait_for_runs(WAIT, |r| r.len() >= 3).await;

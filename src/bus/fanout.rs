@@ -82,7 +82,7 @@ impl Fanout {
         // Where the event sits in its stream, when it was stored and whether this is its
         // first delivery anywhere, read from the delivery's reply subject once.
         let Ok((sequence, published, first)) = msg.info().map(|i| {
-            let first = lane.first_delivery(i.delivered, i.published);
+            let first = lane.first_delivery(i.delivered, i.stream_sequence, i.published);
             (i.stream_sequence, i.published.unix_timestamp_nanos(), first)
         }) else {
             tracing::warn!(subject = %msg.subject, "An event message without its JetStream info; it will be delivered again.");

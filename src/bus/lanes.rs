@@ -95,25 +95,50 @@ pub fn counts_deliveries_truly(version: &str) -> bool {
     }
 }
 
-/// How much later than its lane's making an event must have been stored to count as one
-/// no earlier consumer of the lane's name handed out: the lane is dated by the server
-/// that made it, the event by the one that stored it (nodes of a cluster, two clocks).
-pub const CLOCKS_MARGIN: Duration = Duration::from_secs(2);
+/// The event lane's metadata entry that says the stream's last sequence when the lane was
+/// made: every event a consumer of its name handed out before is at or below it.
+const FRESH_AFTER: &str = "scriptd.fresh_after_sequence";
+
+/// For a lane made without `FRESH_AFTER` (by an earlier version), how much later than its
+/// making an event must have been stored to count as one no earlier consumer of the lane's
+/// name handed out: the lane is dated by the server that made it, the event by the one
+/// that stored it (nodes of a cluster, two clocks).
+const CLOCKS_MARGIN: Duration = Duration::from_secs(2);
+
+/// Where in its stream a lane's fresh events begin: those no consumer but this lane's
+/// handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreshAfter {
+    /// Events past this stream sequence (`FRESH_AFTER`).
+    Sequence(u64),
+    /// Events stored after this instant (the lane's making plus `CLOCKS_MARGIN`).
+    Time(time::OffsetDateTime),
+}
 
 /// What a lane tells its handler with each message.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Lane {
-    /// Messages stored after this instant were handed out by no consumer before this
-    /// lane's (none of its name before it was made; an earlier scriptd's fan-out consumer
-    /// does not exist, else this is `None`), so their first delivery here is the first
-    /// anywhere. `None`: any delivery may repeat an earlier one.
-    pub fresh_after: Option<time::OffsetDateTime>,
+    /// Where the messages begin whose first delivery here is their first anywhere: no
+    /// consumer of this lane's name handed them out before it was made, and no earlier
+    /// scriptd's fan-out consumer is on the stream (else this is `None`). `None`: any
+    /// delivery may repeat an earlier one.
+    pub fresh_after: Option<FreshAfter>,
 }
 
 impl Lane {
     /// Whether a delivery with these JetStream facts is its message's first anywhere.
-    pub fn first_delivery(&self, delivered: i64, published: time::OffsetDateTime) -> bool {
-        delivered == 1 && self.fresh_after.is_some_and(|after| published > after)
+    pub fn first_delivery(
+        &self,
+        delivered: i64,
+        sequence: u64,
+        published: time::OffsetDateTime,
+    ) -> bool {
+        delivered == 1
+            && match self.fresh_after {
+                Some(FreshAfter::Sequence(after)) => sequence > after,
+                Some(FreshAfter::Time(after)) => published > after,
+                None => false,
+            }
     }
 }
 
@@ -248,15 +273,32 @@ impl Lanes {
             self.tenants.max_ack_pending,
             Some(format!("{}.{tenant}.>", self.config.events_prefix)),
         );
+        let first_deliveries = self.first_deliveries
+            && counts_deliveries_truly(&self.js.client().server_info().version);
         if let Ok(existing) = stream.get_consumer::<pull::Config>(&name).await {
-            // Where a lane starts was fixed when it was made.
+            // Where a lane starts, and where its fresh events begin, were fixed when it was
+            // made.
             wanted.deliver_policy = existing.cached_info().config.deliver_policy;
+            wanted.metadata = existing.cached_info().config.metadata.clone();
             self.js
                 .update_consumer_on_stream(wanted, &stream_name)
                 .await
                 .doing(|| format!("updating consumer {name}"))?;
         } else {
             wanted.deliver_policy = self.lane_start(&stream, tenant).await?;
+            if first_deliveries {
+                // Read once no consumer of the name is there: whatever one handed out before
+                // is at or below the stream's last sequence now.
+                let last = self
+                    .js
+                    .get_stream(&stream_name)
+                    .await
+                    .doing(|| format!("reading stream {stream_name}"))?
+                    .cached_info()
+                    .state
+                    .last_sequence;
+                wanted.metadata.insert(FRESH_AFTER.into(), last.to_string());
+            }
             if let Err(e) = stream.create_consumer(wanted).await {
                 // Another replica may have made it meanwhile.
                 tracing::debug!(consumer = %name, error = %e, "Could not make the event lane; opening it as it is.");
@@ -266,22 +308,22 @@ impl Lanes {
             .get_consumer(&name)
             .await
             .doing(|| format!("opening consumer {name}"))?;
-        let lane = self.lane_facts(&stream, &consumer).await?;
+        let lane = if first_deliveries {
+            self.lane_facts(&stream, &consumer).await?
+        } else {
+            Lane::default()
+        };
         Ok((consumer, lane))
     }
 
-    /// What the handler of an event lane is told: after when its first deliveries are
-    /// first anywhere, if the server counts deliveries truly and no earlier scriptd's
-    /// fan-out consumer is there (its replicas may run the same events, claiming them).
+    /// What the handler of an event lane is told, on a server that counts deliveries
+    /// truly: where its fresh events begin, unless an earlier scriptd's fan-out consumer is
+    /// there (its replicas may run the same events, claiming them).
     async fn lane_facts(
         &self,
         stream: &jetstream::stream::Stream,
         consumer: &jetstream::consumer::PullConsumer,
     ) -> Result<Lane> {
-        let version = self.js.client().server_info().version;
-        if !self.first_deliveries || !counts_deliveries_truly(&version) {
-            return Ok(Lane::default());
-        }
         match stream.consumer_info(super::FANOUT_CONSUMER).await {
             Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => {}
             Ok(_) => return Ok(Lane::default()),
@@ -289,9 +331,14 @@ impl Lanes {
                 return Err(e).doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))
             }
         }
-        let created = consumer.cached_info().created;
+        let info = consumer.cached_info();
+        let recorded = info.config.metadata.get(FRESH_AFTER);
+        let fresh_after = match recorded.and_then(|s| s.parse().ok()) {
+            Some(sequence) => FreshAfter::Sequence(sequence),
+            None => FreshAfter::Time(info.created + CLOCKS_MARGIN),
+        };
         Ok(Lane {
-            fresh_after: Some(created + CLOCKS_MARGIN),
+            fresh_after: Some(fresh_after),
         })
     }
 
@@ -365,21 +412,30 @@ mod tests {
     }
 
     #[test]
-    fn a_first_delivery_is_one_of_a_message_stored_after_the_lane_was_made() {
+    fn a_first_delivery_is_one_of_a_message_past_where_the_lane_was_made() {
         let made = time::OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let lane = Lane {
-            fresh_after: Some(made),
-        };
         let later = made + Duration::from_millis(1);
-        assert!(lane.first_delivery(1, later));
-        assert!(!lane.first_delivery(2, later), "a redelivery");
+        let by_sequence = Lane {
+            fresh_after: Some(FreshAfter::Sequence(41)),
+        };
+        assert!(by_sequence.first_delivery(1, 42, made));
+        assert!(!by_sequence.first_delivery(2, 42, made), "a redelivery");
         assert!(
-            !lane.first_delivery(1, made),
+            !by_sequence.first_delivery(1, 41, later),
+            "in the stream before"
+        );
+        let by_time = Lane {
+            fresh_after: Some(FreshAfter::Time(made)),
+        };
+        assert!(by_time.first_delivery(1, 1, later));
+        assert!(!by_time.first_delivery(2, 1, later), "a redelivery");
+        assert!(
+            !by_time.first_delivery(1, 99, made),
             "stored before the lane was made"
         );
         assert!(
-            !Lane::default().first_delivery(1, later),
-            "no instant known"
+            !Lane::default().first_delivery(1, 99, later),
+            "nothing known"
         );
     }
 }
