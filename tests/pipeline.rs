@@ -339,3 +339,56 @@ async fn graceful_shutdown_loses_nothing(direct: bool) {
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_run_cut_off_at_the_end_of_the_grace_period_comes_back_after_the_ack_wait() {
+    let env = TestEnv::new().await;
+    env.deploy("acme", "slow", &busy_script(3_000, "1"), &["work"])
+        .await;
+    // A run that may go without a claim: 4 s timeout x 1 run per worker + 5 s within the
+    // 10 s ack wait. The stop comes 1 s into it.
+    let mut settings = env.settings.clone();
+    settings.daemon.shutdown_grace = Duration::from_secs(1);
+    settings.nats.ack_wait = Duration::from_secs(10);
+    settings.engine.limits.timeout = Duration::from_secs(4);
+    settings.engine.runs_per_worker = 1;
+    let daemon = env.start_daemon_with(settings.clone());
+    let lane = scriptd::bus::lanes::event_lane_consumer("acme");
+    env.wait_until(WAIT, "acme's event lane to be made", || async {
+        let stream = env.js.get_stream(env.settings.nats.events_stream()).await;
+        match stream {
+            Ok(stream) => stream.consumer_info(&lane).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    env.publish("acme", "work", "{}").await;
+    env.wait_until(WAIT, "the direct run to start", || async {
+        daemon.stats.fanout.direct.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let version = env.js.client().server_info().version;
+    let unclaimed = daemon.stats.fanout.unclaimed.load(Ordering::Relaxed);
+    if scriptd::bus::lanes::counts_deliveries_truly(&version) {
+        assert_eq!(unclaimed, 1, "the run went without a claim");
+    }
+    daemon.shutdown().await;
+    let stopped = chrono::Utc::now();
+    assert!(env.runs().await.is_empty(), "the run was cut off");
+    // The cut-off run goes on in its engine host for a while: the event is not handed
+    // back at once (a nak would bring it back after 1 s) but left to come back after the
+    // ack wait since its last progress acknowledgement (at most a third of it before the
+    // stop), or, claimed, once the claim's lease has ended (19 s).
+    let daemon = env.start_daemon_with(settings);
+    let runs = env
+        .wait_for_runs(Duration::from_secs(60), |runs| !runs.is_empty())
+        .await;
+    let after = (runs[0].started_at - stopped).to_std().unwrap_or_default();
+    assert!(
+        after >= Duration::from_secs(5),
+        "the event came back {after:?} after the stop"
+    );
+    assert_eq!(runs.len(), 1);
+    daemon.shutdown().await;
+    env.cleanup().await;
+}

@@ -46,8 +46,9 @@ pub struct FanoutStats {
     /// Runs queued in their lane because no permit or engine slot came within
     /// `nats.direct_wait` (or the daemon was stopping).
     pub overflowed: AtomicU64,
-    /// Events handed back unfinished (nak'ed): a run not recorded, a job not stored, a
-    /// claim not taken, or the end of the shutdown grace period.
+    /// Events handed back unfinished: nak'ed for a run not recorded, a job not stored or a
+    /// claim not taken; left to come back after the ack wait at the end of the shutdown
+    /// grace period.
     pub returned: AtomicU64,
     /// Events of a tenant with no matching script.
     pub unmatched: AtomicU64,
@@ -77,7 +78,7 @@ impl Fanout {
     /// Handles one event message, ending with its ack (or nak when a run could not be
     /// recorded or a job stored, so the event comes back; runs already recorded are not
     /// run again). `hard_stop` ends direct runs still going at the end of the shutdown
-    /// grace period: the event is handed back.
+    /// grace period: the event is left to come back after its ack wait.
     pub async fn handle(&self, msg: jetstream::Message, lane: Lane, hard_stop: CancellationToken) {
         // Where the event sits in its stream, when it was stored and whether this is its
         // first delivery anywhere, read from the delivery's reply subject once.
@@ -96,7 +97,15 @@ impl Fanout {
         let fan_out = self.fan_out(&msg, sequence, published, first);
         let outcome = tokio::select! {
             outcome = super::keeping_alive(&msg, self.config.ack_wait, fan_out) => outcome,
-            _ = hard_stop.cancelled() => Err(BusError::Unsettled("runs still going at the end of the shutdown grace period".into())),
+            _ = hard_stop.cancelled() => {
+                // A run cut off here goes on in its engine host until the host has drained
+                // (up to its timeout): the event comes back after its ack wait rather than
+                // at once, so that no replica runs it meanwhile (a first delivery's run
+                // holds no claim that would keep it from doing so).
+                self.stats.returned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(subject = %msg.subject, "Runs still going at the end of the shutdown grace period; the event comes back after nats.ack_wait.");
+                return;
+            }
         };
         let settle = match outcome {
             Ok(()) => {
