@@ -69,8 +69,8 @@ pub struct NatsConfig {
     #[serde(with = "duration_str")]
     pub direct_wait: Duration,
     /// Claim the attempt of every direct run, also of an event's first delivery. Off, a
-    /// first delivery anywhere (nats-server 2.10 or later, a lane made after the event was
-    /// stored, no earlier scriptd's fan-out consumer) runs without a claim, if its run is
+    /// first delivery anywhere (nats-server 2.10 or later, an event stored after its lane
+    /// was made, no earlier scriptd's fan-out consumer) runs without a claim, if its run is
     /// sure to end within `ack_wait` (see docs/architecture.md).
     pub claim_first_deliveries: bool,
     /// Each stream's replicas, storage and limits (`[nats.streams.events]`, ...).
