@@ -68,17 +68,6 @@ async fn run_one_event_and_stop(env: &TestEnv, tenant: &str) {
     daemon.shutdown().await;
 }
 
-/// Waits until `tenant`'s event lane is made: events stored before count as possibly
-/// handed out by an earlier consumer of its name (`Lane::first_delivery`); those stored
-/// from now on do not.
-async fn wait_for_lane(env: &TestEnv, tenant: &str) {
-    let lane = scriptd::bus::lanes::event_lane_consumer(tenant);
-    env.wait_until(WAIT, "the lane to be made", || async {
-        consumer(env, &lane).await.is_some()
-    })
-    .await;
-}
-
 /// The test's settings with `margin` as `nats.lane_start_margin`.
 fn with_margin(env: &TestEnv, margin: Duration) -> scriptd::config::Settings {
     let mut settings = env.settings.clone();
@@ -166,7 +155,7 @@ async fn first_deliveries_run_unclaimed_and_a_remade_lane_runs_none_of_them_agai
     let mut settings = env.settings.clone();
     settings.nats.ack_wait = Duration::from_secs(30);
     let daemon = env.start_daemon_with(settings.clone());
-    wait_for_lane(&env, "acme").await;
+    env.wait_for_event_lane("acme", WAIT).await;
     for n in 1..=3 {
         env.publish("acme", &format!("in.{n}"), "{}").await;
     }
@@ -249,8 +238,8 @@ async fn lanes_made_after_an_upgrade_start_after_what_the_earlier_fan_out_consum
     let daemon = env.start_daemon_with(settings);
     // Once the lanes are made, the next events would go without a claim, were it not for
     // that consumer.
-    wait_for_lane(&env, "acme").await;
-    wait_for_lane(&env, "globex").await;
+    env.wait_for_event_lane("acme", WAIT).await;
+    env.wait_for_event_lane("globex", WAIT).await;
     env.publish("acme", "in.4", "{}").await;
     env.publish("globex", "in.2", "{}").await;
     env.wait_for_runs(WAIT, |r| r.len() >= 3).await;

@@ -353,15 +353,7 @@ async fn a_direct_run_cut_off_at_the_end_of_the_grace_period_comes_back_after_th
     settings.engine.limits.timeout = Duration::from_secs(4);
     settings.engine.runs_per_worker = 1;
     let daemon = env.start_daemon_with(settings.clone());
-    let lane = scriptd::bus::lanes::event_lane_consumer("acme");
-    env.wait_until(WAIT, "acme's event lane to be made", || async {
-        let stream = env.js.get_stream(env.settings.nats.events_stream()).await;
-        match stream {
-            Ok(stream) => stream.consumer_info(&lane).await.is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await;
+    env.wait_for_event_lane("acme", WAIT).await;
     env.publish("acme", "work", "{}").await;
     env.wait_until(WAIT, "the direct run to start", || async {
         daemon.stats.fanout.direct.load(Ordering::Relaxed) == 1

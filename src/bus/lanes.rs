@@ -74,6 +74,17 @@ async fn tenants_with_event_lanes(
     Ok(tenants)
 }
 
+/// An earlier scriptd's fan-out consumer (`scriptd-fanout`), if it is on the events stream.
+async fn earlier_fan_out(
+    stream: &jetstream::stream::Stream,
+) -> Result<Option<jetstream::consumer::Info>> {
+    match stream.consumer_info(super::FANOUT_CONSUMER).await {
+        Ok(info) => Ok(Some(info)),
+        Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(e).doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER)),
+    }
+}
+
 /// How often the server is looked at for lanes the index does not name: tenants with jobs
 /// still queued, tenants with an event lane.
 const SERVER_SCAN: Duration = Duration::from_secs(30);
@@ -324,12 +335,8 @@ impl Lanes {
         stream: &jetstream::stream::Stream,
         consumer: &jetstream::consumer::PullConsumer,
     ) -> Result<Lane> {
-        match stream.consumer_info(super::FANOUT_CONSUMER).await {
-            Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => {}
-            Ok(_) => return Ok(Lane::default()),
-            Err(e) => {
-                return Err(e).doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))
-            }
+        if earlier_fan_out(stream).await?.is_some() {
+            return Ok(Lane::default());
         }
         let info = consumer.cached_info();
         let recorded = info.config.metadata.get(FRESH_AFTER);
@@ -367,12 +374,8 @@ impl Lanes {
         )
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         let by_time = DeliverPolicy::ByStartTime { start_time };
-        let earlier = match stream.consumer_info(super::FANOUT_CONSUMER).await {
-            Ok(earlier) => earlier,
-            Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => return Ok(by_time),
-            Err(e) => {
-                return Err(e).doing(|| format!("reading consumer {}", super::FANOUT_CONSUMER))
-            }
+        let Some(earlier) = earlier_fan_out(stream).await? else {
+            return Ok(by_time);
         };
         let floor = earlier.ack_floor.stream_sequence;
         if floor == 0 {

@@ -482,6 +482,20 @@ impl TestEnv {
         self.in_flight(self.settings.nats.events_stream()).await == n
     }
 
+    /// Waits until `tenant`'s event lane is made, for at most `limit`: events stored
+    /// before count as possibly handed out by an earlier consumer of its name
+    /// (`Lane::first_delivery`); those stored from now on do not.
+    pub async fn wait_for_event_lane(&self, tenant: &str, limit: Duration) {
+        let lane = scriptd::bus::lanes::event_lane_consumer(tenant);
+        self.wait_until(limit, "the event lane to be made", || async {
+            match self.js.get_stream(self.settings.nats.events_stream()).await {
+                Ok(stream) => stream.consumer_info(&lane).await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+
     /// Waits until `check` holds, for at most `limit`.
     pub async fn wait_until<F, Fut>(&self, limit: Duration, what: &str, check: F)
     where
