@@ -1,6 +1,7 @@
 //! Attempt claims on the real PostgreSQL: of replicas racing for one attempt exactly one
-//! wins; a record opens the next attempt or ends the job; a claim handed back or past its
-//! lease can be taken again; a claim whose answer was lost is taken back by its replica.
+//! wins; a record opens the next attempt or ends the job, a job ended without a claim is
+//! never claimed; a claim handed back or past its lease can be taken again; a claim whose
+//! answer was lost is taken back by its replica.
 
 mod support;
 
@@ -53,6 +54,15 @@ fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
         result: None,
         input: None,
         trace_id: None,
+        unclaimed: false,
+    }
+}
+
+/// The record of a first attempt run without a claim.
+fn unclaimed(job: &str, status: RunStatus) -> RunRecord {
+    RunRecord {
+        unclaimed: true,
+        ..record(job, 1, status)
     }
 }
 
@@ -154,6 +164,72 @@ async fn records_open_the_next_attempt_or_end_the_job() {
     }
     let stored = store.claim_of("j").await.unwrap().expect("claim row");
     assert_eq!((stored.state.as_str(), stored.attempt), ("ended", 2));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_ended_by_a_run_without_a_claim_is_never_claimed() {
+    let env = TestEnv::new().await;
+    let store = &env.store;
+    store
+        .insert_runs(&[
+            unclaimed("ok", RunStatus::Ok),
+            unclaimed("dead", RunStatus::DeadLettered),
+            unclaimed("again", RunStatus::Retrying),
+        ])
+        .await
+        .unwrap();
+    // The jobs it ended have no claim row: their runs say they ended.
+    for job in ["ok", "dead"] {
+        assert_eq!(store.claim_of(job).await.unwrap(), None, "{job}");
+        for scope in [ClaimScope::Next, ClaimScope::FirstOnly] {
+            assert_eq!(claim(store, "b", scope, job).await, Claim::Ended, "{job}");
+        }
+    }
+    // A job it left to retry has its claim, open for the next attempt.
+    let stored = stored(store, "again").await;
+    assert_eq!((stored.state.as_str(), stored.attempt), ("open", 1));
+    assert_eq!(
+        claim(store, "b", ClaimScope::FirstOnly, "again").await,
+        Claim::Later { done: 1 }
+    );
+    assert_eq!(
+        attempt_won(&claim(store, "b", ClaimScope::Next, "again").await),
+        Some(2)
+    );
+    // In a batch beside jobs that may run, the ended ones are answered as ended.
+    let answers = store
+        .claim_attempts(
+            "c",
+            ClaimScope::Next,
+            &[request("ok", LEASE), request("new", LEASE)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(answers[0], Claim::Ended);
+    assert_eq!(attempt_won(&answers[1]), Some(1));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_statement_never_reads_the_run_table_whole() {
+    let env = TestEnv::new().await;
+    // A few runs, analysed: the table's size at which a plan probing it would scan it.
+    let records: Vec<RunRecord> = (0..5)
+        .map(|i| record(&format!("r{i}"), 1, RunStatus::Ok))
+        .collect();
+    env.store.insert_runs(&records).await.unwrap();
+    let admin = scriptd::store::connect_direct(&env.settings.database.url)
+        .await
+        .unwrap();
+    admin.batch_execute("ANALYZE runs").await.unwrap();
+    let claims = Store::connect_claims(&env.settings.database, 1)
+        .await
+        .unwrap();
+    let plan = claims.claim_plan().await.unwrap();
+    assert!(plan.contains("Index Scan using runs_by_job"), "{plan}");
+    assert!(!plan.contains("Seq Scan on runs"), "{plan}");
+    drop(claims);
     env.cleanup().await;
 }
 

@@ -274,16 +274,15 @@ async fn a_replica_killed_mid_load_loses_and_repeats_none_of_its_unclaimed_runs(
     println!("{EVENTS} events, 3 replicas, one SIGKILLed: {ok} jobs ok, {runs} run records");
     assert_eq!(ok, EVENTS as i64, "every event ran");
     assert_exactly_once(&env, EVENTS).await;
-    // Runs without a claim did happen: their jobs' claims were written by their records
-    // alone, under no replica's name.
+    // Runs without a claim did happen: the jobs they ended have no claim row.
     let version = env.js.client().server_info().version;
     if scriptd::bus::lanes::counts_deliveries_truly(&version) {
-        let unclaimed = claims(&env)
+        let claimed: std::collections::HashSet<String> = claims(&env)
             .await
             .into_iter()
-            .filter(|(_, state, holder)| state == "ended" && holder.is_none())
-            .count();
-        assert!(unclaimed > 0, "no run went without a claim");
+            .map(|(job, ..)| job)
+            .collect();
+        assert!(claimed.len() < EVENTS, "no run went without a claim");
     }
     drop(replicas);
     env.cleanup().await;

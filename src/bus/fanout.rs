@@ -314,6 +314,7 @@ impl Fanout {
             number,
             first_at,
             headers: Some(headers),
+            unclaimed,
         };
         match executor.run(attempt, slot).instrument(span).await {
             Ok(Outcome::Retry { after }) => {

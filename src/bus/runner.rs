@@ -149,6 +149,7 @@ impl Runner {
             number,
             first_at,
             headers: msg.headers.as_ref(),
+            unclaimed: false,
         };
         self.executor.run(attempt, slot).await.into()
     }

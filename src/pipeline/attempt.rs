@@ -27,6 +27,9 @@ pub struct Attempt<'a> {
     pub first_at: DateTime<Utc>,
     /// The job's message headers: its trace context and chain depth.
     pub headers: Option<&'a HeaderMap>,
+    /// The attempt runs without a claim (`Executor::hold_unclaimed`): if it ends the job,
+    /// its record writes no claim row either, and the job's runs tell it ended.
+    pub unclaimed: bool,
 }
 
 /// How an attempt ended, once decided: what its record says and what its message gets.

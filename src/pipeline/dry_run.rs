@@ -236,6 +236,7 @@ pub async fn replay(
         number: 1,
         first_at: chrono::Utc::now(),
         headers: None,
+        unclaimed: false,
     };
     let result = engine.run(plan.run(&attempt, None)).await;
     let outcome = plan.decide(&result, attempt.number);

@@ -349,6 +349,7 @@ impl Executor {
             number: 1,
             first_at: started_at,
             headers,
+            unclaimed: false,
         };
         let span = tracing::Span::current();
         span.record("attempt", 1);
@@ -520,6 +521,7 @@ fn run_record(
         result: result.and_then(|r| r.outcome.as_ref().ok()).map(kept),
         input: None,
         trace_id: None,
+        unclaimed: attempt.unclaimed,
     }
 }
 

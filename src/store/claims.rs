@@ -80,13 +80,18 @@ pub enum ClaimScope {
 }
 
 /// Claims the next attempt of each job: inserted if new, else taken if the last attempt
-/// is finished (`open`) or the running one's lease has ended. Returns the rows won only; no
-/// join, so the plan is a primary-key upsert whatever the table's size.
+/// is finished (`open`) or the running one's lease has ended. A job with a run that ended
+/// it is never claimed: a first attempt run without a claim (`RunRecord::unclaimed`) ends
+/// its job with its record alone. Returns the rows won only; no join (`OFFSET 0` keeps the
+/// probe a subquery run per job, never a join that could read `runs` whole), so the plan is
+/// a primary-key upsert and one probe of `runs_by_job` per job whatever the tables' sizes.
 const CLAIM_SQL: &str = "
 INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica, claimed_at,
                                  lease_until, first_claimed_at)
 SELECT job_id, tenant, 1, 'running', $4, now(), now() + make_interval(secs => lease), now()
 FROM unnest($1::text[], $2::text[], $3::float8[]) AS t(job_id, tenant, lease)
+WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.job_id = t.job_id AND r.status <> 'retrying'
+                  OFFSET 0)
 ON CONFLICT (job_id) DO UPDATE SET
     attempt = CASE WHEN c.state = 'open' THEN c.attempt + 1 ELSE c.attempt END,
     taken_over = c.state = 'running',
@@ -105,9 +110,13 @@ fn won_claim(row: &tokio_postgres::Row) -> Claim {
     }
 }
 
-/// Where the jobs not won stand (the rare path: redeliveries).
-const STATE_SQL: &str =
-    "SELECT job_id, state, attempt, lease_until, replica FROM attempt_claims WHERE job_id = ANY($1)";
+/// Where the jobs not won stand (the rare path: redeliveries): their claims, then the
+/// jobs a run ended, claimed or not.
+const STATE_SQL: &str = "
+SELECT job_id, state, attempt, lease_until, replica FROM attempt_claims WHERE job_id = ANY($1)
+UNION ALL
+SELECT DISTINCT job_id, 'ended', 0, now(), '' FROM runs
+WHERE job_id = ANY($1) AND status <> 'retrying'";
 
 /// Takes back running claims stored under this replica's name that it knows it does not
 /// hold (`ClaimRequest::idle_here`): the same attempt, a new lease. A claim another replica
@@ -158,8 +167,14 @@ impl Store {
             let mut lost_answers = HashSet::new();
             for row in self.state_of(&rest).await? {
                 let job: String = row.get(0);
+                if found.get(&job) == Some(&Claim::Ended) {
+                    continue;
+                }
                 let claim = match row.get::<_, String>(1).as_str() {
-                    "ended" => Claim::Ended,
+                    "ended" => {
+                        lost_answers.remove(&job);
+                        Claim::Ended
+                    }
                     "open" => Claim::Later {
                         done: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
                     },
@@ -260,6 +275,31 @@ impl Store {
         )
         .await
         .map(drop)
+    }
+
+    /// The plan a claim statement gets in this store's sessions once its plan is cached
+    /// (generic), as `EXPLAIN` prints it: whether it can read a table whole.
+    #[doc(hidden)]
+    pub async fn claim_plan(&self) -> Result<String> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL plan_cache_mode = force_generic_plan; PREPARE claim_plan AS {CLAIM_SQL}"
+        ))
+        .await?;
+        let lines = tx
+            .query(
+                "EXPLAIN (COSTS OFF) EXECUTE claim_plan('{j}', '{acme}', '{1}', 'r', false)",
+                &[],
+            )
+            .await?;
+        tx.batch_execute("DEALLOCATE claim_plan").await?;
+        tx.commit().await?;
+        Ok(lines
+            .iter()
+            .map(|l| l.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     /// The claim of one job as stored.

@@ -63,7 +63,8 @@ enum Sessions {
     Scoped,
     /// The daemon's: every tenant.
     AllTenants,
-    /// The daemon's attempt claims: every tenant, asynchronous commits, generic plans.
+    /// The daemon's attempt claims: every tenant, asynchronous commits, generic plans,
+    /// index scans only.
     Claims,
     /// The daemon's run-record writer: every tenant, generic plans.
     Records,
@@ -149,12 +150,15 @@ impl Store {
                     // `runs` was nearly empty, it scanned the whole table for every job's
                     // history (450 rows read per run after 20 000 runs, the largest CPU
                     // cost per event until PostgreSQL analysed the table again).
-                    // The claims store's one statement is a primary-key upsert, the same plan
-                    // at any size, and planning was half its cost: generic plans there.
-                    // The records store's statement likewise (see `connect_records`).
+                    // The claims store's statement is a primary-key upsert and a probe of
+                    // `runs_by_job` per job, and planning was half its cost: generic plans
+                    // there, with sequential scans off so that no plan made while `runs`
+                    // is small reads it whole (its probe would, made on a table of a few
+                    // rows). The records store's statement likewise (see `connect_records`).
                     let mut setup = String::new();
                     match sessions {
-                        Sessions::Claims => setup.push_str("SET synchronous_commit = off;"),
+                        Sessions::Claims => setup
+                            .push_str("SET synchronous_commit = off; SET enable_seqscan = off;"),
                         Sessions::Records => {
                             setup.push_str("SET plan_cache_mode = force_generic_plan;")
                         }

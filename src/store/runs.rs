@@ -57,6 +57,11 @@ pub struct RunRecord {
     pub input: Option<serde_json::Value>,
     /// The W3C trace id of the run's trace, when it has one.
     pub trace_id: Option<String>,
+    /// The attempt ran without a claim (a first delivery's direct run). Its record writes
+    /// the job's claim row only if the job goes on (`retrying`): a job that ended this way
+    /// is known to have ended by its runs (see `CLAIM_SQL`). Not stored; false when read.
+    #[serde(skip)]
+    pub unclaimed: bool,
 }
 
 /// How much of a return value a run record keeps, as JSON.
@@ -150,11 +155,12 @@ impl Store {
                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[],
                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
                     $12::text[], $13::text[], $14::bool[], $15::bool[], $16::timestamptz[],
-                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[], $21::text[], $22::text[])
+                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[], $21::text[], $22::text[],
+                    $23::bool[])
                 AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                     status, failure_kind, failure_message, failure_stack, logs,
                     logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                    input_ref, result, input, trace_id)
+                    input_ref, result, input, trace_id, unclaimed)
              ), inserted AS (
                 INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
                     event_id, status, failure_kind, failure_message, failure_stack, logs,
@@ -169,14 +175,16 @@ impl Store {
                 RETURNING id, job_id, attempt
              ), released AS (
                 -- The record releases the attempt's claim in the same statement: a retried
-                -- attempt opens the next one, any other status ends the job.
+                -- attempt opens the next one, any other status ends the job. A job ended by
+                -- an attempt that held no claim gets no claim row: its runs say it ended.
                 INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
                     claimed_at, lease_until, first_claimed_at)
                 SELECT DISTINCT ON (job_id) job_id, tenant, attempt,
                     CASE WHEN status = 'retrying' THEN 'open' ELSE 'ended' END, '', started_at,
                     now(), started_at
                 -- A synchronous run (HTTP) was never claimed: nothing redelivers it.
-                FROM t WHERE trigger <> 'http' ORDER BY job_id, attempt DESC
+                FROM t WHERE trigger <> 'http' AND (NOT unclaimed OR status = 'retrying')
+                ORDER BY job_id, attempt DESC
                 ON CONFLICT (job_id) DO UPDATE SET
                     state = EXCLUDED.state, attempt = EXCLUDED.attempt, lease_until = now()
                 WHERE c.state <> 'ended' AND c.attempt <= EXCLUDED.attempt
@@ -205,6 +213,7 @@ impl Store {
                     &results,
                     &inputs,
                     &column!(trace_id as option),
+                    &column!(unclaimed),
                 ],
             )
             .await?;
@@ -489,6 +498,7 @@ fn stored_run(r: &tokio_postgres::Row) -> Result<StoredRun> {
             result: r.get(20),
             input: r.get(21),
             trace_id: r.get(22),
+            unclaimed: false,
         },
     })
 }
