@@ -171,12 +171,18 @@ async fn records_open_the_next_attempt_or_end_the_job() {
 async fn a_job_ended_by_a_run_without_a_claim_is_never_claimed() {
     let env = TestEnv::new().await;
     let store = &env.store;
-    store
+    // A batch in which no record writes a claim (the statement without the claims part)
+    // still answers each record's id.
+    let ids = store
         .insert_runs(&[
             unclaimed("ok", RunStatus::Ok),
             unclaimed("dead", RunStatus::DeadLettered),
-            unclaimed("again", RunStatus::Retrying),
         ])
+        .await
+        .unwrap();
+    assert!(ids[0] > 0 && ids[1] > 0 && ids[0] != ids[1], "{ids:?}");
+    store
+        .insert_runs(&[unclaimed("again", RunStatus::Retrying)])
         .await
         .unwrap();
     // The jobs it ended have no claim row: their runs say they ended.

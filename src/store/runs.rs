@@ -149,47 +149,16 @@ impl Store {
             .iter()
             .map(|r| r.input.as_ref().map(|v| v.to_string()))
             .collect();
+        // Most batches are first deliveries' runs that ended their jobs: no claim to write,
+        // and the statement without the claims part costs less per row (BENCHMARKS.md).
+        let statement = if records.iter().any(writes_claim) {
+            RECORD_AND_RELEASE
+        } else {
+            RECORD_ONLY
+        };
         let rows = self
             .all_tenants_query(
-                "WITH t AS (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[],
-                    $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                    $12::text[], $13::text[], $14::bool[], $15::bool[], $16::timestamptz[],
-                    $17::float8[], $18::timestamptz[], $19::text[], $20::text[], $21::text[], $22::text[],
-                    $23::bool[])
-                AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
-                    status, failure_kind, failure_message, failure_stack, logs,
-                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                    input_ref, result, input, trace_id, unclaimed)
-             ), inserted AS (
-                INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
-                    event_id, status, failure_kind, failure_message, failure_stack, logs,
-                    logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                    input_ref, result, input, trace_id)
-                SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger,
-                    t.subject, t.event_id, t.status, t.failure_kind, t.failure_message,
-                    t.failure_stack, t.logs::jsonb, t.logs_truncated, t.cold_start,
-                    t.started_at, t.duration_ms, t.scheduled_at, t.input_ref,
-                    t.result::jsonb, t.input::jsonb, t.trace_id
-                FROM t
-                RETURNING id, job_id, attempt
-             ), released AS (
-                -- The record releases the attempt's claim in the same statement: a retried
-                -- attempt opens the next one, any other status ends the job. A job ended by
-                -- an attempt that held no claim gets no claim row: its runs say it ended.
-                INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
-                    claimed_at, lease_until, first_claimed_at)
-                SELECT DISTINCT ON (job_id) job_id, tenant, attempt,
-                    CASE WHEN status = 'retrying' THEN 'open' ELSE 'ended' END, '', started_at,
-                    now(), started_at
-                -- A synchronous run (HTTP) was never claimed: nothing redelivers it.
-                FROM t WHERE trigger <> 'http' AND (NOT unclaimed OR status = 'retrying')
-                ORDER BY job_id, attempt DESC
-                ON CONFLICT (job_id) DO UPDATE SET
-                    state = EXCLUDED.state, attempt = EXCLUDED.attempt, lease_until = now()
-                WHERE c.state <> 'ended' AND c.attempt <= EXCLUDED.attempt
-             )
-             SELECT id, job_id, attempt FROM inserted",
+                statement,
                 &[
                     &column!(tenant as str),
                     &column!(script as str),
@@ -219,6 +188,72 @@ impl Store {
             .await?;
         Ok(in_order(records, &rows))
     }
+}
+
+/// The batch's rows, one per record, from the statement's 23 array parameters.
+macro_rules! record_rows {
+    () => {
+        "WITH t AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[],
+                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                $12::text[], $13::text[], $14::bool[], $15::bool[], $16::timestamptz[],
+                $17::float8[], $18::timestamptz[], $19::text[], $20::text[], $21::text[],
+                $22::text[], $23::bool[])
+            AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
+                status, failure_kind, failure_message, failure_stack, logs,
+                logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
+                input_ref, result, input, trace_id, unclaimed)
+         )"
+    };
+}
+
+/// The insert of the batch's rows into `runs`, returning what `in_order` reads.
+macro_rules! insert_runs {
+    () => {
+        "INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
+            event_id, status, failure_kind, failure_message, failure_stack, logs,
+            logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
+            input_ref, result, input, trace_id)
+         SELECT t.tenant, t.script, t.version, t.job_id, t.attempt, t.trigger,
+            t.subject, t.event_id, t.status, t.failure_kind, t.failure_message,
+            t.failure_stack, t.logs::jsonb, t.logs_truncated, t.cold_start,
+            t.started_at, t.duration_ms, t.scheduled_at, t.input_ref,
+            t.result::jsonb, t.input::jsonb, t.trace_id
+         FROM t
+         RETURNING id, job_id, attempt"
+    };
+}
+
+/// A batch of records, each releasing its attempt's claim in the same statement: a retried
+/// attempt opens the next one, any other status ends the job. A job ended by an attempt
+/// that held no claim gets no claim row: its runs say it ended (`writes_claim`).
+const RECORD_AND_RELEASE: &str = concat!(
+    record_rows!(),
+    ", inserted AS (",
+    insert_runs!(),
+    "), released AS (
+        INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
+            claimed_at, lease_until, first_claimed_at)
+        SELECT DISTINCT ON (job_id) job_id, tenant, attempt,
+            CASE WHEN status = 'retrying' THEN 'open' ELSE 'ended' END, '', started_at,
+            now(), started_at
+        -- A synchronous run (HTTP) was never claimed: nothing redelivers it.
+        FROM t WHERE trigger <> 'http' AND (NOT unclaimed OR status = 'retrying')
+        ORDER BY job_id, attempt DESC
+        ON CONFLICT (job_id) DO UPDATE SET
+            state = EXCLUDED.state, attempt = EXCLUDED.attempt, lease_until = now()
+        WHERE c.state <> 'ended' AND c.attempt <= EXCLUDED.attempt
+     )
+     SELECT id, job_id, attempt FROM inserted"
+);
+
+/// A batch of records none of which writes a claim.
+const RECORD_ONLY: &str = concat!(record_rows!(), " ", insert_runs!());
+
+/// Whether a record writes its job's claim (`RECORD_AND_RELEASE`'s `released`, which says
+/// the same in SQL).
+fn writes_claim(r: &RunRecord) -> bool {
+    r.trigger != Trigger::Http && (!r.unclaimed || r.status == RunStatus::Retrying)
 }
 
 /// The ids of `rows` (id, job id, attempt) in the order of `records`; 0 for one not found.
