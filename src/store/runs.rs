@@ -116,7 +116,8 @@ impl Store {
     }
 
     /// Inserts a batch of run records in one statement (so all or none of them are
-    /// committed; see `recorded_ids`), releasing their attempts' claims; their ids, in order.
+    /// committed; see `recorded_ids`), releasing the claims of the attempts that held one or
+    /// go on (`writes_claim`); their ids, in order.
     pub async fn insert_runs(&self, records: &[RunRecord]) -> Result<Vec<i64>> {
         if records.is_empty() {
             return Ok(Vec::new());
