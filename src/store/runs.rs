@@ -152,7 +152,8 @@ impl Store {
             .collect();
         // Most batches are first deliveries' runs that ended their jobs: no claim to write,
         // and the statement without the claims part costs less per row (BENCHMARKS.md).
-        let statement = if records.iter().any(writes_claim) {
+        let claims: Vec<bool> = records.iter().map(writes_claim).collect();
+        let statement = if claims.contains(&true) {
             RECORD_AND_RELEASE
         } else {
             RECORD_ONLY
@@ -183,7 +184,7 @@ impl Store {
                     &results,
                     &inputs,
                     &column!(trace_id as option),
-                    &column!(unclaimed),
+                    &claims,
                 ],
             )
             .await?;
@@ -203,7 +204,7 @@ macro_rules! record_rows {
             AS t(tenant, script, version, job_id, attempt, trigger, subject, event_id,
                 status, failure_kind, failure_message, failure_stack, logs,
                 logs_truncated, cold_start, started_at, duration_ms, scheduled_at,
-                input_ref, result, input, trace_id, unclaimed)
+                input_ref, result, input, trace_id, writes_claim)
          )"
     };
 }
@@ -227,7 +228,8 @@ macro_rules! insert_runs {
 
 /// A batch of records, each releasing its attempt's claim in the same statement: a retried
 /// attempt opens the next one, any other status ends the job. A job ended by an attempt
-/// that held no claim gets no claim row: its runs say it ended (`writes_claim`).
+/// that held no claim gets no claim row: its runs say it ended. Which records write one,
+/// `writes_claim` says (the 23rd parameter).
 const RECORD_AND_RELEASE: &str = concat!(
     record_rows!(),
     ", inserted AS (",
@@ -238,8 +240,7 @@ const RECORD_AND_RELEASE: &str = concat!(
         SELECT DISTINCT ON (job_id) job_id, tenant, attempt,
             CASE WHEN status = 'retrying' THEN 'open' ELSE 'ended' END, '', started_at,
             now(), started_at
-        -- A synchronous run (HTTP) was never claimed: nothing redelivers it.
-        FROM t WHERE trigger <> 'http' AND (NOT unclaimed OR status = 'retrying')
+        FROM t WHERE writes_claim
         ORDER BY job_id, attempt DESC
         ON CONFLICT (job_id) DO UPDATE SET
             state = EXCLUDED.state, attempt = EXCLUDED.attempt, lease_until = now()
@@ -251,8 +252,9 @@ const RECORD_AND_RELEASE: &str = concat!(
 /// A batch of records none of which writes a claim.
 const RECORD_ONLY: &str = concat!(record_rows!(), " ", insert_runs!());
 
-/// Whether a record writes its job's claim (`RECORD_AND_RELEASE`'s `released`, which says
-/// the same in SQL).
+/// Whether a record writes its job's claim in `RECORD_AND_RELEASE`: a synchronous run (HTTP)
+/// was never claimed and nothing redelivers it; a run without a claim that ended its job
+/// leaves the job's runs to say so.
 fn writes_claim(r: &RunRecord) -> bool {
     r.trigger != Trigger::Http && (!r.unclaimed || r.status == RunStatus::Retrying)
 }
