@@ -94,14 +94,29 @@ deno_core::extension!(
         super::ops::op_scriptd_fetch,
         super::ops::op_scriptd_secret,
     ],
-    esm_entry_point = "ext:scriptd/bootstrap.js",
-    esm = [dir "src/engine", "bootstrap.js"],
+    esm_entry_point = BOOTSTRAP,
 );
+
+/// The sandbox module's specifier.
+const BOOTSTRAP: &str = "ext:scriptd/bootstrap.js";
 
 /// The extension, for snapshot creation and for every runtime created from the snapshot
 /// (whose JavaScript is then not evaluated again).
+///
+/// The sandbox's source is compiled into the binary. (The `extension!` macro's `esm = [dir
+/// ...]` form records the file's path instead, to be read when a snapshot is built: here
+/// that is at run time, so a binary copied away from its source tree, as into a container
+/// image, could not build its snapshot, and a running daemon's new engine hosts read
+/// whatever the file held by then.)
 pub fn extensions() -> Vec<deno_core::Extension> {
-    vec![scriptd::init()]
+    let mut extension = scriptd::init();
+    extension.esm_files = std::borrow::Cow::Owned(vec![
+        deno_core::ExtensionFileSource::new_computed(
+            BOOTSTRAP,
+            std::sync::Arc::from(include_str!("bootstrap.js")),
+        ),
+    ]);
+    vec![extension]
 }
 
 /// The startup snapshot, built once per process on first use (tens of milliseconds).
@@ -127,6 +142,20 @@ pub fn snapshot() -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sandbox_source_is_compiled_in() {
+        for extension in extensions() {
+            let files = extension.esm_files.iter().chain(extension.js_files.iter());
+            for file in files {
+                assert!(
+                    file.is_runtime_loadable(),
+                    "{} would be read from the build machine's disk",
+                    file.specifier
+                );
+            }
+        }
+    }
 
     #[test]
     fn log_buffer_cuts_at_the_cap_with_a_marker() {
