@@ -120,6 +120,38 @@ async fn undefined_result_is_null() {
     assert_eq!(v, serde_json::Value::Null);
 }
 
+/// However a handler settles (a plain value, a promise settled at once or after microtasks,
+/// a thenable), its value is the run's result; a result whose reading throws something
+/// unreadable fails the run as not serialisable, not as a fault of the engine.
+#[tokio::test]
+async fn every_way_a_handler_settles_gives_its_value() {
+    let engine = engine();
+    for (source, expected) in [
+        ("export default () => 1", json!(1)),
+        ("export default async () => 2", json!(2)),
+        (
+            "export default async () => { await null; await null; return 3; }",
+            json!(3),
+        ),
+        (
+            "export default () => ({ then(resolve) { resolve(4); } })",
+            json!(4),
+        ),
+        ("export default () => Promise.resolve(5)", json!(5)),
+    ] {
+        let v = value(engine.run(run(source, json!({}))).await);
+        assert_eq!(v, expected, "{source}");
+    }
+    let hostile =
+        "export default async () => ({ get x() { throw { get message() { throw 1; } }; } })";
+    let f = engine
+        .run(run(hostile, json!({})))
+        .await
+        .outcome
+        .unwrap_err();
+    assert_eq!(f.kind, FailureKind::ResultNotSerialisable, "{}", f.message);
+}
+
 #[tokio::test]
 async fn thrown_errors_carry_message_and_stack() {
     let engine = engine();

@@ -20,6 +20,7 @@ const { freeze, keys } = Object;
 const SetCtor = Set;
 const { stringify, parse } = JSON;
 const { isArray } = Array;
+const promiseReject = Promise.reject.bind(Promise);
 const StringCtor = String;
 const ErrorCtor = Error;
 const TypeErrorCtor = TypeError;
@@ -254,23 +255,49 @@ function makeCtx(tenant, script, version, attempt) {
   });
 }
 
-// Runs one handler. User exceptions propagate (the host classifies them); a result the host
-// refuses is reported as `{ error: [kind, message] }`.
-async function invoke(handler, eventJson, tenant, script, version, attempt, resultLimit) {
-  const value = await handler(parse(eventJson), makeCtx(tenant, script, version, attempt));
+// Calls the handler. What it returns (from an async handler, a promise, usually settled
+// already) goes back to the host, which takes a settled value through `finish` at once and
+// leaves anything else to `settle`. A handler that throws at once is treated as one whose
+// promise rejects.
+function start(handler, eventJson, tenant, script, version, attempt) {
+  try {
+    return handler(parse(eventJson), makeCtx(tenant, script, version, attempt));
+  } catch (e) {
+    return promiseReject(e);
+  }
+}
+
+// Waits for what the handler returned, then as `finish`. User exceptions propagate (the host
+// classifies them).
+async function settle(returned, resultLimit) {
+  return finish(await returned, resultLimit);
+}
+
+// What an exception thrown while reading a result says, whatever it is.
+function messageOf(e) {
+  try {
+    return `${e?.message ?? e}`;
+  } catch {
+    return "an exception whose message cannot be read";
+  }
+}
+
+// The handler's value as the host takes it: `{ json }`, or `{ error: [kind, message] }` for a
+// result the host refuses.
+function finish(value, resultLimit) {
   if (value === undefined) return { json: "null" };
   try {
     if (exceedsBudget(value, resultLimit)) {
       return { error: ["result_too_large", `the return value is larger than ${resultLimit} bytes as JSON`] };
     }
   } catch (e) {
-    return { error: ["result_not_serialisable", `the return value is not JSON-serialisable: ${e?.message ?? e}`] };
+    return { error: ["result_not_serialisable", `the return value is not JSON-serialisable: ${messageOf(e)}`] };
   }
   let json;
   try {
     json = stringify(value);
   } catch (e) {
-    return { error: ["result_not_serialisable", `the return value is not JSON-serialisable: ${e.message}`] };
+    return { error: ["result_not_serialisable", `the return value is not JSON-serialisable: ${messageOf(e)}`] };
   }
   return { json: json ?? "null" };
 }
@@ -322,7 +349,7 @@ function seal() {
       configurable: true,
     });
   }
-  return { invoke, handlerOf };
+  return { start, settle, finish, handlerOf };
 }
 
 globalThis.__scriptd_seal = seal;

@@ -43,18 +43,23 @@ const MEMORY_REFRESH_RUNS: u64 = 256;
 
 /// The host functions the sealed bootstrap hands over.
 struct Host {
-    invoke: v8::Global<v8::Function>,
+    start: v8::Global<v8::Function>,
+    settle: v8::Global<v8::Function>,
+    finish: v8::Global<v8::Function>,
     handler_of: v8::Global<v8::Function>,
 }
 
-/// What calling the sandbox's `invoke` gave at once.
+/// What calling the handler (`call`) gave at once.
 enum Called {
-    /// Its promise was fulfilled with this value.
+    /// The handler settled: the run's output (`{ json }` or `{ error }`).
     Fulfilled(v8::Global<v8::Value>),
-    /// Its promise, pending or rejected: the event loop settles it.
+    /// The promise of the run's output, pending or rejected: the event loop settles it.
     Pending(v8::Global<v8::Value>),
-    /// The call threw (a termination: `invoke` is async and rejects instead of throwing).
+    /// A call threw: a termination (the sandbox's functions catch exceptions or turn them into
+    /// rejections).
     Threw,
+    /// The input could not be made a string of the engine.
+    TooLarge,
 }
 
 #[derive(Deserialize)]
@@ -196,32 +201,7 @@ impl ScriptIsolate {
         let Some(handler) = &self.handler else {
             return Err(engine_failure("no script is loaded in this isolate".into()));
         };
-        let args = {
-            deno_core::scope!(scope, &mut self.runtime);
-            let handler = v8::Local::new(scope, handler);
-            let event = v8::String::new(scope, run.input.get());
-            let tenant = v8::String::new(scope, &run.tenant);
-            let script = v8::String::new(scope, &run.script);
-            let version = v8::Number::new(scope, f64::from(run.version.get()));
-            let attempt = v8::Number::new(scope, f64::from(run.attempt));
-            let limit = v8::Number::new(scope, run.limits.result.0 as f64);
-            let (Some(event), Some(tenant), Some(script)) = (event, tenant, script) else {
-                return Err(engine_failure(
-                    "the input is too large to pass to the engine".into(),
-                ));
-            };
-            let locals: [v8::Local<v8::Value>; 7] = [
-                handler.into(),
-                event.into(),
-                tenant.into(),
-                script.into(),
-                version.into(),
-                attempt.into(),
-                limit.into(),
-            ];
-            locals.map(|v| v8::Global::new(scope, v))
-        };
-        let value = match self.call_invoke(&args) {
+        let value = match call(&mut self.runtime, &self.host, handler, run) {
             Called::Fulfilled(value) => {
                 // What the handler left behind (a promise rejected with no handler) fails
                 // the run, as it does when the event loop settles the handler's promise.
@@ -246,8 +226,13 @@ impl ScriptIsolate {
             }
             Called::Threw => {
                 return Err(tripped(&self.guard, run).unwrap_or_else(|| {
-                    engine_failure("the sandbox's invoke threw outside its promise".into())
+                    engine_failure("the sandbox's call threw outside the handler's promise".into())
                 }))
+            }
+            Called::TooLarge => {
+                return Err(engine_failure(
+                    "the input is too large to pass to the engine".into(),
+                ))
             }
         };
         let output: InvokeOutput = {
@@ -280,31 +265,6 @@ impl ScriptIsolate {
         })
     }
 
-    /// Calls the sandbox's `invoke` and runs the microtasks. A handler that awaits nothing
-    /// outside the isolate has settled by then: its value is taken here, without deno_core's
-    /// promise watch, which makes two functions per call (~16 000 of a warm trivial run's
-    /// ~115 000 instructions on the offline engine). A promise still pending, or rejected,
-    /// is left to the event loop, which settles it and reports its rejection as before.
-    fn call_invoke(&mut self, args: &[v8::Global<v8::Value>; 7]) -> Called {
-        deno_core::scope!(scope, &mut self.runtime);
-        v8::tc_scope!(let scope, scope);
-        let invoke = v8::Local::new(scope, &self.host.invoke);
-        let locals = args.each_ref().map(|a| v8::Local::new(scope, a));
-        let undefined = v8::undefined(scope).into();
-        let Some(returned) = invoke.call(scope, undefined, &locals) else {
-            return Called::Threw;
-        };
-        let Ok(promise) = v8::Local::<v8::Promise>::try_from(returned) else {
-            return Called::Fulfilled(v8::Global::new(scope, returned));
-        };
-        scope.perform_microtask_checkpoint();
-        if promise.state() == v8::PromiseState::Fulfilled && !scope.is_execution_terminating() {
-            let value = promise.result(scope);
-            return Called::Fulfilled(v8::Global::new(scope, value));
-        }
-        Called::Pending(v8::Global::new(scope, returned))
-    }
-
     /// JavaScript heap in use plus ArrayBuffer contents, for the warm pool's budget. The
     /// heap figure is measured after the first run and then every few runs.
     pub fn memory_used(&mut self) -> usize {
@@ -316,6 +276,63 @@ impl ScriptIsolate {
                 .used_heap_size();
         }
         self.memory + self.guard.buffers_used()
+    }
+}
+
+/// Calls the run's handler through the sandbox. A handler that awaits nothing outside the
+/// isolate has settled by the time its call returns, or once the microtasks have run: its
+/// value is then turned into the run's output at once (`finish`), with no promise of the
+/// sandbox's own to wait for and no promise watch of deno_core's (which makes two functions
+/// per call). A promise still pending, or rejected, goes to `settle`, whose promise the event
+/// loop settles and whose rejection it reports, as the handler's own.
+fn call(
+    runtime: &mut JsRuntime,
+    host: &Host,
+    handler: &v8::Global<v8::Function>,
+    run: &ScriptRun,
+) -> Called {
+    deno_core::scope!(scope, runtime);
+    v8::tc_scope!(let scope, scope);
+    let handler = v8::Local::new(scope, handler);
+    let event = v8::String::new(scope, run.input.get());
+    let tenant = v8::String::new(scope, &run.tenant);
+    let script = v8::String::new(scope, &run.script);
+    let (Some(event), Some(tenant), Some(script)) = (event, tenant, script) else {
+        return Called::TooLarge;
+    };
+    let version = v8::Number::new(scope, f64::from(run.version.get()));
+    let attempt = v8::Number::new(scope, f64::from(run.attempt));
+    let limit = v8::Number::new(scope, run.limits.result.0 as f64).into();
+    let undefined = v8::undefined(scope).into();
+    let start = v8::Local::new(scope, &host.start);
+    let args = [
+        handler.into(),
+        event.into(),
+        tenant.into(),
+        script.into(),
+        version.into(),
+        attempt.into(),
+    ];
+    let Some(returned) = start.call(scope, undefined, &args) else {
+        return Called::Threw;
+    };
+    if let Ok(promise) = v8::Local::<v8::Promise>::try_from(returned) {
+        if promise.state() == v8::PromiseState::Pending {
+            scope.perform_microtask_checkpoint();
+        }
+        if promise.state() == v8::PromiseState::Fulfilled && !scope.is_execution_terminating() {
+            let value = promise.result(scope);
+            let finish = v8::Local::new(scope, &host.finish);
+            return match finish.call(scope, undefined, &[value, limit]) {
+                Some(output) => Called::Fulfilled(v8::Global::new(scope, output)),
+                None => Called::Threw,
+            };
+        }
+    }
+    let settle = v8::Local::new(scope, &host.settle);
+    match settle.call(scope, undefined, &[returned, limit]) {
+        Some(settled) => Called::Pending(v8::Global::new(scope, settled)),
+        None => Called::Threw,
     }
 }
 
@@ -351,7 +368,9 @@ fn seal(runtime: &mut JsRuntime) -> Result<Host, String> {
         Ok(v8::Global::new(scope, f))
     };
     Ok(Host {
-        invoke: function("invoke")?,
+        start: function("start")?,
+        settle: function("settle")?,
+        finish: function("finish")?,
         handler_of: function("handlerOf")?,
     })
 }

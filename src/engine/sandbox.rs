@@ -110,12 +110,11 @@ const BOOTSTRAP: &str = "ext:scriptd/bootstrap.js";
 /// whatever the file held by then.)
 pub fn extensions() -> Vec<deno_core::Extension> {
     let mut extension = scriptd::init();
-    extension.esm_files = std::borrow::Cow::Owned(vec![
-        deno_core::ExtensionFileSource::new_computed(
+    extension.esm_files =
+        std::borrow::Cow::Owned(vec![deno_core::ExtensionFileSource::new_computed(
             BOOTSTRAP,
             std::sync::Arc::from(include_str!("bootstrap.js")),
-        ),
-    ]);
+        )]);
     vec![extension]
 }
 
