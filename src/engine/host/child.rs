@@ -151,7 +151,7 @@ async fn serve() -> anyhow::Result<()> {
                     let _ = out.send(FromHost::Done {
                         id,
                         result: result.into(),
-                        stats: engine.stats(),
+                        stats: engine.stats().into(),
                     });
                     continue;
                 };
@@ -172,7 +172,7 @@ async fn serve() -> anyhow::Result<()> {
                     let _ = out.send(FromHost::Done {
                         id,
                         result: result.into(),
-                        stats: engine.stats(),
+                        stats: engine.stats().into(),
                     });
                     if in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
                         drained.notify_one();

@@ -188,7 +188,7 @@ async fn run_host(
                 // such a host is replaced at once.
                 let engine_fault =
                     matches!(&result.outcome, Err(f) if f.kind == FailureKind::Engine);
-                host.finish(id, result.into(), stats);
+                host.finish(id, result.into(), stats.into());
                 recycle_if_due(&shared, slot, &host, engine_fault);
                 shared.room.notify_waiters();
             }

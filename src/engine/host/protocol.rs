@@ -85,7 +85,7 @@ pub enum FromHost {
     Done {
         id: u64,
         result: WireResult,
-        stats: StatsSnapshot,
+        stats: WireStats,
     },
     /// A script API call of the run of `job`; the daemon acts as that run's tenant.
     Cap {
@@ -179,8 +179,10 @@ impl WireRun {
 }
 
 /// A run's limits as plain numbers. Their configuration form (`"5s"`, `"64MiB"`) cost a
-/// formatted string each on the way out and a parse each on the way in, on every run.
+/// formatted string each on the way out and a parse each on the way in, on every run. They
+/// cross as an array in field order: named, their keys were most of their cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "[u64; 6]", from = "[u64; 6]")]
 pub struct WireLimits {
     timeout_us: u64,
     heap: u64,
@@ -200,6 +202,74 @@ impl From<Limits> for WireLimits {
             result: l.result.0,
             logs: l.logs.0,
             cpu_time_us: micros(l.cpu_time),
+        }
+    }
+}
+
+impl From<WireLimits> for [u64; 6] {
+    fn from(w: WireLimits) -> Self {
+        [
+            w.timeout_us,
+            w.heap,
+            w.source,
+            w.result,
+            w.logs,
+            w.cpu_time_us,
+        ]
+    }
+}
+
+impl From<[u64; 6]> for WireLimits {
+    fn from([timeout_us, heap, source, result, logs, cpu_time_us]: [u64; 6]) -> Self {
+        WireLimits {
+            timeout_us,
+            heap,
+            source,
+            result,
+            logs,
+            cpu_time_us,
+        }
+    }
+}
+
+/// The engine's counters as every result carries them: an array in `StatsSnapshot`'s field
+/// order. Named, they were ten of a result frame's ~25 keys, and decoding the frames was
+/// the largest single cost of a run in the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireStats([u64; 10]);
+
+impl From<StatsSnapshot> for WireStats {
+    fn from(s: StatsSnapshot) -> Self {
+        WireStats([
+            s.runs,
+            s.cold_starts,
+            s.warm_hits,
+            s.evictions,
+            s.discarded,
+            s.warm_isolates,
+            s.in_flight,
+            s.host_recycles,
+            s.host_crashes,
+            s.host_kills,
+        ])
+    }
+}
+
+impl From<WireStats> for StatsSnapshot {
+    fn from(WireStats(s): WireStats) -> Self {
+        let [runs, cold_starts, warm_hits, evictions, discarded, warm_isolates, in_flight, host_recycles, host_crashes, host_kills] =
+            s;
+        StatsSnapshot {
+            runs,
+            cold_starts,
+            warm_hits,
+            evictions,
+            discarded,
+            warm_isolates,
+            in_flight,
+            host_recycles,
+            host_crashes,
+            host_kills,
         }
     }
 }
@@ -296,5 +366,25 @@ mod tests {
             (back.heap, back.source, back.result, back.logs),
             (limits.heap, limits.source, limits.result, limits.logs)
         );
+    }
+
+    #[test]
+    fn counters_cross_the_socket_unchanged() {
+        let stats = StatsSnapshot {
+            runs: 1,
+            cold_starts: 2,
+            warm_hits: 3,
+            evictions: 4,
+            discarded: 5,
+            warm_isolates: 6,
+            in_flight: 7,
+            host_recycles: 8,
+            host_crashes: 9,
+            host_kills: 10,
+        };
+        let wire = serde_json::to_string(&WireStats::from(stats)).unwrap();
+        assert_eq!(wire, "[1,2,3,4,5,6,7,8,9,10]");
+        let back: WireStats = serde_json::from_str(&wire).unwrap();
+        assert_eq!(StatsSnapshot::from(back), stats);
     }
 }
