@@ -95,7 +95,11 @@ pub enum FromHost {
     },
 }
 
-#[derive(Serialize, Deserialize)]
+/// A run as its frame carries it: an array in field order (`source` null and `forget`
+/// empty when there is nothing to say), since the names were most of what encoding and
+/// decoding a frame cost.
+#[derive(Deserialize)]
+#[serde(from = "WireRunFields")]
 pub struct WireRun {
     /// The tenant whose script runs.
     pub tenant: String,
@@ -106,10 +110,8 @@ pub struct WireRun {
     /// The number the host knows the version's source by (see `sources`).
     pub source_id: u64,
     /// The source's text, when the host does not hold it yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// Sources the host drops before it takes this one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forget: Vec<u64>,
     /// The event given to the handler, as JSON text.
     pub input: Box<RawValue>,
@@ -123,6 +125,75 @@ pub struct WireRun {
     pub traceparent: Option<String>,
     /// How many script publishes led to the run's event.
     pub depth: u32,
+}
+
+/// `WireRun`'s fields in order, as they cross.
+type WireRunFields = (
+    String,
+    String,
+    Version,
+    u64,
+    Option<String>,
+    Vec<u64>,
+    Box<RawValue>,
+    u32,
+    WireLimits,
+    String,
+    Option<String>,
+    u32,
+);
+
+impl From<WireRunFields> for WireRun {
+    fn from(f: WireRunFields) -> Self {
+        let (
+            tenant,
+            script,
+            version,
+            source_id,
+            source,
+            forget,
+            input,
+            attempt,
+            limits,
+            job,
+            traceparent,
+            depth,
+        ) = f;
+        WireRun {
+            tenant,
+            script,
+            version,
+            source_id,
+            source,
+            forget,
+            input,
+            attempt,
+            limits,
+            job,
+            traceparent,
+            depth,
+        }
+    }
+}
+
+impl Serialize for WireRun {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (
+            &self.tenant,
+            &self.script,
+            &self.version,
+            self.source_id,
+            &self.source,
+            &self.forget,
+            &self.input,
+            self.attempt,
+            &self.limits,
+            &self.job,
+            &self.traceparent,
+            self.depth,
+        )
+            .serialize(serializer)
+    }
 }
 
 impl WireRun {
@@ -287,7 +358,9 @@ impl From<WireLimits> for Limits {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// A run's result as its frame carries it: an array in field order, as `WireRun`.
+#[derive(Deserialize)]
+#[serde(from = "WireResultFields")]
 pub struct WireResult {
     /// The handler's return value as JSON, or why there is none.
     pub outcome: Result<serde_json::Value, Failure>,
@@ -299,6 +372,40 @@ pub struct WireResult {
     pub duration_us: u64,
     /// Whether a new isolate was created for the run.
     pub cold_start: bool,
+}
+
+/// `WireResult`'s fields in order, as they cross.
+type WireResultFields = (
+    Result<serde_json::Value, Failure>,
+    Vec<LogLine>,
+    bool,
+    u64,
+    bool,
+);
+
+impl From<WireResultFields> for WireResult {
+    fn from((outcome, logs, logs_truncated, duration_us, cold_start): WireResultFields) -> Self {
+        WireResult {
+            outcome,
+            logs,
+            logs_truncated,
+            duration_us,
+            cold_start,
+        }
+    }
+}
+
+impl Serialize for WireResult {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (
+            &self.outcome,
+            &self.logs,
+            self.logs_truncated,
+            self.duration_us,
+            self.cold_start,
+        )
+            .serialize(serializer)
+    }
 }
 
 impl From<RunResult> for WireResult {
@@ -366,6 +473,95 @@ mod tests {
             (back.heap, back.source, back.result, back.logs),
             (limits.heap, limits.source, limits.result, limits.logs)
         );
+    }
+
+    /// The fields of a run frame, comparable.
+    fn fields(r: &WireRun) -> String {
+        format!(
+            "{} {} {} {} {:?} {:?} {} {} {:?} {} {:?} {}",
+            r.tenant,
+            r.script,
+            r.version.get(),
+            r.source_id,
+            r.source,
+            r.forget,
+            r.input.get(),
+            r.attempt,
+            r.limits,
+            r.job,
+            r.traceparent,
+            r.depth
+        )
+    }
+
+    #[test]
+    fn runs_and_results_cross_the_socket_unchanged() {
+        let run = |source: Option<&str>, forget: Vec<u64>, traceparent: Option<&str>| WireRun {
+            tenant: "acme".into(),
+            script: "orders".into(),
+            version: Version::new(3),
+            source_id: 7,
+            source: source.map(Into::into),
+            forget,
+            input: RawValue::from_string(r#"{"n":[1,"two"]}"#.into()).unwrap(),
+            attempt: 2,
+            limits: WireLimits::from(Limits::default()),
+            job: "ev-S-1-9".into(),
+            traceparent: traceparent.map(Into::into),
+            depth: 1,
+        };
+        for sent in [
+            run(Some("export default () => 1"), vec![3, 4], Some("00-ab-01")),
+            run(None, vec![], None),
+        ] {
+            let expected = fields(&sent);
+            let frame = serde_json::to_vec(&ToHost::Run {
+                id: 11,
+                run: sent,
+                validate_only: true,
+            })
+            .unwrap();
+            let Ok(ToHost::Run {
+                id,
+                run: got,
+                validate_only,
+            }) = serde_json::from_slice(&frame)
+            else {
+                panic!("not a run frame: {}", String::from_utf8_lossy(&frame));
+            };
+            assert_eq!((id, validate_only), (11, true));
+            assert_eq!(fields(&got), expected);
+        }
+
+        let log = LogLine {
+            level: "warn".into(),
+            message: "careful".into(),
+        };
+        for outcome in [
+            Ok(serde_json::json!({ "total": 42, "items": [1, 2] })),
+            Err(Failure {
+                kind: crate::engine::FailureKind::Timeout,
+                message: "too slow".into(),
+                stack: Some("at x".into()),
+                retryable: true,
+            }),
+        ] {
+            let sent = WireResult {
+                outcome,
+                logs: vec![log.clone()],
+                logs_truncated: true,
+                duration_us: 1234,
+                cold_start: true,
+            };
+            let frame = serde_json::to_vec(&sent).unwrap();
+            let got: WireResult = serde_json::from_slice(&frame).unwrap();
+            assert_eq!(got.outcome, sent.outcome);
+            assert_eq!(got.logs, sent.logs);
+            assert_eq!(
+                (got.logs_truncated, got.duration_us, got.cold_start),
+                (true, 1234, true)
+            );
+        }
     }
 
     #[test]
