@@ -384,3 +384,67 @@ async fn a_direct_run_cut_off_at_the_end_of_the_grace_period_comes_back_after_th
     daemon.shutdown().await;
     env.cleanup().await;
 }
+
+/// PostgreSQL stores no NUL character in text or jsonb. A script that puts one in its
+/// result, its logs or its error message still has its run recorded (the character kept
+/// as U+FFFD), and the other runs written in the same batch are not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_a_run_leaves_are_recorded_without_harm() {
+    let env = TestEnv::new().await;
+    let scripts = [
+        (
+            "nul-result",
+            r#"export default () => ({ "k\u0000": "a\u0000b" })"#,
+        ),
+        (
+            "nul-log",
+            r#"export default () => { console.log("x\u0000y"); return 1; }"#,
+        ),
+        (
+            "nul-throw",
+            r#"export default () => { throw new Error("e\u0000f"); }"#,
+        ),
+        ("fine", "export default () => 2"),
+    ];
+    for (name, source) in scripts {
+        env.deploy("acme", name, source, &[name]).await;
+    }
+    let daemon = env.start_daemon();
+    for (name, _) in scripts {
+        env.publish("acme", name, "{}").await;
+    }
+    let runs = env
+        .wait_for_runs(WAIT, |runs| {
+            scripts
+                .iter()
+                .all(|(name, _)| runs.iter().any(|r| r.script == *name))
+        })
+        .await;
+    let of = |name: &str| runs.iter().find(|r| r.script == name).unwrap();
+    assert_eq!(of("fine").status, "ok");
+    assert_eq!(of("nul-result").status, "ok");
+    assert_eq!(of("nul-log").status, "ok");
+    assert_eq!(of("nul-log").logs[0]["message"], "x\u{fffd}y");
+    let thrown = of("nul-throw");
+    assert_eq!(thrown.failure_kind.as_deref(), Some("exception"));
+    assert!(
+        thrown
+            .failure_message
+            .as_deref()
+            .unwrap()
+            .contains("e\u{fffd}f"),
+        "{:?}",
+        thrown.failure_message
+    );
+    let client = scriptd::store::connect_direct(&env.settings.database.url)
+        .await
+        .unwrap();
+    let result: serde_json::Value = client
+        .query_one("SELECT result FROM runs WHERE script = 'nul-result'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(result, serde_json::json!({ "k\u{fffd}": "a\u{fffd}b" }));
+    daemon.shutdown().await;
+    env.cleanup().await;
+}

@@ -140,15 +140,22 @@ impl Store {
                     .map(|r| r.$field.as_deref())
                     .collect::<Vec<_>>()
             };
+            // Text a script or a publisher wrote: it may hold NUL characters.
+            ($field:ident as untrusted) => {
+                records
+                    .iter()
+                    .map(|r| r.$field.as_deref().map(storable))
+                    .collect::<Vec<_>>()
+            };
         }
-        let logs: Vec<String> = records.iter().map(|r| r.logs.to_string()).collect();
+        let logs: Vec<String> = records.iter().map(|r| storable_json(&r.logs)).collect();
         let results: Vec<Option<String>> = records
             .iter()
-            .map(|r| r.result.as_ref().map(|v| v.to_string()))
+            .map(|r| r.result.as_ref().map(storable_json))
             .collect();
         let inputs: Vec<Option<String>> = records
             .iter()
-            .map(|r| r.input.as_ref().map(|v| v.to_string()))
+            .map(|r| r.input.as_ref().map(storable_json))
             .collect();
         // Most batches are first deliveries' runs that ended their jobs: no claim to write,
         // and the statement without the claims part costs less per row (BENCHMARKS.md).
@@ -168,12 +175,12 @@ impl Store {
                     &column!(job_id as str),
                     &column!(attempt),
                     &column!(trigger as str),
-                    &column!(subject as option),
-                    &column!(event_id as option),
+                    &column!(subject as untrusted),
+                    &column!(event_id as untrusted),
                     &column!(status as str),
                     &column!(failure_kind as option),
-                    &column!(failure_message as option),
-                    &column!(failure_stack as option),
+                    &column!(failure_message as untrusted),
+                    &column!(failure_stack as untrusted),
                     &logs,
                     &column!(logs_truncated),
                     &column!(cold_start),
@@ -183,13 +190,48 @@ impl Store {
                     &column!(input_ref as option),
                     &results,
                     &inputs,
-                    &column!(trace_id as option),
+                    &column!(trace_id as untrusted),
                     &claims,
                 ],
             )
             .await?;
         Ok(in_order(records, &rows))
     }
+}
+
+/// `text` as PostgreSQL can store it: it takes no NUL character (U+0000) in text or jsonb,
+/// and one such value would fail its whole batch of records, again on every try. A record
+/// keeps U+FFFD in its place.
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// `value` written as JSON that PostgreSQL can store (see `storable`).
+fn storable_json(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    // serde_json writes U+0000 as this escape; a false alarm (an escaped backslash before
+    // `u0000`) only costs the walk.
+    if !text.contains("\\u0000") {
+        return text;
+    }
+    fn clean(value: &serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => Value::String(storable(s).into_owned()),
+            Value::Array(items) => Value::Array(items.iter().map(clean).collect()),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (storable(k).into_owned(), clean(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    clean(value).to_string()
 }
 
 /// The batch's rows, one per record, from the statement's 23 array parameters.
