@@ -189,6 +189,24 @@ async fn unbounded_recursion_is_an_exception(mode: Mode) {
     assert!(f.message.contains("call stack"), "{}", f.message);
 }
 
+async fn a_huge_error_message_is_cut(mode: Mode) {
+    let f = expect_failure(
+        mode,
+        "export default function () { throw new Error('é'.repeat(1024 * 1024)); }",
+        FailureKind::Exception,
+        |_| {},
+    )
+    .await;
+    assert!(f.message.len() < 9 * 1024, "{} bytes", f.message.len());
+    assert!(
+        f.message.ends_with("more bytes cut]"),
+        "{}",
+        &f.message[..80]
+    );
+    let stack = f.stack.unwrap_or_default();
+    assert!(stack.len() < 17 * 1024, "{} bytes", stack.len());
+}
+
 async fn fifty_mib_return_value_is_refused(mode: Mode) {
     let f = expect_failure(
         mode,
@@ -463,6 +481,7 @@ in_both_modes!(
     many_array_buffers_hit_the_heap_limit_even_when_caught,
     unbounded_recursion_is_an_exception,
     fifty_mib_return_value_is_refused,
+    a_huge_error_message_is_cut,
     syntax_error_is_reported_with_its_location,
     module_without_default_export_has_no_handler,
     host_apis_are_absent,
