@@ -20,6 +20,17 @@ pub enum BatchError {
     Stopped(&'static str),
 }
 
+impl BatchError {
+    /// Whether PostgreSQL refused a value of the batch (SQLSTATE class 22, data exception).
+    pub fn refused_a_value(&self) -> bool {
+        matches!(self, BatchError::Store(e) if e.code().is_some_and(is_data_exception))
+    }
+}
+
+fn is_data_exception(code: &tokio_postgres::error::SqlState) -> bool {
+    code.code().starts_with("22")
+}
+
 impl From<StoreError> for BatchError {
     fn from(e: StoreError) -> BatchError {
         BatchError::Store(Arc::new(e))
@@ -56,6 +67,22 @@ impl RecordWriter {
             async move {
                 match insert_with_retries(&store, &inserts, &records).await {
                     Ok(ids) => ids.into_iter().map(Ok).collect(),
+                    // A value PostgreSQL will not store fails the statement, so the whole
+                    // batch: each record then goes alone, and only the one holding such a
+                    // value fails (its message comes back), not the runs beside it.
+                    Err(e) if records.len() > 1 && e.refused_a_value() => {
+                        tracing::warn!(records = records.len(), error = %e, "A record batch held a value PostgreSQL refused; writing its records one by one.");
+                        let mut answers = Vec::with_capacity(records.len());
+                        for record in &records {
+                            let one = std::slice::from_ref(record);
+                            answers.push(
+                                insert_with_retries(&store, &inserts, one)
+                                    .await
+                                    .map(|ids| ids[0]),
+                            );
+                        }
+                        answers
+                    }
                     Err(e) => vec![Err(e); records.len()],
                 }
             }
@@ -88,6 +115,8 @@ async fn insert_with_retries(
         }
         match inserts.insert_runs(records).await {
             Ok(ids) => return Ok(ids),
+            // The same values would be refused again.
+            Err(e) if e.code().is_some_and(is_data_exception) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(records = records.len(), attempt, error = %e, "Writing run records failed.");
                 last = e.into();
