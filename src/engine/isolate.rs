@@ -474,19 +474,16 @@ fn engine_failure(message: String) -> Failure {
 /// The most of a failure's message and of its stack a run keeps, in bytes. A script decides
 /// what it throws: a many-megabyte message would otherwise travel into every record of the
 /// attempt, the dead letter (past NATS's payload limit) and the API.
-pub const FAILURE_MESSAGE_KEPT: usize = 8 * 1024;
+const FAILURE_MESSAGE_KEPT: usize = 8 * 1024;
 /// See `FAILURE_MESSAGE_KEPT`.
-pub const FAILURE_STACK_KEPT: usize = 16 * 1024;
+const FAILURE_STACK_KEPT: usize = 16 * 1024;
 
-/// `text` up to `kept` bytes (cut at a character boundary), saying how much was cut.
-fn kept(mut text: String, kept: usize) -> String {
-    if text.len() <= kept {
+/// `text` up to `max` bytes (cut at a character boundary), saying how much was cut.
+fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() <= max {
         return text;
     }
-    let mut end = kept;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = sandbox::char_floor(&text, max);
     let cut = text.len() - end;
     text.truncate(end);
     text.push_str(&format!(" … [{cut} more bytes cut]"));
@@ -496,8 +493,8 @@ fn kept(mut text: String, kept: usize) -> String {
 pub fn failure(kind: FailureKind, message: String, stack: Option<String>) -> Failure {
     Failure {
         kind,
-        message: kept(message, FAILURE_MESSAGE_KEPT),
-        stack: stack.map(|s| kept(s, FAILURE_STACK_KEPT)),
+        message: cut_to(message, FAILURE_MESSAGE_KEPT),
+        stack: stack.map(|s| cut_to(s, FAILURE_STACK_KEPT)),
         // The operator's limit settings are applied by the engine before returning.
         retryable: kind.retryable(crate::engine::failure::Retried::ALL),
     }

@@ -15,6 +15,15 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// The largest character boundary of `text` at or below `at` (`text.len()` past its end).
+pub(crate) fn char_floor(text: &str, at: usize) -> usize {
+    let mut end = at.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
 /// The console output of the run in progress, capped at a byte budget. Lives in the
 /// isolate's `OpState`, replaced at the start of every run.
 #[derive(Debug, Default)]
@@ -44,10 +53,7 @@ impl LogBuffer {
         let kept = if message.len() <= room {
             message
         } else {
-            let mut end = room;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
+            let end = char_floor(message, room);
             self.dropped_lines += 1;
             self.dropped_bytes += message.len() - end;
             &message[..end]

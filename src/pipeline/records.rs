@@ -21,14 +21,10 @@ pub enum BatchError {
 }
 
 impl BatchError {
-    /// Whether PostgreSQL refused a value of the batch (SQLSTATE class 22, data exception).
+    /// Whether PostgreSQL refused a value of the batch (`StoreError::refused_a_value`).
     pub fn refused_a_value(&self) -> bool {
-        matches!(self, BatchError::Store(e) if e.code().is_some_and(is_data_exception))
+        matches!(self, BatchError::Store(e) if e.refused_a_value())
     }
-}
-
-fn is_data_exception(code: &tokio_postgres::error::SqlState) -> bool {
-    code.code().starts_with("22")
 }
 
 impl From<StoreError> for BatchError {
@@ -116,7 +112,7 @@ async fn insert_with_retries(
         match inserts.insert_runs(records).await {
             Ok(ids) => return Ok(ids),
             // The same values would be refused again.
-            Err(e) if e.code().is_some_and(is_data_exception) => return Err(e.into()),
+            Err(e) if e.refused_a_value() => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(records = records.len(), attempt, error = %e, "Writing run records failed.");
                 last = e.into();

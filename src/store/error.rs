@@ -50,6 +50,12 @@ impl StoreError {
         matches!(self, StoreError::Unavailable { .. })
     }
 
+    /// Whether the server refused a value of the statement (SQLSTATE class 22, data
+    /// exception): the same statement would be refused again.
+    pub fn refused_a_value(&self) -> bool {
+        self.code().is_some_and(|c| c.code().starts_with("22"))
+    }
+
     /// The SQLSTATE of a statement the server refused.
     pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {
