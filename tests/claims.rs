@@ -7,9 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use scriptd::domain::{RunStatus, Trigger, Version};
+use scriptd::domain::RunStatus;
 use scriptd::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store, StoredClaim};
-use support::TestEnv;
+use support::{run_record as record, TestEnv};
 
 fn request(job: &str, lease: Duration) -> ClaimRequest {
     ClaimRequest {
@@ -28,34 +28,6 @@ async fn claim(store: &Store, replica: &str, scope: ClaimScope, job: &str) -> Cl
         .await
         .expect("claim");
     claims.into_iter().next().expect("one answer")
-}
-
-fn record(job: &str, attempt: i32, status: RunStatus) -> RunRecord {
-    RunRecord {
-        tenant: "acme".into(),
-        script: "s".into(),
-        version: Some(Version::FIRST),
-        job_id: job.into(),
-        attempt,
-        trigger: Trigger::Event,
-        subject: None,
-        event_id: None,
-        status,
-        failure_kind: None,
-        failure_message: None,
-        failure_stack: None,
-        logs: serde_json::json!([]),
-        logs_truncated: false,
-        cold_start: false,
-        started_at: chrono::Utc::now(),
-        duration_ms: 1.0,
-        scheduled_at: None,
-        input_ref: None,
-        result: None,
-        input: None,
-        trace_id: None,
-        unclaimed: false,
-    }
 }
 
 /// The record of a first attempt run without a claim.

@@ -3,36 +3,15 @@
 
 mod support;
 
-use scriptd::domain::{RunStatus, Trigger, Version};
+use scriptd::domain::RunStatus;
 use scriptd::pipeline::records::RecordWriter;
 use scriptd::store::{RunRecord, Store};
 use support::TestEnv;
 
 fn record(job: &str) -> RunRecord {
     RunRecord {
-        tenant: "acme".into(),
-        script: "s".into(),
-        version: Some(Version::FIRST),
-        job_id: job.into(),
-        attempt: 1,
-        trigger: Trigger::Event,
-        subject: None,
-        event_id: None,
-        status: RunStatus::Ok,
-        failure_kind: None,
-        failure_message: None,
-        failure_stack: None,
-        logs: serde_json::json!([]),
-        logs_truncated: false,
-        cold_start: false,
-        started_at: chrono::Utc::now(),
-        duration_ms: 1.0,
-        scheduled_at: None,
-        input_ref: None,
-        result: None,
-        input: None,
-        trace_id: None,
         unclaimed: true,
+        ..support::run_record(job, 1, RunStatus::Ok)
     }
 }
 

@@ -824,3 +824,37 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A run record of tenant acme's script `s` at its first version, for tests that write
+/// records through the store.
+pub fn run_record(
+    job: &str,
+    attempt: i32,
+    status: scriptd::domain::RunStatus,
+) -> scriptd::store::RunRecord {
+    scriptd::store::RunRecord {
+        tenant: "acme".into(),
+        script: "s".into(),
+        version: Some(scriptd::domain::Version::FIRST),
+        job_id: job.into(),
+        attempt,
+        trigger: scriptd::domain::Trigger::Event,
+        subject: None,
+        event_id: None,
+        status,
+        failure_kind: None,
+        failure_message: None,
+        failure_stack: None,
+        logs: serde_json::json!([]),
+        logs_truncated: false,
+        cold_start: false,
+        started_at: chrono::Utc::now(),
+        duration_ms: 1.0,
+        scheduled_at: None,
+        input_ref: None,
+        result: None,
+        input: None,
+        trace_id: None,
+        unclaimed: false,
+    }
+}
