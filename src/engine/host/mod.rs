@@ -314,7 +314,7 @@ impl HostPool {
         let home = (hasher.finish() % slots.len() as u64) as usize;
         let workers = self.shared.config.hosts.workers_per_host.max(1);
         if let Some(host) = &slots[home] {
-            if host.load.load(Ordering::SeqCst) < workers {
+            if host.reserve(workers) {
                 return Placement::Host(host.clone());
             }
         }
@@ -325,7 +325,7 @@ impl HostPool {
             .min_by_key(|h| h.load.load(Ordering::SeqCst));
         match least {
             None => Placement::NoHost,
-            Some(h) if h.load.load(Ordering::SeqCst) < room => Placement::Host(h.clone()),
+            Some(h) if h.reserve(room) => Placement::Host(h.clone()),
             Some(_) => Placement::Full,
         }
     }
@@ -383,7 +383,29 @@ fn crashed(message: impl Into<String>) -> Failure {
 }
 
 impl Host {
-    /// Hands a run to the host, unless it is draining or gone (then the run comes back).
+    /// Takes a place for one run if fewer than `limit` are held, in one step: checked and
+    /// taken apart, two callers could both see the last place free, and a host held more
+    /// than `runs_per_worker` runs per worker. `send` gives it back if the run does not go.
+    fn reserve(&self, limit: usize) -> bool {
+        self.load
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                (l < limit).then_some(l + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a place taken by `reserve` for a run that did not go (the count was reset
+    /// if the host went away meanwhile).
+    fn unreserve(&self) {
+        let _ = self
+            .load
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                Some(l.saturating_sub(1))
+            });
+    }
+
+    /// Hands a run to the host, for which `reserve` took a place, unless it is draining or
+    /// gone (then the run comes back and the place is given back).
     fn send(
         &self,
         id: u64,
@@ -395,11 +417,15 @@ impl Host {
     ) -> Result<oneshot::Receiver<Answer>, Box<WireRun>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.draining || state.tx.is_none() {
+            self.unreserve();
             return Err(run);
         }
         // Should the frame not be queued, the host is gone, and what it held with it.
         run.with_source(state.sources.reference(source));
-        let Some(tx) = &state.tx else { return Err(run) };
+        let Some(tx) = &state.tx else {
+            self.unreserve();
+            return Err(run);
+        };
         let (reply, answer) = oneshot::channel();
         match tx.send(ToHost::Run {
             id,
@@ -426,10 +452,12 @@ impl Host {
                     started,
                 };
                 state.pending.insert(id, pending);
-                self.load.fetch_add(1, Ordering::SeqCst);
                 Ok(answer)
             }
-            Err(mpsc::error::SendError(ToHost::Run { run, .. })) => Err(Box::new(run)),
+            Err(mpsc::error::SendError(ToHost::Run { run, .. })) => {
+                self.unreserve();
+                Err(Box::new(run))
+            }
             Err(_) => unreachable!("a run frame comes back as sent"),
         }
     }
