@@ -1,7 +1,7 @@
 //! Isolates in engine host processes: runs and warm isolates through hosts, hostile runs on
 //! a host's one thread and on its worker threads, how many runs a host holds, a host killed
-//! mid-run, recycling under load, memory held by recycling across thousands of timeouts,
-//! and hosts that cannot open files or sockets.
+//! mid-run, recycling under load and past the RSS ceiling, memory held by recycling across
+//! thousands of timeouts, and hosts that cannot open files or sockets.
 
 mod common;
 
@@ -341,4 +341,22 @@ async fn hosts_run_without_their_environment() {
         engine.host_confinement(),
         [(pid, vec!["socket".into(), "openat".into(), "kill".into()])]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_past_its_rss_ceiling_is_replaced_and_its_runs_go_on() {
+    // Every host is past 1 MiB: the first result of each has its RSS read, and recycles it
+    // (it was read only every 16th result before, which three runs never reached).
+    let mut config = hosts_config(1, 1, 1000);
+    config.hosts.max_rss = scriptd::units::ByteSize::mib(1);
+    let engine = start(config);
+    for i in 0..3 {
+        let result = engine
+            .run(run("export default (e) => e.i * 2", json!({ "i": i })))
+            .await;
+        assert_eq!(value(result), json!(i * 2));
+    }
+    let stats = engine.stats();
+    assert!(stats.host_recycles >= 1, "{stats:?}");
+    assert_eq!(stats.host_crashes, 0, "{stats:?}");
 }

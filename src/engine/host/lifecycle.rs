@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,10 @@ use crate::units::ByteSize;
 
 /// A started host has this long to say it is ready.
 const READY_WAIT: Duration = Duration::from_secs(30);
-/// RSS is read from /proc every this many results of a host.
-const RSS_EVERY: u64 = 16;
+/// A host's RSS is read from /proc (four system calls) at a result when this long has
+/// passed since the last read: at most a few times a second under load, at every result
+/// of a quiet host.
+pub(super) const RSS_EVERY: Duration = Duration::from_millis(250);
 /// How often a host's runs are checked against their timeout and `hosts.kill_grace`.
 const DEADLINE_CHECK: Duration = Duration::from_millis(100);
 
@@ -146,7 +148,7 @@ async fn run_host(
             killed: None,
         }),
         load: AtomicUsize::new(0),
-        results: AtomicU64::new(0),
+        rss_due: Mutex::new(std::time::Instant::now()),
         stats: Mutex::new(StatsSnapshot::default()),
     });
     shared
@@ -292,7 +294,6 @@ fn respawn(shared: &Arc<Shared>, slot: usize, gone: Option<&Arc<Host>>) {
 /// Replaces a host that created its share of isolates or grew past the RSS ceiling: the
 /// replacement starts now and takes the slot when ready; the old host finishes its runs.
 fn recycle_if_due(shared: &Arc<Shared>, slot: usize, host: &Arc<Host>, engine_fault: bool) {
-    let results = host.results.fetch_add(1, Ordering::Relaxed) + 1;
     let created = host
         .stats
         .lock()
@@ -303,7 +304,7 @@ fn recycle_if_due(shared: &Arc<Shared>, slot: usize, host: &Arc<Host>, engine_fa
         Some("an engine fault".to_owned())
     } else if created >= limits.max_isolates {
         Some(format!("{created} isolates created"))
-    } else if results.is_multiple_of(RSS_EVERY) {
+    } else if host.rss_due() {
         rss_of(host.pid)
             .filter(|rss| *rss >= limits.max_rss.0)
             .map(|rss| format!("{} resident", ByteSize(rss)))

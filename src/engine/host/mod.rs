@@ -118,7 +118,8 @@ struct Host {
     workers: usize,
     state: Mutex<HostState>,
     load: AtomicUsize,
-    results: AtomicU64,
+    /// When the host's RSS is to be read next (`lifecycle::RSS_EVERY`).
+    rss_due: Mutex<Instant>,
     stats: Mutex<StatsSnapshot>,
 }
 
@@ -383,6 +384,18 @@ fn crashed(message: impl Into<String>) -> Failure {
 }
 
 impl Host {
+    /// Whether the host's RSS is due to be read (`lifecycle::RSS_EVERY`); if so, the next
+    /// read is due that long from now.
+    fn rss_due(&self) -> bool {
+        let now = Instant::now();
+        let mut due = self.rss_due.lock().unwrap_or_else(|e| e.into_inner());
+        if now < *due {
+            return false;
+        }
+        *due = now + lifecycle::RSS_EVERY;
+        true
+    }
+
     /// Takes a place for one run if fewer than `limit` are held, in one step: checked and
     /// taken apart, two callers could both see the last place free, and a host held more
     /// than `runs_per_worker` runs per worker. `send` gives it back if the run does not go.
