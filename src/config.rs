@@ -73,6 +73,11 @@ pub struct DaemonConfig {
     /// Full reload of the script index, the fallback for missed change notifications.
     #[serde(with = "duration_str")]
     pub index_reload_interval: Duration,
+    /// Threads of the daemon's async runtime: NATS, PostgreSQL, the engine hosts' sockets,
+    /// the API. Scripts do not run on them (they run in engine hosts, or on the engine's
+    /// own threads). 0, the default, means one per four cores, at least one: one thread
+    /// does the daemon's work per event with less CPU than two (BENCHMARKS.md).
+    pub threads: usize,
 }
 
 impl Default for DaemonConfig {
@@ -80,7 +85,19 @@ impl Default for DaemonConfig {
         DaemonConfig {
             shutdown_grace: Duration::from_secs(20),
             index_reload_interval: Duration::from_secs(30),
+            threads: 0,
         }
+    }
+}
+
+impl DaemonConfig {
+    /// The runtime's threads: `threads`, or for 0 one per four cores (at least one).
+    pub fn runtime_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        (cores / 4).max(1)
     }
 }
 

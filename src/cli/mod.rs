@@ -374,8 +374,14 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tokens(TokensCommand::List(args)) => block_on(tokens::list(&settings, args)),
         Command::Tokens(TokensCommand::Revoke(args)) => block_on(tokens::revoke(&settings, args)),
         Command::Audit(AuditCommand::List(args)) => block_on(tokens::audit_list(&settings, args)),
-        Command::Run => block_on(ops::run_daemon(settings, telemetry.metrics())),
-        Command::Dev(args) => block_on(crate::cli::dev::run(settings, args, telemetry.metrics())),
+        Command::Run => block_on_daemon(
+            &settings,
+            ops::run_daemon(settings.clone(), telemetry.metrics()),
+        ),
+        Command::Dev(args) => block_on_daemon(
+            &settings,
+            crate::cli::dev::run(settings.clone(), args, telemetry.metrics()),
+        ),
         Command::Migrate => block_on(ops::migrate(&settings)),
         Command::Events(EventsCommand::Publish(args)) => block_on(ops::publish(&settings, args)),
         Command::Scripts(ScriptsCommand::Test(args)) => block_on(scripts::test(&settings, args)),
@@ -409,13 +415,13 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(scripts::delete(&settings, args))
         }
         Command::Bench(BenchCommand::Pipeline(args)) => {
-            block_on(crate::bench::pipeline::pipeline(&settings, args))
+            block_on_daemon(&settings, crate::bench::pipeline::pipeline(&settings, args))
         }
         Command::Bench(BenchCommand::Engine(args)) => {
             block_on(crate::bench::engine::engine(&settings.engine, args))
         }
         Command::Bench(BenchCommand::Hooks(args)) => {
-            block_on(crate::bench::hooks::hooks(&settings, args))
+            block_on_daemon(&settings, crate::bench::hooks::hooks(&settings, args))
         }
         Command::Bench(BenchCommand::Typescript(args)) => {
             crate::bench::typescript::typescript(args)
@@ -460,12 +466,29 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs a short command's `future` on a runtime of tokio's default size.
 fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
     future: F,
 ) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
+    runtime(None)?.block_on(future)
+}
+
+/// Runs the daemon's `future` (also under `dev` and the pipeline benchmarks) on as many
+/// threads as `[daemon] threads` says.
+fn block_on_daemon<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
+    settings: &Settings,
+    future: F,
+) -> anyhow::Result<ExitCode> {
+    runtime(Some(settings.daemon.runtime_threads()))?.block_on(future)
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(future)
+        .context("starting the async runtime")
 }
