@@ -29,7 +29,9 @@ pub struct Shape {
     /// Items per batch, at most.
     pub max: usize,
     /// How long a batch that is not full waits for more items: fewer, larger batches when
-    /// each item's answer may come a little later.
+    /// each item's answer may come a little later. (Measured: lingering only until its
+    /// first item had waited this long made batches smaller under load, and every event
+    /// dearer: BENCHMARKS.md.)
     pub linger: Duration,
     /// Batches handled at once. While all are under way, items queue up for the next one.
     pub concurrent: usize,
@@ -154,5 +156,28 @@ mod tests {
         assert_eq!(first.await.unwrap(), Some(0));
         drop(batcher);
         task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_submitted_within_the_linger_share_a_batch() {
+        let linger = Duration::from_secs(10);
+        let shape = Shape {
+            linger,
+            ..Shape::serial(8)
+        };
+        // Each item is answered with the size of its batch.
+        let (batcher, _task) = Batcher::start(shape, |items: Vec<u32>| async move {
+            vec![items.len(); items.len()]
+        });
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(0).await }
+        });
+        tokio::time::sleep(linger / 2).await;
+        assert_eq!(batcher.call(1).await, Some(2));
+        assert_eq!(first.await.unwrap(), Some(2));
+        // Past the linger, an item goes alone.
+        tokio::time::sleep(2 * linger).await;
+        assert_eq!(batcher.call(2).await, Some(1));
     }
 }
