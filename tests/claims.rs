@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use scriptd::domain::RunStatus;
+use scriptd::domain::{RunStatus, Trigger};
 use scriptd::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store, StoredClaim};
 use support::{run_record as record, TestEnv};
 
@@ -144,7 +144,7 @@ async fn a_job_ended_by_a_run_without_a_claim_is_never_claimed() {
     let env = TestEnv::new().await;
     let store = &env.store;
     // A batch in which no record writes a claim (the statement without the claims part)
-    // still answers each record's id.
+    // answers no ids: nothing waits for them.
     let ids = store
         .insert_runs(&[
             unclaimed("ok", RunStatus::Ok),
@@ -152,7 +152,21 @@ async fn a_job_ended_by_a_run_without_a_claim_is_never_claimed() {
         ])
         .await
         .unwrap();
-    assert!(ids[0] > 0 && ids[1] > 0 && ids[0] != ids[1], "{ids:?}");
+    assert_eq!(ids, [None, None]);
+    // With a synchronous (HTTP) run in it, whose caller is answered with its id, it answers
+    // every record's id.
+    let http = RunRecord {
+        trigger: Trigger::Http,
+        ..unclaimed("hook", RunStatus::Ok)
+    };
+    let ids = store
+        .insert_runs(&[unclaimed("beside", RunStatus::Ok), http])
+        .await
+        .unwrap();
+    match ids[..] {
+        [Some(a), Some(b)] => assert!(a > 0 && b > 0 && a != b, "{ids:?}"),
+        _ => panic!("ids not answered: {ids:?}"),
+    }
     store
         .insert_runs(&[unclaimed("again", RunStatus::Retrying)])
         .await

@@ -365,7 +365,11 @@ impl Executor {
         };
         let mut record = self.ended(&attempt, &plan, &outcome, &result, started_at, trace_id);
         record.input = serde_json::from_str(job.event.get()).ok().map(|v| kept(&v));
-        let id = self.commit(record).await.map_err(Some)?;
+        let Some(id) = self.commit(record).await.map_err(Some)? else {
+            // A batch holding an HTTP run answers every record's id (`Store::insert_runs`).
+            tracing::error!(job = %job.id, "A synchronous run's record was written without its id.");
+            return Err(Some(HandBack::SOON));
+        };
         Ok((id, result))
     }
 
@@ -444,8 +448,9 @@ impl Executor {
         self.commit(record).await.map(|_| outcome)
     }
 
-    /// Writes the record; only a committed record ends the attempt. The run's id.
-    async fn commit(&self, record: RunRecord) -> Result<i64, HandBack> {
+    /// Writes the record; only a committed record ends the attempt. The run's id, if its
+    /// batch was asked for ids (`RecordWriter::write`).
+    async fn commit(&self, record: RunRecord) -> Result<Option<i64>, HandBack> {
         let written = self.parts.records.write(record).await;
         if written.is_ok() {
             self.parts

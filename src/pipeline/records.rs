@@ -45,7 +45,7 @@ const TRIES: u32 = 3;
 /// Writes run records in batches (see the module's doc).
 #[derive(Clone)]
 pub struct RecordWriter {
-    batcher: Batcher<RunRecord, Result<i64, BatchError>>,
+    batcher: Batcher<RunRecord, Result<Option<i64>, BatchError>>,
 }
 
 impl RecordWriter {
@@ -86,8 +86,9 @@ impl RecordWriter {
         (RecordWriter { batcher }, task)
     }
 
-    /// Queues a record and waits until it is committed; the run's id.
-    pub async fn write(&self, record: RunRecord) -> Result<i64, BatchError> {
+    /// Queues a record and waits until it is committed; the run's id when its batch was
+    /// asked for ids, as it always is for a synchronous (HTTP) run (`Store::insert_runs`).
+    pub async fn write(&self, record: RunRecord) -> Result<Option<i64>, BatchError> {
         self.batcher
             .call(record)
             .await
@@ -99,14 +100,14 @@ async fn insert_with_retries(
     store: &Store,
     inserts: &Store,
     records: &[RunRecord],
-) -> Result<Vec<i64>, BatchError> {
+) -> Result<Vec<Option<i64>>, BatchError> {
     let mut last = BatchError::Stopped("run-record writer");
     for attempt in 1..=TRIES {
         // A try whose answer was lost with its connection may have been committed: sent
         // again, it would record those runs twice.
         if attempt > 1 {
             if let Ok(Some(ids)) = store.recorded_ids(records).await {
-                return Ok(ids);
+                return Ok(ids.into_iter().map(Some).collect());
             }
         }
         match inserts.insert_runs(records).await {

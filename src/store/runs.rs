@@ -117,8 +117,11 @@ impl Store {
 
     /// Inserts a batch of run records in one statement (so all or none of them are
     /// committed; see `recorded_ids`), releasing the claims of the attempts that held one or
-    /// go on (`writes_claim`); their ids, in order.
-    pub async fn insert_runs(&self, records: &[RunRecord]) -> Result<Vec<i64>> {
+    /// go on (`writes_claim`). Their ids, in order, when the batch holds a synchronous (HTTP)
+    /// run, whose caller is answered with its id, or writes a claim; otherwise none: asking
+    /// for ids nothing reads cost PostgreSQL and the daemon a few µs per record
+    /// (BENCHMARKS.md).
+    pub async fn insert_runs(&self, records: &[RunRecord]) -> Result<Vec<Option<i64>>> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -160,10 +163,12 @@ impl Store {
         // Most batches are first deliveries' runs that ended their jobs: no claim to write,
         // and the statement without the claims part costs less per row (BENCHMARKS.md).
         let claims: Vec<bool> = records.iter().map(writes_claim).collect();
-        let statement = if claims.contains(&true) {
-            RECORD_AND_RELEASE
+        let (statement, answers_ids) = if claims.contains(&true) {
+            (RECORD_AND_RELEASE, true)
+        } else if records.iter().any(|r| r.trigger == Trigger::Http) {
+            (RECORD_ONLY, true)
         } else {
-            RECORD_ONLY
+            (RECORD_ONLY_QUIETLY, false)
         };
         let rows = self
             .all_tenants_query(
@@ -195,7 +200,10 @@ impl Store {
                 ],
             )
             .await?;
-        Ok(in_order(records, &rows))
+        if !answers_ids {
+            return Ok(vec![None; records.len()]);
+        }
+        Ok(in_order(records, &rows).into_iter().map(Some).collect())
     }
 }
 
@@ -251,7 +259,8 @@ macro_rules! record_rows {
     };
 }
 
-/// The insert of the batch's rows into `runs`, returning what `in_order` reads.
+/// The insert of the batch's rows into `runs` (followed by `RETURNING_IDS` where their ids
+/// are wanted).
 macro_rules! insert_runs {
     () => {
         "INSERT INTO runs (tenant, script, version, job_id, attempt, trigger, subject,
@@ -263,8 +272,14 @@ macro_rules! insert_runs {
             t.failure_stack, t.logs::jsonb, t.logs_truncated, t.cold_start,
             t.started_at, t.duration_ms, t.scheduled_at, t.input_ref,
             t.result::jsonb, t.input::jsonb, t.trace_id
-         FROM t
-         RETURNING id, job_id, attempt"
+         FROM t"
+    };
+}
+
+/// What `in_order` reads of the inserted rows.
+macro_rules! returning_ids {
+    () => {
+        " RETURNING id, job_id, attempt"
     };
 }
 
@@ -276,6 +291,7 @@ const RECORD_AND_RELEASE: &str = concat!(
     record_rows!(),
     ", inserted AS (",
     insert_runs!(),
+    returning_ids!(),
     "), released AS (
         INSERT INTO attempt_claims AS c (job_id, tenant, attempt, state, replica,
             claimed_at, lease_until, first_claimed_at)
@@ -291,8 +307,11 @@ const RECORD_AND_RELEASE: &str = concat!(
      SELECT id, job_id, attempt FROM inserted"
 );
 
-/// A batch of records none of which writes a claim.
-const RECORD_ONLY: &str = concat!(record_rows!(), " ", insert_runs!());
+/// A batch of records none of which writes a claim, answering their ids.
+const RECORD_ONLY: &str = concat!(record_rows!(), " ", insert_runs!(), returning_ids!());
+
+/// A batch of records none of which writes a claim or needs its id: most batches.
+const RECORD_ONLY_QUIETLY: &str = concat!(record_rows!(), " ", insert_runs!());
 
 /// Whether a record writes its job's claim in `RECORD_AND_RELEASE`: a synchronous run (HTTP)
 /// was never claimed and nothing redelivers it; a run without a claim that ended its job
