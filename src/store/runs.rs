@@ -259,7 +259,7 @@ macro_rules! record_rows {
     };
 }
 
-/// The insert of the batch's rows into `runs` (followed by `RETURNING_IDS` where their ids
+/// The insert of the batch's rows into `runs` (followed by `returning_ids!` where their ids
 /// are wanted).
 macro_rules! insert_runs {
     () => {
