@@ -31,16 +31,7 @@ async fn a_value_postgresql_refuses_fails_its_own_record_only() {
     assert!(written[2].is_ok(), "{:?}", written[2]);
     let refused = written[1].as_ref().unwrap_err();
     assert!(refused.refused_a_value(), "{refused}");
-    let client = scriptd::store::connect_direct(&env.settings.database.url)
-        .await
-        .unwrap();
-    let mut recorded: Vec<String> = client
-        .query("SELECT job_id FROM runs", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let mut recorded: Vec<String> = env.runs().await.into_iter().map(|r| r.job_id).collect();
     recorded.sort();
     assert_eq!(recorded, ["job-a", "job-b"]);
     drop(writer);

@@ -151,7 +151,7 @@ async fn run_host(
             killed: None,
         }),
         load: AtomicUsize::new(0),
-        rss_due: Mutex::new(std::time::Instant::now()),
+        rss_due: Mutex::new(Instant::now()),
         stats: Mutex::new(StatsSnapshot::default()),
     });
     shared
