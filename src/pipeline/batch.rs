@@ -1,7 +1,8 @@
 //! Batching of small database operations: callers submit one item each and await its own
 //! answer; a task takes whatever has queued up (up to a maximum) and handles it in one go.
 //! Under load batches grow by themselves; when idle each item goes alone, without delay
-//! (unless the batcher is shaped to linger for company).
+//! (unless the batcher is shaped to linger for company, and no caller in the batch is in a
+//! hurry).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-type Pending<T, R> = (T, oneshot::Sender<R>);
+/// An item, where its answer goes, and whether its caller is in a hurry (`call_soon`).
+type Pending<T, R> = (T, oneshot::Sender<R>, bool);
 
 pub struct Batcher<T, R> {
     tx: mpsc::Sender<Pending<T, R>>,
@@ -70,19 +72,24 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                 if rx.recv_many(&mut pending, max).await == 0 {
                     break;
                 }
-                if !shape.linger.is_zero() && pending.len() < max {
+                let hurried = |pending: &[Pending<T, R>]| pending.iter().any(|p| p.2);
+                if !shape.linger.is_zero() && pending.len() < max && !hurried(&pending) {
                     let until = tokio::time::Instant::now() + shape.linger;
                     while pending.len() < max {
+                        let seen = pending.len();
                         let more = max - pending.len();
                         match tokio::time::timeout_at(until, rx.recv_many(&mut pending, more)).await
                         {
                             Ok(0) | Err(_) => break,
+                            Ok(_) if hurried(&pending[seen..]) => break,
                             Ok(_) => {}
                         }
                     }
                 }
-                let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) =
-                    pending.into_iter().unzip();
+                let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = pending
+                    .into_iter()
+                    .map(|(item, reply, _)| (item, reply))
+                    .unzip();
                 let answers = handle(items);
                 under_way.spawn(async move {
                     for (reply, result) in replies.into_iter().zip(answers.await) {
@@ -99,8 +106,18 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
 
     /// Submits one item and waits for its answer; `None` if the task has stopped.
     pub async fn call(&self, item: T) -> Option<R> {
+        self.submit(item, false).await
+    }
+
+    /// As `call`, for a caller in a hurry: the batch that takes the item stops lingering
+    /// and goes at once.
+    pub async fn call_soon(&self, item: T) -> Option<R> {
+        self.submit(item, true).await
+    }
+
+    async fn submit(&self, item: T, soon: bool) -> Option<R> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send((item, reply)).await.ok()?;
+        self.tx.send((item, reply, soon)).await.ok()?;
         answer.await.ok()
     }
 }
@@ -179,5 +196,31 @@ mod tests {
         // Past the linger, an item goes alone.
         tokio::time::sleep(2 * linger).await;
         assert_eq!(batcher.call(2).await, Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_in_a_hurry_ends_the_linger_of_its_batch() {
+        let linger = Duration::from_secs(10);
+        let shape = Shape {
+            linger,
+            ..Shape::serial(8)
+        };
+        // Each item is answered with the size of its batch.
+        let (batcher, _task) = Batcher::start(shape, |items: Vec<u32>| async move {
+            vec![items.len(); items.len()]
+        });
+        let began = tokio::time::Instant::now();
+        // Alone: it goes at once.
+        assert_eq!(batcher.call_soon(0).await, Some(1));
+        assert_eq!(began.elapsed(), Duration::ZERO);
+        // Joining a lingering batch: the batch goes when it arrives, both in it.
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(1).await }
+        });
+        tokio::time::sleep(linger / 2).await;
+        assert_eq!(batcher.call_soon(2).await, Some(2));
+        assert_eq!(first.await.unwrap(), Some(2));
+        assert_eq!(began.elapsed(), linger / 2);
     }
 }
