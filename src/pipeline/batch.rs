@@ -175,17 +175,22 @@ mod tests {
         task.await.unwrap();
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn items_submitted_within_the_linger_share_a_batch() {
-        let linger = Duration::from_secs(10);
+    /// A batcher lingering `linger` that answers each item with the size of its batch.
+    fn answering_batch_sizes(linger: Duration) -> Batcher<u32, usize> {
         let shape = Shape {
             linger,
             ..Shape::serial(8)
         };
-        // Each item is answered with the size of its batch.
-        let (batcher, _task) = Batcher::start(shape, |items: Vec<u32>| async move {
+        Batcher::start(shape, |items: Vec<u32>| async move {
             vec![items.len(); items.len()]
-        });
+        })
+        .0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn items_submitted_within_the_linger_share_a_batch() {
+        let linger = Duration::from_secs(10);
+        let batcher = answering_batch_sizes(linger);
         let first = tokio::spawn({
             let b = batcher.clone();
             async move { b.call(0).await }
@@ -201,14 +206,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_item_in_a_hurry_ends_the_linger_of_its_batch() {
         let linger = Duration::from_secs(10);
-        let shape = Shape {
-            linger,
-            ..Shape::serial(8)
-        };
-        // Each item is answered with the size of its batch.
-        let (batcher, _task) = Batcher::start(shape, |items: Vec<u32>| async move {
-            vec![items.len(); items.len()]
-        });
+        let batcher = answering_batch_sizes(linger);
         let began = tokio::time::Instant::now();
         // Alone: it goes at once.
         assert_eq!(batcher.call_soon(0).await, Some(1));
