@@ -285,7 +285,7 @@ async fn a_replica_killed_mid_load_loses_and_repeats_none_of_its_unclaimed_runs(
     let mut replicas: Vec<Child> = (0..3).map(|_| replica_with(&env, &settings)).collect();
     // Events stored before the event lane was made count as possibly handed out before
     // (`Lane::first_delivery`) and are claimed: published while the replicas were still
-    // starting, on a busy machine, every one was.
+    // starting, on a busy machine every one could be, failing the last assertion.
     env.wait_for_event_lane("acme", WAIT).await;
     let publishing = {
         let env = &env;
