@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::Trigger;
 use crate::pipeline::batch::{Batcher, Shape};
 use crate::store::{Claim, ClaimRequest, ClaimScope, Release, RunRecord, Store, StoreError};
 
@@ -92,7 +91,7 @@ impl RecordWriter {
     /// Queues a record and waits until it is committed; the run's id when its batch was
     /// asked for ids, as it always is for a synchronous (HTTP) run (`Store::insert_runs`).
     pub async fn write(&self, record: RunRecord) -> Result<Option<i64>, BatchError> {
-        let answer = if record.trigger == Trigger::Http {
+        let answer = if record.is_synchronous() {
             self.batcher.call_soon(record).await
         } else {
             self.batcher.call(record).await

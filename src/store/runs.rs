@@ -64,6 +64,14 @@ pub struct RunRecord {
     pub unclaimed: bool,
 }
 
+impl RunRecord {
+    /// A synchronous (HTTP) run's record: its caller waits for it and is answered with its
+    /// id; the run was never claimed and nothing redelivers it.
+    pub fn is_synchronous(&self) -> bool {
+        self.trigger == Trigger::Http
+    }
+}
+
 /// How much of a return value a run record keeps, as JSON.
 pub const RESULT_KEPT: usize = 16 * 1024;
 
@@ -165,7 +173,7 @@ impl Store {
         let claims: Vec<bool> = records.iter().map(writes_claim).collect();
         let (statement, answers_ids) = if claims.contains(&true) {
             (RECORD_AND_RELEASE, true)
-        } else if records.iter().any(|r| r.trigger == Trigger::Http) {
+        } else if records.iter().any(RunRecord::is_synchronous) {
             (RECORD_ONLY, true)
         } else {
             (RECORD_ONLY_QUIETLY, false)
@@ -317,7 +325,7 @@ const RECORD_ONLY_QUIETLY: &str = concat!(record_rows!(), " ", insert_runs!());
 /// was never claimed and nothing redelivers it; a run without a claim that ended its job
 /// leaves the job's runs to say so.
 fn writes_claim(r: &RunRecord) -> bool {
-    r.trigger != Trigger::Http && (!r.unclaimed || r.status == RunStatus::Retrying)
+    !r.is_synchronous() && (!r.unclaimed || r.status == RunStatus::Retrying)
 }
 
 /// The ids of `rows` (id, job id, attempt) in the order of `records`; 0 for one not found.
