@@ -28,6 +28,29 @@ async fn async_handler_receives_event_and_ctx() {
 }
 
 #[tokio::test]
+async fn a_warm_isolate_gives_each_attempt_its_own_frozen_ctx() {
+    // The isolate keeps one ctx per attempt number between runs: a retry in the same warm
+    // isolate must still see its own attempt, and no run can change what the next is given.
+    let engine = engine();
+    let source = r#"export default function (event, ctx) {
+        let changed = true;
+        try { ctx.attempt = 99; ctx.extra = 1; } catch { changed = false; }
+        return { attempt: ctx.attempt, frozen: Object.isFrozen(ctx), changed, extra: ctx.extra ?? null };
+    }"#;
+    for (i, attempt) in [1, 2, 2, 1, 3].into_iter().enumerate() {
+        let mut r = run(source, json!({}));
+        r.attempt = attempt;
+        let result = engine.run(r).await;
+        assert_eq!(result.cold_start, i == 0, "run {i} in the warm isolate");
+        assert_eq!(
+            value(result),
+            json!({ "attempt": attempt, "frozen": true, "changed": false, "extra": null }),
+            "run {i}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn console_and_ctx_log_are_captured_with_levels() {
     let engine = engine();
     let source = r#"export default function (event, ctx) {

@@ -255,13 +255,14 @@ function makeCtx(tenant, script, version, attempt) {
   });
 }
 
-// Calls the handler. What it returns (from an async handler, a promise, usually settled
-// already) goes back to the host, which takes a settled value through `finish` at once and
-// leaves anything else to `settle`. A handler that throws at once is treated as one whose
-// promise rejects.
-function start(handler, eventJson, tenant, script, version, attempt) {
+// Calls the handler with its event and a `ctx` of `makeCtx` (frozen and holding nothing of
+// one run, so the host keeps one per isolate and attempt number). What the handler returns
+// (from an async handler, a promise, usually settled already) goes back to the host, which
+// takes a settled value through `finish` at once and leaves anything else to `settle`. A
+// handler that throws at once is treated as one whose promise rejects.
+function start(handler, eventJson, ctx) {
   try {
-    return handler(parse(eventJson), makeCtx(tenant, script, version, attempt));
+    return handler(parse(eventJson), ctx);
   } catch (e) {
     return promiseReject(e);
   }
@@ -282,24 +283,24 @@ function messageOf(e) {
   }
 }
 
-// The handler's value as the host takes it: `{ json }`, or `{ error: [kind, message] }` for a
-// result the host refuses.
+// The handler's value as the host takes it: its JSON text, or `[kind, message]` for a result
+// the host refuses. (A string reaches the host as one string, not an object to decode.)
 function finish(value, resultLimit) {
-  if (value === undefined) return { json: "null" };
+  if (value === undefined) return "null";
   try {
     if (exceedsBudget(value, resultLimit)) {
-      return { error: ["result_too_large", `the return value is larger than ${resultLimit} bytes as JSON`] };
+      return ["result_too_large", `the return value is larger than ${resultLimit} bytes as JSON`];
     }
   } catch (e) {
-    return { error: ["result_not_serialisable", `the return value is not JSON-serialisable: ${messageOf(e)}`] };
+    return ["result_not_serialisable", `the return value is not JSON-serialisable: ${messageOf(e)}`];
   }
   let json;
   try {
     json = stringify(value);
   } catch (e) {
-    return { error: ["result_not_serialisable", `the return value is not JSON-serialisable: ${messageOf(e)}`] };
+    return ["result_not_serialisable", `the return value is not JSON-serialisable: ${messageOf(e)}`];
   }
-  return { json: json ?? "null" };
+  return json ?? "null";
 }
 
 // Looks up the module's default export as the handler.
@@ -349,7 +350,7 @@ function seal() {
       configurable: true,
     });
   }
-  return { start, settle, finish, handlerOf };
+  return { start, settle, finish, handlerOf, makeCtx };
 }
 
 globalThis.__scriptd_seal = seal;

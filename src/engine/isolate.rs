@@ -6,7 +6,6 @@ use std::task::Poll;
 
 use deno_core::error::{CoreError, CoreErrorKind};
 use deno_core::{v8, JsRuntime, ModuleSpecifier, PollEventLoopOptions, RuntimeOptions};
-use serde::Deserialize;
 
 use super::failure::{Failure, FailureKind};
 use super::guard::Guard;
@@ -21,6 +20,8 @@ pub struct ScriptIsolate {
     // Handles into the isolate come first: fields drop in order, and they must go before it.
     host: Host,
     handler: Option<v8::Global<v8::Function>>,
+    /// The `ctx` the last run's handler was given, kept for the next run of the same attempt.
+    ctx: Option<RunCtx>,
     runtime: JsRuntime,
     guard: Arc<Guard>,
     /// The heap limit the isolate was created with; a warm isolate serves only runs of that limit.
@@ -47,11 +48,32 @@ struct Host {
     settle: v8::Global<v8::Function>,
     finish: v8::Global<v8::Function>,
     handler_of: v8::Global<v8::Function>,
+    make_ctx: v8::Global<v8::Function>,
+}
+
+/// A handler's frozen `ctx` and whom it was made for. It holds nothing of one run (the script
+/// API acts for the run in progress), so it is made once per isolate and attempt number, not
+/// once per run.
+struct RunCtx {
+    tenant: String,
+    script: String,
+    version: crate::domain::Version,
+    attempt: u32,
+    value: v8::Global<v8::Value>,
+}
+
+impl RunCtx {
+    fn serves(&self, run: &ScriptRun) -> bool {
+        self.attempt == run.attempt
+            && self.version == run.version
+            && self.script == run.script
+            && self.tenant == run.tenant
+    }
 }
 
 /// What calling the handler (`call`) gave at once.
 enum Called {
-    /// The handler settled: the run's output (`{ json }` or `{ error }`).
+    /// The handler settled: the run's output (its JSON text, or `[kind, message]`).
     Fulfilled(v8::Global<v8::Value>),
     /// The promise of the run's output, pending or rejected: the event loop settles it.
     Pending(v8::Global<v8::Value>),
@@ -60,12 +82,6 @@ enum Called {
     Threw,
     /// The input could not be made a string of the engine.
     TooLarge,
-}
-
-#[derive(Deserialize)]
-struct InvokeOutput {
-    json: Option<String>,
-    error: Option<(FailureKind, String)>,
 }
 
 impl ScriptIsolate {
@@ -97,6 +113,7 @@ impl ScriptIsolate {
         let mut isolate = ScriptIsolate {
             host,
             handler: None,
+            ctx: None,
             runtime,
             guard,
             // A new isolate is entered on creation.
@@ -201,7 +218,16 @@ impl ScriptIsolate {
         let Some(handler) = &self.handler else {
             return Err(engine_failure("no script is loaded in this isolate".into()));
         };
-        let value = match call(&mut self.runtime, &self.host, handler, run) {
+        if !self.ctx.as_ref().is_some_and(|ctx| ctx.serves(run)) {
+            self.ctx = None;
+            self.ctx = Some(make_ctx(&mut self.runtime, &self.host, run).ok_or_else(|| {
+                tripped(&self.guard, run).unwrap_or_else(|| {
+                    engine_failure("the sandbox could not make the handler's ctx".into())
+                })
+            })?);
+        }
+        let ctx = &self.ctx.as_ref().expect("made above").value;
+        let value = match call(&mut self.runtime, &self.host, handler, ctx, run) {
             Called::Fulfilled(value) => {
                 // What the handler left behind (a promise rejected with no handler) fails
                 // the run, as it does when the event loop settles the handler's promise.
@@ -235,16 +261,17 @@ impl ScriptIsolate {
                 ))
             }
         };
-        let output: InvokeOutput = {
+        let json = {
             deno_core::scope!(scope, &mut self.runtime);
             let local = v8::Local::new(scope, value);
-            serde_v8::from_v8(scope, local)
-                .map_err(|e| engine_failure(format!("unexpected host output: {e}")))?
+            if local.is_string() {
+                local.to_rust_string_lossy(scope)
+            } else {
+                let (kind, message): (FailureKind, String) = serde_v8::from_v8(scope, local)
+                    .map_err(|e| engine_failure(format!("unexpected host output: {e}")))?;
+                return Err(failure(kind, message, None));
+            }
         };
-        if let Some((kind, message)) = output.error {
-            return Err(failure(kind, message, None));
-        }
-        let json = output.json.unwrap_or_else(|| "null".to_owned());
         if json.len() > run.limits.result.as_usize() {
             return Err(failure(
                 FailureKind::ResultTooLarge,
@@ -289,30 +316,20 @@ fn call(
     runtime: &mut JsRuntime,
     host: &Host,
     handler: &v8::Global<v8::Function>,
+    ctx: &v8::Global<v8::Value>,
     run: &ScriptRun,
 ) -> Called {
     deno_core::scope!(scope, runtime);
     v8::tc_scope!(let scope, scope);
     let handler = v8::Local::new(scope, handler);
-    let event = v8::String::new(scope, run.input.get());
-    let tenant = v8::String::new(scope, &run.tenant);
-    let script = v8::String::new(scope, &run.script);
-    let (Some(event), Some(tenant), Some(script)) = (event, tenant, script) else {
+    let Some(event) = v8::String::new(scope, run.input.get()) else {
         return Called::TooLarge;
     };
-    let version = v8::Number::new(scope, f64::from(run.version.get()));
-    let attempt = v8::Number::new(scope, f64::from(run.attempt));
+    let ctx = v8::Local::new(scope, ctx);
     let limit = v8::Number::new(scope, run.limits.result.0 as f64).into();
     let undefined = v8::undefined(scope).into();
     let start = v8::Local::new(scope, &host.start);
-    let args = [
-        handler.into(),
-        event.into(),
-        tenant.into(),
-        script.into(),
-        version.into(),
-        attempt.into(),
-    ];
+    let args = [handler.into(), event.into(), ctx];
     let Some(returned) = start.call(scope, undefined, &args) else {
         return Called::Threw;
     };
@@ -372,6 +389,27 @@ fn seal(runtime: &mut JsRuntime) -> Result<Host, String> {
         settle: function("settle")?,
         finish: function("finish")?,
         handler_of: function("handlerOf")?,
+        make_ctx: function("makeCtx")?,
+    })
+}
+
+/// The `ctx` for runs like `run` (`RunCtx`); none if the call was stopped.
+fn make_ctx(runtime: &mut JsRuntime, host: &Host, run: &ScriptRun) -> Option<RunCtx> {
+    deno_core::scope!(scope, runtime);
+    let tenant = v8::String::new(scope, &run.tenant)?;
+    let script = v8::String::new(scope, &run.script)?;
+    let version = v8::Number::new(scope, f64::from(run.version.get()));
+    let attempt = v8::Number::new(scope, f64::from(run.attempt));
+    let undefined = v8::undefined(scope).into();
+    let make = v8::Local::new(scope, &host.make_ctx);
+    let args = [tenant.into(), script.into(), version.into(), attempt.into()];
+    let value = make.call(scope, undefined, &args)?;
+    Some(RunCtx {
+        tenant: run.tenant.clone(),
+        script: run.script.clone(),
+        version: run.version,
+        attempt: run.attempt,
+        value: v8::Global::new(scope, value),
     })
 }
 
