@@ -180,7 +180,13 @@ impl Fanout {
                     &serde_json::json!({ "subject": msg.subject.as_str(), "event_id": event_id }),
                 )
                 .doing(|| "writing a dead letter".into())?;
-                dlq::publish(&self.js, &self.config, &letter, msg.headers.as_ref()).await?;
+                Box::pin(dlq::publish(
+                    &self.js,
+                    &self.config,
+                    &letter,
+                    msg.headers.as_ref(),
+                ))
+                .await?;
             }
             return Ok(());
         }
@@ -228,7 +234,7 @@ impl Fanout {
         }
         let mut acks = Vec::with_capacity(scripts.len());
         for job in jobs {
-            acks.push(self.publish(&job, &headers, None).await?);
+            acks.push(Box::pin(self.publish(&job, &headers, None)).await?);
         }
         for ack in
             futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
@@ -273,7 +279,7 @@ impl Fanout {
                 taken_over: false,
             })
         } else {
-            executor.claim(&job, ClaimScope::FirstOnly).await
+            Box::pin(executor.claim(&job, ClaimScope::FirstOnly)).await
         };
         let (number, first_at) = match claim {
             Ok(Claim::Won {
@@ -281,7 +287,7 @@ impl Fanout {
             }) => (attempt, first_at),
             Ok(Claim::Ended) => return Ok(()),
             Ok(Claim::Held { .. } | Claim::Later { .. }) => {
-                return self.queue(&job, headers, None).await;
+                return Box::pin(self.queue(&job, headers, None)).await;
             }
             Err(e) => {
                 return Err(BusError::Unsettled(format!(
@@ -302,7 +308,7 @@ impl Fanout {
             } else {
                 executor.release(&job, number).await;
             }
-            return self.queue(&job, headers, None).await;
+            return Box::pin(self.queue(&job, headers, None)).await;
         };
         self.stats.direct.fetch_add(1, Ordering::Relaxed);
         if unclaimed {
@@ -319,7 +325,7 @@ impl Fanout {
         match executor.run(attempt, slot).instrument(span).await {
             Ok(Outcome::Retry { after }) => {
                 let due = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
-                self.queue(&job, headers, Some(due)).await
+                Box::pin(self.queue(&job, headers, Some(due))).await
             }
             Ok(
                 Outcome::Ok | Outcome::DeadLettered(_) | Outcome::Skipped(_) | Outcome::Failed(_),

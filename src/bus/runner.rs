@@ -111,7 +111,7 @@ impl Runner {
         // (3-script throughput fell to a third). The lease covers the wait: the message is
         // kept alive meanwhile, so no other replica is handed the job unless this one dies.
         let stats = self.executor.stats();
-        let (number, first_at) = match self.executor.claim(job, ClaimScope::Next).await {
+        let (number, first_at) = match Box::pin(self.executor.claim(job, ClaimScope::Next)).await {
             Ok(Claim::Won {
                 attempt,
                 first_at,

@@ -119,13 +119,13 @@ pub async fn plan(
     };
     let (version, source) = match job.version.filter(|v| *v != script.version) {
         None => (script.version, script.source.clone()),
-        Some(pinned) => match store
-            .version_source(&job.tenant, &job.script, pinned)
-            .await?
-        {
-            Some(source) => (pinned, Arc::from(source.javascript)),
-            None => return Ok(Err(SkipReason::VersionMissing)),
-        },
+        // Boxed: a query's future is large (see `bus::pull`).
+        Some(pinned) => {
+            match Box::pin(store.version_source(&job.tenant, &job.script, pinned)).await? {
+                Some(source) => (pinned, Arc::from(source.javascript)),
+                None => return Ok(Err(SkipReason::VersionMissing)),
+            }
+        }
     };
     Ok(Ok(Plan {
         limits: script.limits(&defaults.limits),

@@ -261,11 +261,8 @@ impl Executor {
         let record = self.ended(attempt, &plan, &outcome, &result, started_at, trace_id);
         let committed = self.commit(record).await;
         if locked && !matches!(outcome, Outcome::Retry { .. }) {
-            if let Err(e) = self
-                .parts
-                .store
-                .unlock_schedule(&job.tenant, &job.script, &job.id)
-                .await
+            let store = &self.parts.store;
+            if let Err(e) = Box::pin(store.unlock_schedule(&job.tenant, &job.script, &job.id)).await
             {
                 tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Could not release the schedule lock; it expires by itself.");
             }
@@ -314,10 +311,8 @@ impl Executor {
         let poll = HandBack {
             after: Some(LOCK_POLL),
         };
-        match self
-            .parts
-            .store
-            .lock_schedule(&job.tenant, &job.script, &job.id, expires_at, queue)
+        let store = &self.parts.store;
+        match Box::pin(store.lock_schedule(&job.tenant, &job.script, &job.id, expires_at, queue))
             .await
         {
             Ok(LockOutcome::Acquired) => Lock::Taken,
@@ -391,7 +386,7 @@ impl Executor {
         let trace_id = traceparent
             .as_deref()
             .and_then(crate::observe::telemetry::trace_id);
-        let result = self.parts.engine.run(plan.run(attempt, traceparent)).await;
+        let result = Box::pin(self.parts.engine.run(plan.run(attempt, traceparent))).await;
         drop(slot);
         (result, trace_id)
     }
@@ -451,7 +446,8 @@ impl Executor {
     /// Writes the record; only a committed record ends the attempt. The run's id, if its
     /// batch was asked for ids (`RecordWriter::write`).
     async fn commit(&self, record: RunRecord) -> Result<Option<i64>, HandBack> {
-        let written = self.parts.records.write(record).await;
+        // Boxed, as the engine's run: the largest futures of an attempt (see `bus::pull`).
+        let written = Box::pin(self.parts.records.write(record)).await;
         if written.is_ok() {
             self.parts
                 .stats
