@@ -94,7 +94,7 @@ impl Fanout {
             return;
         };
         self.stats.events.fetch_add(1, Ordering::Relaxed);
-        let fan_out = self.fan_out(&msg, sequence, published, first);
+        let fan_out = self.fan_out(&msg, sequence, published, first, &lane.runs);
         let outcome = tokio::select! {
             outcome = super::keeping_alive(&msg, self.config.ack_wait, fan_out) => outcome,
             _ = hard_stop.cancelled() => {
@@ -130,6 +130,7 @@ impl Fanout {
         sequence: u64,
         published_nanos: i128,
         first: bool,
+        runs: &super::RunsPerMessage,
     ) -> Result<()> {
         let parsed = match subject::parse_event_subject(&self.config.events_prefix, &msg.subject) {
             Ok(parsed) => parsed,
@@ -143,6 +144,7 @@ impl Fanout {
         let scripts: Vec<_> = snapshot
             .matching(parsed.tenant, parsed.event_type)
             .collect();
+        runs.observe(scripts.len());
         if scripts.is_empty() {
             self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(subject = %msg.subject, "No script handles this event.");

@@ -127,13 +127,16 @@ pub enum FreshAfter {
 }
 
 /// What a lane tells its handler with each message.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Lane {
     /// Where the messages begin whose first delivery here is their first anywhere: no
     /// consumer of this lane's name handed them out before it was made, and no earlier
     /// scriptd's fan-out consumer is on the stream (else this is `None`). `None`: any
     /// delivery may repeat an earlier one.
     pub fresh_after: Option<FreshAfter>,
+    /// Runs per message of the lane lately, told by its handler: the lane's window counts
+    /// runs, so a message takes this many places (`bus::pull`).
+    pub runs: Arc<super::RunsPerMessage>,
 }
 
 impl Lane {
@@ -217,8 +220,9 @@ impl Lanes {
                     Ok((consumer, lane)) => {
                         tracing::debug!(tenant = %tenant, lanes = ?self.kind, ?lane, "Lane opened.");
                         let handler = handler.clone();
-                        let handle = move |message| handler(message, lane);
-                        lanes.spawn(super::pull(consumer, window, stop.clone(), handle));
+                        let runs = lane.runs.clone();
+                        let handle = move |message| handler(message, lane.clone());
+                        lanes.spawn(super::pull(consumer, window, runs, stop.clone(), handle));
                         opened.insert(tenant);
                     }
                     Err(e) => {
@@ -346,6 +350,7 @@ impl Lanes {
         };
         Ok(Lane {
             fresh_after: Some(fresh_after),
+            ..Lane::default()
         })
     }
 
@@ -420,6 +425,7 @@ mod tests {
         let later = made + Duration::from_millis(1);
         let by_sequence = Lane {
             fresh_after: Some(FreshAfter::Sequence(41)),
+            ..Lane::default()
         };
         assert!(by_sequence.first_delivery(1, 42, made));
         assert!(!by_sequence.first_delivery(2, 42, made), "a redelivery");
@@ -429,6 +435,7 @@ mod tests {
         );
         let by_time = Lane {
             fresh_after: Some(FreshAfter::Time(made)),
+            ..Lane::default()
         };
         assert!(by_time.first_delivery(1, 1, later));
         assert!(!by_time.first_delivery(2, 1, later), "a redelivery");

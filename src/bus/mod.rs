@@ -135,8 +135,45 @@ const LONG_POLL: Duration = Duration::from_secs(10);
 /// How long past its expiry a request may stay unanswered before it is given up.
 const NO_ANSWER: Duration = Duration::from_secs(5);
 
-/// Pulls `consumer` with at most `window` messages in hand until `stop`, handing each to
-/// `handler`; then waits for the handlers in flight.
+/// Runs per message of a lane lately (an event's matching scripts, 1 for a job), in
+/// thousandths: a lane's window counts runs. It rises at once to a message that made more
+/// (so a lane holds no more runs than its window) and falls back by an eighth of the
+/// difference per message; 0 until the first message is told.
+#[derive(Debug, Default)]
+pub struct RunsPerMessage(std::sync::atomic::AtomicU64);
+
+impl RunsPerMessage {
+    /// A message made `runs` runs (at least one place each, though: an event no script
+    /// matches is still a message in hand).
+    pub fn observe(&self, runs: usize) {
+        let runs = runs.max(1) as u64 * 1000;
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |now| {
+                Some(if runs >= now {
+                    runs
+                } else {
+                    (7 * now + runs) / 8
+                })
+            },
+        );
+    }
+
+    /// The places a message takes now (at least one), or none before the first message.
+    pub fn places(&self) -> Option<usize> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            now => Some(((now + 500) / 1000).max(1) as usize),
+        }
+    }
+}
+
+/// Pulls `consumer` with at most `window` runs' worth of messages in hand until `stop`,
+/// handing each to `handler`; then waits for the handlers in flight. A message takes as
+/// many places as its lane's messages made runs lately (`runs`, told by the handler): so
+/// a lane whose events each match three scripts holds a third as many events as one whose
+/// events match one, and its runs wait no longer for an engine slot.
 ///
 /// JetStream is asked for exactly as many messages as there are free places, in one
 /// request that the server answers as messages come (a long poll): so every message
@@ -158,6 +195,7 @@ const NO_ANSWER: Duration = Duration::from_secs(5);
 pub async fn pull<F>(
     consumer: jetstream::consumer::PullConsumer,
     window: usize,
+    runs: Arc<RunsPerMessage>,
     stop: CancellationToken,
     handler: F,
 ) where
@@ -170,8 +208,16 @@ pub async fn pull<F>(
     // The last request was filled: more messages are probably waiting.
     let mut behind = false;
     'pull: while !stop.is_cancelled() {
+        // Places per message now: a request waits for at least one message's worth. Until
+        // the lane has had a message, it asks for no more than a chunk (one place each):
+        // asked for a whole window of events that each match several scripts, it held
+        // several windows of runs, more than could start within `nats.direct_wait`.
+        let (each, most) = match runs.places() {
+            Some(each) => (each.min(window), window),
+            None => (1, chunk),
+        };
         let mut hand = Vec::with_capacity(window);
-        while hand.is_empty() || (behind && hand.len() < chunk) {
+        while hand.len() < each || (behind && hand.len() < chunk) {
             tokio::select! {
                 _ = stop.cancelled() => break 'pull,
                 place = places.clone().acquire_owned() => match place {
@@ -183,7 +229,8 @@ pub async fn pull<F>(
                 hand.push(place);
             }
         }
-        let asked = hand.len();
+        hand.truncate(most);
+        let asked = hand.len() / each;
         let request = consumer
             .batch()
             .max_messages(asked)
@@ -216,7 +263,7 @@ pub async fn pull<F>(
             match next {
                 Some(Ok(message)) => {
                     received += 1;
-                    let place = hand.pop();
+                    let place = hand.split_off(hand.len().saturating_sub(each));
                     let work = handler(message);
                     tracker.spawn(async move {
                         work.await;
@@ -408,6 +455,30 @@ pub(crate) fn pull_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lanes_messages_take_the_places_of_their_recent_runs() {
+        let runs = RunsPerMessage::default();
+        assert_eq!(
+            runs.places(),
+            None,
+            "nothing known before the first message"
+        );
+        runs.observe(1);
+        assert_eq!(runs.places(), Some(1));
+        runs.observe(3);
+        assert_eq!(runs.places(), Some(3), "rises at once");
+        runs.observe(1);
+        assert_eq!(
+            runs.places(),
+            Some(3),
+            "falls by an eighth of the difference"
+        );
+        for _ in 0..40 {
+            runs.observe(0);
+        }
+        assert_eq!(runs.places(), Some(1), "no run still takes a place");
+    }
     use futures::FutureExt;
 
     #[tokio::test]

@@ -16,9 +16,11 @@ pub struct TenantsConfig {
     pub max_concurrent_runs: usize,
     /// Per-tenant values of `max_concurrent_runs`, by tenant name.
     pub concurrent_runs: BTreeMap<String, usize>,
-    /// Events, and jobs, of one tenant pulled ahead and not yet acknowledged, per replica.
-    /// Each waits for its claim, run and record, so this over that time caps one tenant's
-    /// rate (BENCHMARKS.md: 64 → 128 gave +40 % events/s with one script per event).
+    /// Runs' worth of one tenant's events, and jobs, pulled ahead and not yet acknowledged,
+    /// per replica: an event takes a place for each script its tenant's recent events
+    /// matched, a job one. Each waits for its claim, run and record, so this over that time
+    /// caps one tenant's rate (BENCHMARKS.md: 256 runs against 128 events gave +9 % events/s
+    /// with one script per event, and no overflow into the job lane with three).
     pub pull_window: usize,
     /// Events, and jobs, of one tenant handed out and not yet acknowledged across all
     /// replicas, retries waiting for their delay included; JetStream holds the rest back.
@@ -30,7 +32,7 @@ impl Default for TenantsConfig {
         TenantsConfig {
             max_concurrent_runs: 0,
             concurrent_runs: BTreeMap::new(),
-            pull_window: 128,
+            pull_window: 256,
             max_ack_pending: 10_000,
         }
     }
