@@ -19,7 +19,7 @@ pub struct TenantsConfig {
     /// Runs' worth of one tenant's events, and jobs, pulled ahead and not yet acknowledged,
     /// per replica: an event takes a place for each script its tenant's recent events
     /// matched, a job one. Each waits for its claim, run and record, so this over that time
-    /// caps one tenant's rate (BENCHMARKS.md: 256 runs against 128 events gave +9 % events/s
+    /// caps one tenant's rate (BENCHMARKS.md: 256 runs against 128 events gave +10 % events/s
     /// with one script per event, and no overflow into the job lane with three).
     pub pull_window: usize,
     /// Events, and jobs, of one tenant handed out and not yet acknowledged across all
