@@ -134,8 +134,9 @@ pub struct Lane {
     /// scriptd's fan-out consumer is on the stream (else this is `None`). `None`: any
     /// delivery may repeat an earlier one.
     pub fresh_after: Option<FreshAfter>,
-    /// Runs per message of the lane lately, told by its handler: the lane's window counts
-    /// runs, so a message takes this many places (`bus::pull`).
+    /// Runs per message of the lane lately, told by its handler (a job lane's is one from
+    /// the start): the lane's window counts runs, so a message takes this many places
+    /// (`bus::pull`).
     pub runs: Arc<super::RunsPerMessage>,
 }
 
@@ -263,7 +264,10 @@ impl Lanes {
                     Some(format!("{}.{tenant}.>", self.config.jobs_prefix)),
                 )
                 .await?;
-                Ok((consumer, Lane::default()))
+                // A job is one run: it takes one place of the lane's window from the start.
+                let lane = Lane::default();
+                lane.runs.observe(1);
+                Ok((consumer, lane))
             }
             Kind::Events => self.open_event_lane(tenant).await,
         }

@@ -12,6 +12,7 @@ pub mod ticker;
 
 pub use streams::ensure_streams;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,29 +141,27 @@ const NO_ANSWER: Duration = Duration::from_secs(5);
 /// (so a lane holds no more runs than its window) and falls back by an eighth of the
 /// difference per message; 0 until the first message is told.
 #[derive(Debug, Default)]
-pub struct RunsPerMessage(std::sync::atomic::AtomicU64);
+pub struct RunsPerMessage(AtomicU64);
 
 impl RunsPerMessage {
     /// A message made `runs` runs (at least one place each, though: an event no script
     /// matches is still a message in hand).
     pub fn observe(&self, runs: usize) {
         let runs = runs.max(1) as u64 * 1000;
-        let _ = self.0.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |now| {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
                 Some(if runs >= now {
                     runs
                 } else {
                     (7 * now + runs) / 8
                 })
-            },
-        );
+            });
     }
 
     /// The places a message takes now (at least one), or none before the first message.
     pub fn places(&self) -> Option<usize> {
-        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+        match self.0.load(Ordering::Relaxed) {
             0 => None,
             now => Some(((now + 500) / 1000).max(1) as usize),
         }

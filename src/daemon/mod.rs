@@ -309,9 +309,7 @@ impl Daemon {
         let hard_stop = wiring.hard_stop.clone();
         let running = self.supervisor.spawn(
             "job lanes",
-            lanes(LaneKind::Jobs).run(wiring.shutdown.clone(), move |m, lane| {
-                // A job is one run: it takes one place of its lane's window.
-                lane.runs.observe(1);
+            lanes(LaneKind::Jobs).run(wiring.shutdown.clone(), move |m, _| {
                 let (runner, hard_stop) = (runner.clone(), hard_stop.clone());
                 Box::pin(async move { runner.handle(m, hard_stop).await })
             }),

@@ -158,10 +158,7 @@ mod tests {
                 items
             }
         });
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.call(0).await }
-        });
+        let first = call_in_background(&batcher, 0);
         // Item 0's batch is taken (and blocked) before item 1 is sent.
         tokio::task::yield_now().await;
         while !first.is_finished() && batcher.tx.capacity() < batcher.tx.max_capacity() {
@@ -187,14 +184,20 @@ mod tests {
         .0
     }
 
+    /// Submits `item` from a task of its own: its answer comes once its batch goes.
+    fn call_in_background<R: Send + 'static>(
+        batcher: &Batcher<u32, R>,
+        item: u32,
+    ) -> tokio::task::JoinHandle<Option<R>> {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { batcher.call(item).await })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn items_submitted_within_the_linger_share_a_batch() {
         let linger = Duration::from_secs(10);
         let batcher = answering_batch_sizes(linger);
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.call(0).await }
-        });
+        let first = call_in_background(&batcher, 0);
         tokio::time::sleep(linger / 2).await;
         assert_eq!(batcher.call(1).await, Some(2));
         assert_eq!(first.await.unwrap(), Some(2));
@@ -212,10 +215,7 @@ mod tests {
         assert_eq!(batcher.call_soon(0).await, Some(1));
         assert_eq!(began.elapsed(), Duration::ZERO);
         // Joining a lingering batch: the batch goes when it arrives, both in it.
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.call(1).await }
-        });
+        let first = call_in_background(&batcher, 1);
         tokio::time::sleep(linger / 2).await;
         assert_eq!(batcher.call_soon(2).await, Some(2));
         assert_eq!(first.await.unwrap(), Some(2));
