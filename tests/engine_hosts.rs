@@ -199,6 +199,46 @@ async fn a_host_holds_runs_per_worker_runs_and_the_rest_wait_in_the_daemon() {
     }
 }
 
+/// Behind a run that takes its whole timeout, a queued run whose start-by moment passes
+/// meanwhile is not started; one with time to spare, or with none set, runs.
+async fn a_run_queued_past_its_start_by_is_not_started(engine: Engine) {
+    let engine = Arc::new(engine);
+    assert!(engine.wait_ready(Duration::from_secs(30)).await);
+    let busy = spawn_runaway(&engine, Duration::from_secs(1));
+    until_in_flight(&engine, 1).await;
+    let queued = |start_in: Option<Duration>, i: u32| {
+        let mut quick = run("export default (e) => e.i", json!({ "i": i }));
+        quick.start_by = start_in.map(|d| Instant::now() + d);
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run(quick).await })
+    };
+    let late = queued(Some(Duration::from_millis(200)), 1);
+    let patient = queued(Some(Duration::from_secs(60)), 2);
+    let unbounded = queued(None, 3);
+    let f = busy.await.unwrap().outcome.unwrap_err();
+    assert_eq!(f.kind, FailureKind::Timeout, "{f}");
+    let late = late.await.unwrap().outcome.unwrap_err();
+    assert_eq!(late.kind, FailureKind::NotStarted, "{late}");
+    assert!(late.retryable);
+    assert_eq!(value(patient.await.unwrap()), json!(2));
+    assert_eq!(value(unbounded.await.unwrap()), json!(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_does_not_start_a_run_queued_past_its_start_by() {
+    a_run_queued_past_its_start_by_is_not_started(hosts(1, 200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_thread_does_not_start_a_run_queued_past_its_start_by() {
+    a_run_queued_past_its_start_by_is_not_started(start(EngineConfig {
+        isolation: Isolation::Thread,
+        workers: 1,
+        ..EngineConfig::default()
+    }))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_host_fails_its_run_as_engine_crashed_and_is_replaced() {
     let engine = Arc::new(hosts(1, 200));

@@ -275,12 +275,11 @@ async fn a_replica_killed_mid_load_loses_and_repeats_none_of_its_unclaimed_runs(
     let env = TestEnv::new().await;
     deploy_counter(&env).await;
     // Runs of first deliveries go without a claim when they are sure to end within the ack
-    // wait: 1 s timeout x 4 runs per worker + 5 s margin, within 10 s. A 10 s ack wait
-    // brings what the victim held to a survivor 10 s after the kill.
+    // wait: a 1 s timeout, up to three of them waiting to start, + 5 s margin, within 10 s.
+    // A 10 s ack wait brings what the victim held to a survivor 10 s after the kill.
     let settings = [
         ("SCRIPTD_NATS__ACK_WAIT", "10s"),
         ("SCRIPTD_ENGINE__LIMITS__TIMEOUT", "1s"),
-        ("SCRIPTD_ENGINE__RUNS_PER_WORKER", "4"),
     ];
     let mut replicas: Vec<Child> = (0..3).map(|_| replica_with(&env, &settings)).collect();
     // Events stored before the event lane was made count as possibly handed out before

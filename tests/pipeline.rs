@@ -345,13 +345,12 @@ async fn a_direct_run_cut_off_at_the_end_of_the_grace_period_comes_back_after_th
     let env = TestEnv::new().await;
     env.deploy("acme", "slow", &busy_script(3_000, "1"), &["work"])
         .await;
-    // A run that may go without a claim: 4 s timeout x 1 run per worker + 5 s within the
-    // 10 s ack wait. The stop comes 1 s into it.
+    // A run that may go without a claim: a 4 s timeout, up to three of them waiting to
+    // start + 5 s, within the 22 s ack wait. The stop comes 1 s into it.
     let mut settings = env.settings.clone();
     settings.daemon.shutdown_grace = Duration::from_secs(1);
-    settings.nats.ack_wait = Duration::from_secs(10);
+    settings.nats.ack_wait = Duration::from_secs(22);
     settings.engine.limits.timeout = Duration::from_secs(4);
-    settings.engine.runs_per_worker = 1;
     let daemon = env.start_daemon_with(settings.clone());
     env.wait_for_event_lane("acme", WAIT).await;
     env.publish("acme", "work", "{}").await;
@@ -370,7 +369,7 @@ async fn a_direct_run_cut_off_at_the_end_of_the_grace_period_comes_back_after_th
     // The cut-off run goes on in its engine host for a while: the event is not handed
     // back at once (a nak would bring it back after 1 s) but left to come back after the
     // ack wait since its last progress acknowledgement (at most a third of it before the
-    // stop), or, claimed, once the claim's lease has ended (19 s).
+    // stop), or, claimed, once the claim's lease has ended (31 s).
     let daemon = env.start_daemon_with(settings);
     let runs = env
         .wait_for_runs(Duration::from_secs(60), |runs| !runs.is_empty())
@@ -445,6 +444,58 @@ async fn nul_characters_a_run_leaves_are_recorded_without_harm() {
         .unwrap()
         .get(0);
     assert_eq!(result, serde_json::json!({ "k\u{fffd}": "a\u{fffd}b" }));
+    daemon.shutdown().await;
+    env.cleanup().await;
+}
+
+/// A run queued in its engine worker behind runaways past the moment it had to start by
+/// (three of its timeouts) is not started: no record of it, its event comes back, and its
+/// job runs once, later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_cannot_start_in_time_comes_back_and_runs_once() {
+    let env = TestEnv::new().await;
+    env.deploy(
+        "acme",
+        "spin",
+        "export default () => { for (;;) {} }",
+        &["spin"],
+    )
+    .await;
+    env.deploy("acme", "quick", "export default () => 7", &["quick"])
+        .await;
+    // One engine worker, 500 ms timeouts: a run must start within 1.5 s. Five runaways
+    // ahead of it hold the worker 2 - 2.5 s.
+    let mut settings = env.settings.clone();
+    settings.engine.hosts.count = 1;
+    settings.engine.runs_per_worker = 8;
+    settings.engine.limits.timeout = Duration::from_millis(500);
+    let daemon = env.start_daemon_with(settings);
+    env.wait_for_event_lane("acme", WAIT).await;
+    for _ in 0..5 {
+        env.publish("acme", "spin", "{}").await;
+    }
+    env.wait_until(WAIT, "the runaways to be handed to the engine", || async {
+        daemon.stats.fanout.direct.load(Ordering::Relaxed) == 5
+    })
+    .await;
+    env.publish("acme", "quick", "{}").await;
+    let runs = env
+        .wait_for_runs(Duration::from_secs(60), |runs| {
+            runs.iter().any(|r| r.script == "quick")
+        })
+        .await;
+    let quick: Vec<_> = runs.iter().filter(|r| r.script == "quick").collect();
+    assert_eq!(quick.len(), 1, "{quick:?}");
+    assert_eq!(quick[0].status, "ok", "{quick:?}");
+    assert!(
+        daemon.stats.fanout.returned.load(Ordering::Relaxed) >= 1,
+        "the quick run's event was handed back"
+    );
+    assert!(
+        runs.iter()
+            .all(|r| r.failure_kind.as_deref() != Some("not_started")),
+        "a run that did not start leaves no record"
+    );
     daemon.shutdown().await;
     env.cleanup().await;
 }

@@ -36,6 +36,9 @@ pub enum FailureKind ("failure kind") {
     EngineCrashed = "engine_crashed",
     /// The trigger's input cannot be handed to a script (an event over the size limit).
     BadInput = "bad_input",
+    /// The run waited in its worker's queue past the moment it had to start by (runs ahead
+    /// of it ran long) and was not started; its job comes back (`ScriptRun::start_by`).
+    NotStarted = "not_started",
 }
 }
 
@@ -49,7 +52,8 @@ impl FailureKind {
             FailureKind::Exception
             | FailureKind::Timeout
             | FailureKind::Engine
-            | FailureKind::EngineCrashed => true,
+            | FailureKind::EngineCrashed
+            | FailureKind::NotStarted => true,
             FailureKind::HeapLimit => settings.heap_limit,
             FailureKind::CpuLimit => settings.cpu_limit,
             FailureKind::Syntax

@@ -67,7 +67,9 @@ pub struct EngineConfig {
     /// behind it, so a worker that finishes a run finds the next one waiting instead of
     /// sleeping until the daemon sends it. The daemon admits this many runs per worker
     /// (`Engine::slots`); under load more runs in flight also batch the work around them
-    /// (claims, records, acknowledgements) into fewer statements and messages.
+    /// (claims, records, acknowledgements) into fewer statements and messages. How long a
+    /// run may wait in the queue is bounded apart from its length: three of its own
+    /// timeouts, after which it is not started and its attempt comes back.
     pub runs_per_worker: usize,
     /// Warm isolates kept per worker.
     pub warm_isolates_per_worker: usize,
@@ -90,7 +92,7 @@ impl Default for EngineConfig {
             isolation: Isolation::Process,
             hosts: HostsConfig::default(),
             workers: 0,
-            runs_per_worker: 4,
+            runs_per_worker: 8,
             warm_isolates_per_worker: 64,
             warm_memory_per_worker: ByteSize::mib(256),
             retry_heap_limit: true,
@@ -124,6 +126,11 @@ pub struct ScriptRun {
     pub traceparent: Option<String>,
     /// How many script publishes led to this run's event.
     pub depth: u32,
+    /// The moment the run must have started by: a run still queued behind others in its
+    /// worker then is not started and fails as `not_started` (so that an attempt is sure
+    /// to have ended within its bound however long the runs ahead of it take). `None`:
+    /// whenever its turn comes.
+    pub start_by: Option<Instant>,
 }
 
 impl ScriptRun {
@@ -146,6 +153,7 @@ impl ScriptRun {
             job: format!("local-{:016x}", rand::random::<u64>()),
             traceparent: None,
             depth: 0,
+            start_by: None,
         }
     }
 
@@ -372,11 +380,6 @@ impl Engine {
     /// Runs the engine takes at once, running and queued: `runs_per_worker` per worker.
     pub fn slots(&self) -> usize {
         self.workers() * self.runs_per_worker
-    }
-
-    /// Runs handed to each worker at once: a run may wait behind all but one of them.
-    pub fn runs_per_worker(&self) -> usize {
-        self.runs_per_worker
     }
 
     /// Waits until every engine host is up (at once with thread isolation); whether they

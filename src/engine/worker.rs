@@ -167,6 +167,14 @@ impl Worker {
     /// instead of taking the worker down.
     async fn execute_guarded(&mut self, run: &ScriptRun, validate_only: bool) -> RunResult {
         let start = Instant::now();
+        if run.start_by.is_some_and(|by| start >= by) {
+            let late = failure(
+                FailureKind::NotStarted,
+                "the run waited behind longer runs in its worker past the moment it had to start by, and was not started".into(),
+                None,
+            );
+            return RunResult::failed(late, start, false);
+        }
         let work = async {
             if validate_only {
                 self.validate(run, start).await

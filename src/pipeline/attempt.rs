@@ -154,6 +154,7 @@ impl Plan {
             depth: header(attempt.headers, crate::caps::DEPTH_HEADER)
                 .and_then(|d| d.parse().ok())
                 .unwrap_or(0),
+            start_by: None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! their message gets.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -21,7 +21,7 @@ use super::report::{AttemptEnded, AttemptStats};
 use super::tenants::TenantSlots;
 use crate::domain::Overlap;
 use crate::domain::{SkipReason, Trigger, Version};
-use crate::engine::{Engine, RunResult};
+use crate::engine::{Engine, FailureKind, RunResult};
 use crate::observe::metrics::Metrics;
 use crate::scripts::index::{IndexedScript, ScriptIndex};
 use crate::store::{Claim, ClaimRequest, ClaimScope, LockOutcome, RunRecord, Store};
@@ -41,18 +41,22 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(15);
 /// sure to have ended (`Executor::hold_unclaimed`): room for a process that stalls.
 const UNCLAIMED_MARGIN: Duration = Duration::from_secs(5);
 
-/// How long a run of `timeout` in an engine taking `runs_per_worker` runs per worker may
-/// take once it has its slot: it may wait behind all the others queued in its worker,
-/// each up to the same timeout (the script's own, the one known here).
-fn run_bound(timeout: Duration, runs_per_worker: usize) -> Duration {
-    let runs = u32::try_from(runs_per_worker.max(1)).unwrap_or(u32::MAX);
-    timeout.saturating_mul(runs)
+/// How many of its own timeouts a run may wait in its worker's queue, behind the runs
+/// handed to the worker before it, before it must start (`ScriptRun::start_by`): one
+/// still queued then is not started, and its attempt is handed back. This, not the
+/// queue's length (`engine.runs_per_worker`), bounds how long an attempt takes once it
+/// has its slot, so the queue can be deep without the bound growing with it.
+const START_WAIT: u32 = 3;
+
+/// How long a run of `timeout` may take once it has its slot: the wait to start
+/// (`START_WAIT` timeouts, the script's own, the one known here), then its own timeout.
+fn run_bound(timeout: Duration) -> Duration {
+    timeout.saturating_mul(START_WAIT + 1)
 }
 
-/// A claim's lease for a run of `timeout` in an engine taking `runs_per_worker` runs per
-/// worker: the run's bound and a margin.
-fn lease(timeout: Duration, runs_per_worker: usize) -> Duration {
-    run_bound(timeout, runs_per_worker).saturating_add(CLAIM_MARGIN)
+/// A claim's lease for a run of `timeout`: the run's bound and a margin.
+fn lease(timeout: Duration) -> Duration {
+    run_bound(timeout).saturating_add(CLAIM_MARGIN)
 }
 
 /// A job waits for one of these before it runs: its tenant's permit, then the engine's.
@@ -128,7 +132,7 @@ impl Executor {
         let request = ClaimRequest {
             job_id: job.id.clone(),
             tenant: job.tenant.clone(),
-            lease: lease(timeout, self.parts.engine.runs_per_worker()),
+            lease: lease(timeout),
             idle_here: self.held.hold(&job.id),
         };
         let claim = match scope {
@@ -147,7 +151,7 @@ impl Executor {
     /// to have ended by then (its bound and a margin), else nothing is held. `run` or
     /// `let_go` ends the hold.
     pub fn hold_unclaimed(&self, job: &Job, within: Duration) -> bool {
-        let bound = run_bound(self.timeout_of(job), self.parts.engine.runs_per_worker());
+        let bound = run_bound(self.timeout_of(job));
         if bound.saturating_add(UNCLAIMED_MARGIN) > within {
             return false;
         }
@@ -253,6 +257,15 @@ impl Executor {
             self.parts.metrics.schedule_started(delay);
         }
         let (result, trace_id) = self.execute(attempt, &plan, slot).await;
+        if matches!(&result.outcome, Err(f) if f.kind == FailureKind::NotStarted) {
+            // Not run: nothing to record. The attempt is handed back, to run when it can
+            // start in time; its schedule lock, if any, goes with it.
+            tracing::warn!(job = %job.id, attempt = attempt.number, "A run waited too long behind others in its engine worker and was not started; its job comes back.");
+            if locked {
+                self.unlock(job).await;
+            }
+            return Err(HandBack::SOON);
+        }
         let outcome = plan.decide(&result, attempt.number);
         if let Outcome::DeadLettered(failure) = &outcome {
             self.dead_letter(attempt, &plan, failure, started_at)
@@ -261,13 +274,17 @@ impl Executor {
         let record = self.ended(attempt, &plan, &outcome, &result, started_at, trace_id);
         let committed = self.commit(record).await;
         if locked && !matches!(outcome, Outcome::Retry { .. }) {
-            let store = &self.parts.store;
-            if let Err(e) = Box::pin(store.unlock_schedule(&job.tenant, &job.script, &job.id)).await
-            {
-                tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Could not release the schedule lock; it expires by itself.");
-            }
+            self.unlock(job).await;
         }
         committed.map(|_| outcome)
+    }
+
+    /// Releases `job`'s schedule lock (`overlap_lock`).
+    async fn unlock(&self, job: &Job) {
+        let store = &self.parts.store;
+        if let Err(e) = Box::pin(store.unlock_schedule(&job.tenant, &job.script, &job.id)).await {
+            tracing::warn!(job = %job.id, error = %format!("{e:#}"), "Could not release the schedule lock; it expires by itself.");
+        }
     }
 
     async fn dead_letter(
@@ -386,7 +403,9 @@ impl Executor {
         let trace_id = traceparent
             .as_deref()
             .and_then(crate::observe::telemetry::trace_id);
-        let result = Box::pin(self.parts.engine.run(plan.run(attempt, traceparent))).await;
+        let mut run = plan.run(attempt, traceparent);
+        run.start_by = Some(Instant::now() + plan.limits.timeout.saturating_mul(START_WAIT));
+        let result = Box::pin(self.parts.engine.run(run)).await;
         drop(slot);
         (result, trace_id)
     }
@@ -560,13 +579,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lease_covers_every_run_a_claimed_run_may_wait_behind() {
+    fn a_lease_covers_the_wait_to_start_and_the_run() {
         let five = Duration::from_secs(5);
-        assert_eq!(lease(five, 4), Duration::from_secs(4 * 5 + 15));
-        assert_eq!(lease(five, 1), Duration::from_secs(5 + 15));
-        // 0 is taken as 1, as the engine does.
-        assert_eq!(lease(five, 0), lease(five, 1));
-        assert_eq!(lease(Duration::MAX, 4), Duration::MAX);
+        assert_eq!(lease(five), Duration::from_secs(3 * 5 + 5 + 15));
+        assert_eq!(lease(Duration::MAX), Duration::MAX);
     }
 
     #[test]

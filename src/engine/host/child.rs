@@ -90,7 +90,7 @@ async fn serve() -> anyhow::Result<()> {
         ..engine_config.clone()
     };
     // One worker runs on this thread: while its script runs, frames wait in the socket
-    // (the daemon sends a host at most one run beyond those it is running). More workers
+    // (the daemon hands each worker at most `engine.runs_per_worker` runs). More workers
     // get threads of their own, so that one's long run holds up no other.
     let engine = if config.workers == 1 {
         let (engine, serve) = Engine::start_local(&config, remote.clone())?;

@@ -3,7 +3,7 @@
 //! API calls come back up and their replies go down.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -125,6 +125,10 @@ pub struct WireRun {
     pub traceparent: Option<String>,
     /// How many script publishes led to the run's event.
     pub depth: u32,
+    /// The run's `start_by` (`ScriptRun`) on the machine's monotonic clock, in microseconds:
+    /// an `Instant` does not cross processes, and the time a frame waits unread in the
+    /// socket behind a long run is part of the wait it bounds.
+    pub start_by_us: Option<u64>,
 }
 
 /// `WireRun`'s fields in order, as they cross.
@@ -141,6 +145,7 @@ type WireRunFields = (
     String,
     Option<String>,
     u32,
+    Option<u64>,
 );
 
 impl From<WireRunFields> for WireRun {
@@ -158,6 +163,7 @@ impl From<WireRunFields> for WireRun {
             job,
             traceparent,
             depth,
+            start_by_us,
         ) = f;
         WireRun {
             tenant,
@@ -172,6 +178,7 @@ impl From<WireRunFields> for WireRun {
             job,
             traceparent,
             depth,
+            start_by_us,
         }
     }
 }
@@ -191,6 +198,7 @@ impl Serialize for WireRun {
             &self.job,
             &self.traceparent,
             self.depth,
+            self.start_by_us,
         )
             .serialize(serializer)
     }
@@ -213,6 +221,10 @@ impl WireRun {
             job: r.job.clone(),
             traceparent: r.traceparent.clone(),
             depth: r.depth,
+            start_by_us: r.start_by.map(|by| {
+                let left = by.saturating_duration_since(Instant::now());
+                monotonic_us().saturating_add(micros(left))
+            }),
         }
     }
 
@@ -245,8 +257,30 @@ impl WireRun {
             job: self.job,
             traceparent: self.traceparent,
             depth: self.depth,
+            start_by: self.start_by_us.map(|by| {
+                let left = by.saturating_sub(monotonic_us());
+                Instant::now() + Duration::from_micros(left)
+            }),
         }
     }
+}
+
+/// Now on the machine's monotonic clock (`CLOCK_MONOTONIC`, shared by its processes), in
+/// microseconds.
+fn monotonic_us() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A run's limits as plain numbers. Their configuration form (`"5s"`, `"64MiB"`) cost a
@@ -265,7 +299,6 @@ pub struct WireLimits {
 
 impl From<Limits> for WireLimits {
     fn from(l: Limits) -> Self {
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         WireLimits {
             timeout_us: micros(l.timeout),
             heap: l.heap.0,
@@ -475,10 +508,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_runs_start_by_crosses_as_the_same_moment() {
+        let mut run = ScriptRun::new(
+            "acme",
+            "orders",
+            Version::new(1),
+            "export default () => 1",
+            &serde_json::Value::Null,
+            Limits::default(),
+        );
+        let wire = WireRun::of(&run);
+        assert_eq!(wire.start_by_us, None);
+        assert_eq!(wire.into_run("x".into()).start_by, None);
+
+        let by = Instant::now() + Duration::from_secs(2);
+        run.start_by = Some(by);
+        let there = WireRun::of(&run).into_run("x".into()).start_by.unwrap();
+        let apart = if there > by { there - by } else { by - there };
+        assert!(apart < Duration::from_millis(50), "{apart:?} apart");
+
+        // A moment already past stays past.
+        run.start_by = Some(Instant::now());
+        let there = WireRun::of(&run).into_run("x".into()).start_by.unwrap();
+        assert!(there <= Instant::now());
+    }
+
     /// The fields of a run frame, comparable.
     fn fields(r: &WireRun) -> String {
         format!(
-            "{} {} {} {} {:?} {:?} {} {} {:?} {} {:?} {}",
+            "{} {} {} {} {:?} {:?} {} {} {:?} {} {:?} {} {:?}",
             r.tenant,
             r.script,
             r.version.get(),
@@ -490,13 +549,15 @@ mod tests {
             r.limits,
             r.job,
             r.traceparent,
-            r.depth
+            r.depth,
+            r.start_by_us
         )
     }
 
     #[test]
     fn runs_and_results_cross_the_socket_unchanged() {
         let run = |source: Option<&str>, forget: Vec<u64>, traceparent: Option<&str>| WireRun {
+            start_by_us: traceparent.map(|_| 123_456_789),
             tenant: "acme".into(),
             script: "orders".into(),
             version: Version::new(3),
