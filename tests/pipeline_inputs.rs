@@ -118,7 +118,12 @@ async fn jobs_of_a_script_disabled_or_deleted_while_they_wait_are_skipped() {
     let slow = busy_script(150, "1");
     env.deploy("acme", "slow", &slow, &["work"]).await;
     env.deploy("acme", "doomed", &slow, &["doom"]).await;
-    let daemon = env.start_daemon();
+    // One run per engine worker: two of the 24 jobs get an engine slot at a time, and
+    // what a job runs is decided when it gets its slot, so most are still waiting for
+    // one when the scripts change.
+    let mut settings = env.settings.clone();
+    settings.engine.runs_per_worker = 1;
+    let daemon = env.start_daemon_with(settings);
     for _ in 0..12 {
         env.publish("acme", "work", "{}").await;
         env.publish("acme", "doom", "{}").await;
