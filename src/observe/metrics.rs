@@ -200,8 +200,8 @@ impl Metrics {
         self.runs_started.add(1.0, &[]);
     }
 
-    /// A run ended with `status` (`ok`, `retrying`, `dead_lettered`, `skipped`) and, when it
-    /// failed, its failure kind.
+    /// A run ended with `status` (`ok`, `retrying`, `dead_lettered`, `skipped`, `failed`,
+    /// `not_started`) and, when it failed, its failure kind.
     pub fn run_finished(
         &self,
         tenant: &str,

@@ -256,11 +256,18 @@ impl Executor {
             let delay = (started_at - at).to_std().unwrap_or_default();
             self.parts.metrics.schedule_started(delay);
         }
-        let (result, trace_id) = self.execute(attempt, &plan, slot).await;
+        // Bounded, so that the attempt is sure to end within its lease, or the time it may
+        // go without a claim (`run_bound`).
+        let start_by = Instant::now() + plan.limits.timeout.saturating_mul(START_WAIT);
+        let (result, trace_id) = self.execute(attempt, &plan, slot, Some(start_by)).await;
         if matches!(&result.outcome, Err(f) if f.kind == FailureKind::NotStarted) {
             // Not run: nothing to record. The attempt is handed back, to run when it can
             // start in time; its schedule lock, if any, goes with it.
             tracing::warn!(job = %job.id, attempt = attempt.number, "A run waited too long behind others in its engine worker and was not started; its job comes back.");
+            let kind = Some(FailureKind::NotStarted.as_str());
+            self.parts
+                .metrics
+                .run_finished(&job.tenant, "not_started", kind, None);
             if locked {
                 self.unlock(job).await;
             }
@@ -370,7 +377,8 @@ impl Executor {
                 Ok(Ok(plan)) => plan,
                 _ => return Err(None),
             };
-        let (result, trace_id) = self.execute(&attempt, &plan, slot).await;
+        // Its caller waits, and nothing redelivers it: it waits for its turn unbounded.
+        let (result, trace_id) = self.execute(&attempt, &plan, slot, None).await;
         let outcome = match &result.outcome {
             Ok(_) => Outcome::Ok,
             Err(failure) => Outcome::Failed(failure.clone()),
@@ -386,12 +394,14 @@ impl Executor {
     }
 
     /// Runs `plan` for `attempt` in the engine, within the run's span, holding `slot` until
-    /// the run ends; with the id of the trace the run belongs to, if any.
+    /// the run ends (or, past `start_by` still queued in its worker, is not started); with
+    /// the id of the trace the run belongs to, if any.
     async fn execute(
         &self,
         attempt: &Attempt<'_>,
         plan: &Plan,
         slot: Slot,
+        start_by: Option<Instant>,
     ) -> (RunResult, Option<String>) {
         let span = tracing::Span::current();
         span.record("version", plan.version.get());
@@ -404,7 +414,7 @@ impl Executor {
             .as_deref()
             .and_then(crate::observe::telemetry::trace_id);
         let mut run = plan.run(attempt, traceparent);
-        run.start_by = Some(Instant::now() + plan.limits.timeout.saturating_mul(START_WAIT));
+        run.start_by = start_by;
         let result = Box::pin(self.parts.engine.run(run)).await;
         drop(slot);
         (result, trace_id)
