@@ -454,6 +454,7 @@ pub(crate) fn pull_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
 
     #[test]
     fn a_lanes_messages_take_the_places_of_their_recent_runs() {
@@ -478,7 +479,6 @@ mod tests {
         }
         assert_eq!(runs.places(), Some(1), "no run still takes a place");
     }
-    use futures::FutureExt;
 
     #[tokio::test]
     async fn work_that_is_ready_is_not_held_by_the_progress_timer() {

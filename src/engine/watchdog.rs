@@ -28,20 +28,21 @@ impl CpuBudget {
         }
         Some(CpuBudget {
             clock,
-            start: cpu_time(clock)?,
+            start: clock_reading(clock)?,
             limit,
         })
     }
 
     /// CPU time left, or none once it is used up (or the clock is gone).
     fn left(&self) -> Option<Duration> {
-        let used = cpu_time(self.clock)?.saturating_sub(self.start);
+        let used = clock_reading(self.clock)?.saturating_sub(self.start);
         self.limit.checked_sub(used).filter(|left| !left.is_zero())
     }
 }
 
-/// A CPU clock's reading.
-fn cpu_time(clock: libc::clockid_t) -> Option<Duration> {
+/// A clock's reading (a thread's CPU clock here; the machine's monotonic clock for a run's
+/// start-by as it crosses to an engine host).
+pub(super) fn clock_reading(clock: libc::clockid_t) -> Option<Duration> {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -268,15 +268,7 @@ impl WireRun {
 /// Now on the machine's monotonic clock (`CLOCK_MONOTONIC`, shared by its processes), in
 /// microseconds.
 fn monotonic_us() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid timespec for the call to fill; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
-    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
-    secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000)
+    micros(crate::engine::watchdog::clock_reading(libc::CLOCK_MONOTONIC).unwrap_or_default())
 }
 
 fn micros(d: Duration) -> u64 {
